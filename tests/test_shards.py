@@ -1,0 +1,174 @@
+"""The shard reader: manifest validation, rank slicing, exact resume across world sizes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vqgpt.shards import (ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest, read_manifest,
+                          write_manifest)
+
+
+def token_folder(root, counts=(5, 5, 3), dtype=np.uint16, length=6):
+    """A token shard folder with item i == [i, i, ...] so samples are identifiable."""
+    root.mkdir(parents=True, exist_ok=True)
+    records, start = [], 0
+    for index, count in enumerate(counts):
+        items = (np.arange(start, start + count)[:, None] * np.ones((1, length))).astype(dtype)
+        records.append(ShardWriter.write_shard(root, "train", index, items, (np.arange(count) % 3).astype(np.int16)))
+        start += count
+    write_manifest(root, build_manifest("tokens", (length,), dtype, {"train": records}, ["a", "b", "c"]))
+    return root
+
+
+def ids(batch) -> list[int]:
+    return batch.items[:, 0].tolist()
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_rank_slices_cover_one_epoch_permutation(tmp_path):
+    split = ShardSplit(token_folder(tmp_path, counts=(4, 4, 4)), "train")
+    world = 3
+    loaders = [ShardLoader(split, 2, rank=r, world_size=world, seed=7) for r in range(world)]
+    assert all(l.batches_per_epoch == 2 for l in loaders)
+    seen = [sample for loader in loaders for batch in take(loader, 2) for sample in ids(batch)]
+    assert sorted(seen) == list(range(12))
+    order, _ = loaders[0].epoch_order(0)
+    step0 = [ids(ShardLoader(split, 2, rank=r, world_size=world, seed=7).__next__()) for r in range(world)]
+    assert sum(step0, []) == order[:6].tolist()
+    for loader in loaders:
+        loader.close()
+
+
+def test_epochs_differ_and_are_deterministic(tmp_path):
+    split = ShardSplit(token_folder(tmp_path), "train")
+    first = [ids(b) for b in take(ShardLoader(split, 4, seed=1), 6)]
+    again = [ids(b) for b in take(ShardLoader(split, 4, seed=1), 6)]
+    assert first == again
+    assert first[:3] != first[3:6]   # 13 samples, 3 batches per epoch: epoch 1 reshuffles
+
+
+@pytest.mark.parametrize("resume_world", [1, 2, 4])
+def test_resume_with_another_world_size_sees_the_same_samples(tmp_path, resume_world):
+    split = ShardSplit(token_folder(tmp_path, counts=(16, 16, 16)), "train")
+    global_batch = 8
+    reference = ShardLoader(split, global_batch, seed=3)
+    uninterrupted = [ids(b) for b in take(reference, 14)]   # 6 steps per epoch: crosses two epoch ends
+    saver = [ShardLoader(split, global_batch // 2, rank=r, world_size=2, seed=3) for r in range(2)]
+    before = [sum((ids(next(l)) for l in saver), []) for _ in range(5)]
+    assert before == uninterrupted[:5]
+    state = saver[0].state_dict()
+    assert state == saver[1].state_dict() == {"epoch": 0, "cursor": 40, "seed": 3, "num_samples": 48}
+    resumed = []
+    for r in range(resume_world):
+        loader = ShardLoader(split, global_batch // resume_world, rank=r, world_size=resume_world, seed=99)
+        loader.load_state_dict(json.loads(json.dumps(state)))
+        resumed.append([ids(b) for b in take(loader, 9)])
+    after = [sum((resumed[r][k] for r in range(resume_world)), []) for k in range(9)]
+    assert after == uninterrupted[5:14]
+
+
+def test_state_counts_consumed_not_prefetched_batches(tmp_path):
+    split = ShardSplit(token_folder(tmp_path), "train")
+    loader = ShardLoader(split, 2, seed=0, prefetch=4)
+    next(loader)
+    import time
+    time.sleep(0.1)   # let the prefetch thread run ahead
+    assert loader.state_dict()["cursor"] == 2
+    loader.close()
+
+
+def test_labels_flip_and_token_dtype(tmp_path, shapes_shards):
+    split = ShardSplit(token_folder(tmp_path), "train")
+    batch = next(ShardLoader(split, 4, seed=0))
+    assert batch.items.dtype == torch.int32 and batch.labels.dtype == torch.int64
+    assert batch.labels.tolist() == [i % 5 % 3 if i < 10 else (i - 10) % 3 for i in ids(batch)]
+    images = ShardSplit(shapes_shards, "train")
+    plain = ShardLoader(images, 16, seed=5)
+    flipped = ShardLoader(images, 16, seed=5, flip=True)
+    a, b = next(plain), next(flipped)
+    assert a.items.dtype == torch.uint8 and a.items.shape == (16, 32, 32, 3)
+    _, flips = flipped.epoch_order(0)
+    for k in range(16):
+        expected = a.items[k].flip(1) if flips[k] else a.items[k]
+        assert torch.equal(b.items[k], expected)
+    assert 0 < flips[:16].sum() < 16
+    plain.close()
+    flipped.close()
+
+
+def test_sha_verification_and_missing_manifest(tmp_path, shapes_shards):
+    copy = tmp_path / "copy"
+    shutil.copytree(shapes_shards, copy)
+    ShardSplit(copy, "val", verify_hashes=True)
+    data = np.load(copy / "val_00000.npy")
+    data[0, 0, 0, 0] ^= 1
+    np.save(copy / "val_00000.npy", data)
+    with pytest.raises(ShardError, match="val_00000.npy: sha256"):
+        ShardSplit(copy, "val", verify_hashes=True)
+    with pytest.raises(ShardError, match="no such shard folder"):
+        ShardSplit(tmp_path / "nothing", "train")
+
+
+def edit_manifest(folder, change):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("absolute", lambda m: m["splits"]["train"]["shards"][0].update(file="/etc/passwd"), "not a plain"),
+    ("dotdot", lambda m: m["splits"]["train"]["shards"][0].update(file="../train_00000.npy"), "not a plain"),
+    ("count", lambda m: m["splits"]["train"]["shards"][0].update(count=4), "train_00000.npy: holds"),
+    ("total", lambda m: m["splits"]["train"].update(count=99), "sum of shard counts"),
+    ("dtype", lambda m: m.update(dtype="uint8"), "train_00000.npy: holds"),
+    ("shape", lambda m: m.update(item_shape=[7]), "train_00000.npy: holds"),
+    ("missing", lambda m: m["splits"]["train"]["shards"][0].update(file="train_00042.npy"), "missing"),
+    ("version", lambda m: m.update(version=9), "format version"),
+    ("nosplit", lambda m: m["splits"].pop("train"), "no 'train' split"),
+])
+def test_untrusted_manifest_is_refused_with_the_file_named(tmp_path, name, change, message):
+    folder = token_folder(tmp_path / "t")
+    edit_manifest(folder, change)
+    with pytest.raises(ShardError, match=message) as err:
+        ShardSplit(folder, "train")
+    assert str(folder) in str(err.value)
+
+
+def test_link_pointing_outside_is_refused(tmp_path):
+    folder = token_folder(tmp_path / "t")
+    outside = tmp_path / "outside.npy"
+    shutil.move(folder / "train_00001.npy", outside)
+    os.symlink(outside, folder / "train_00001.npy")
+    with pytest.raises(ShardError, match="link pointing outside"):
+        ShardSplit(folder, "train")
+
+
+def test_labels_out_of_range_and_bad_json(tmp_path):
+    folder = token_folder(tmp_path / "t")
+    edit_manifest(folder, lambda m: m.update(classes=["only"]))
+    with pytest.raises(ShardError, match="labels outside"):
+        ShardSplit(folder, "train")
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ShardError, match="not valid JSON"):
+        read_manifest(folder)
+
+
+def test_memory_mapped_not_loaded(shapes_shards):
+    split = ShardSplit(shapes_shards, "train")
+    items, _ = split.shard_arrays(0)
+    assert isinstance(items, np.memmap)
+    assert len(split) == 700 and split.num_classes == 6
+
+
+def test_too_small_for_one_global_batch(tmp_path):
+    split = ShardSplit(token_folder(tmp_path), "train")
+    with pytest.raises(ShardError, match="fewer than one global batch"):
+        ShardLoader(split, 7, world_size=2)

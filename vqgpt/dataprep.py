@@ -1,0 +1,177 @@
+"""Image folder (or the built-in dataset) -> uint8 image shards + manifest.
+
+Split and order are a shuffle of the sorted file list under `seed`, decoding runs in a process
+pool whose results come back in order, so the same input always gives byte-identical output.
+"""
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from vqgpt import builtin
+from vqgpt.files import remove_stale_temporaries
+from vqgpt.images import IMAGE_SUFFIXES, SkipImage, load_square_image
+from vqgpt.shards import MANIFEST_NAME, ShardWriter, build_manifest, write_manifest
+
+_OUR_FILES = re.compile(r"^(train|val)_\d{5}(_labels)?\.npy$")
+
+
+class DataPrepError(RuntimeError):
+    """The whole run cannot go on (empty input, every file skipped, DEST in use)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to shard: real files (relative to root) or `count` built-in images."""
+    root: str
+    files: list[str] = field(default_factory=list)    # posix paths relative to root, sorted
+    labels: list[int] | None = None
+    classes: list[str] = field(default_factory=list)
+    builtin_count: int = 0
+
+    def __len__(self) -> int:
+        return self.builtin_count or len(self.files)
+
+
+def scan_folder(root: str | os.PathLike, labels: str = "auto") -> Source:
+    """Recursively list image files; with labels='auto', first-level sub-folders are classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataPrepError(f"{root}: not a folder")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataPrepError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    labelled = labels == "auto" and all("/" in f for f in files)
+    if not labelled:
+        return Source(str(root.resolve()), files)
+    classes = sorted({f.split("/", 1)[0] for f in files})
+    class_id = {name: i for i, name in enumerate(classes)}
+    return Source(str(root.resolve()), files, [class_id[f.split("/", 1)[0]] for f in files], classes)
+
+
+def builtin_source(name: str, count: int) -> Source:
+    if name != "shapes":
+        raise DataPrepError(f"unknown built-in dataset {name!r}; available: shapes")
+    return Source(f"builtin:{name}", classes=list(builtin.SHAPE_CLASSES), builtin_count=count)
+
+
+def split_order(num_items: int, seed: int, val_count: int) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(num_items)
+    return {"train": order[val_count:], "val": order[:val_count]}
+
+
+def resolve_val_count(num_items: int, val_fraction: float, val_count: int | None) -> int:
+    if val_count is None:
+        val_count = max(1, round(num_items * val_fraction)) if val_fraction > 0 and num_items > 1 else 0
+    if not 0 <= val_count < num_items:
+        raise DataPrepError(f"val count {val_count} leaves no training images out of {num_items}")
+    return val_count
+
+
+def _decode_file(task: tuple[str, int], root: str, size: int) -> tuple[np.ndarray | None, str]:
+    relative, _ = task
+    try:
+        return load_square_image(os.path.join(root, relative), size), ""
+    except SkipImage as err:
+        return None, str(err)
+
+
+def _draw_builtin(task: tuple[int, int], seed: int, size: int) -> tuple[np.ndarray | None, str]:
+    index, _ = task
+    image, _label = builtin.draw_shape(seed, index, size)
+    return image, ""
+
+
+def prepare_destination(dest: Path, overwrite: bool) -> None:
+    """Refuse a finished shard folder unless `overwrite`; clear our own files before writing."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in dest.iterdir() if _OUR_FILES.match(p.name)]
+    if (dest / MANIFEST_NAME).exists():
+        if not overwrite:
+            raise DataPrepError(f"{dest}: already holds shards (manifest.json); pass --overwrite to replace them")
+        (dest / MANIFEST_NAME).unlink()  # first, so a crash below leaves no readable folder
+    elif ours:
+        print(f"{dest}: found shards of an interrupted run (no manifest); writing them again")
+    for path in ours:
+        path.unlink()
+    remove_stale_temporaries(dest)
+
+
+def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_size: int = 1000,
+                 val_fraction: float = 0.01, val_count: int | None = None, seed: int = 0,
+                 workers: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Decode, split and write every image of `source`; return the manifest written last."""
+    dest = Path(dest)
+    if len(source) == 0:
+        raise DataPrepError(f"{source.root}: nothing to shard")
+    n_val = resolve_val_count(len(source), val_fraction, val_count)
+    prepare_destination(dest, overwrite)
+    workers = workers or os.cpu_count() or 1
+    if source.builtin_count:
+        decode: Callable = functools.partial(_draw_builtin, seed=seed, size=size)
+        label_of: Callable[[int], int | None] = lambda i: builtin.shape_label(seed, i)
+        name_of: Callable[[int], str] = lambda i: f"shapes/{i:06d}"
+    else:
+        decode = functools.partial(_decode_file, root=source.root, size=size)
+        label_of = (lambda i: source.labels[i]) if source.labels is not None else (lambda i: None)
+        name_of = lambda i: source.files[i]
+    skipped: list[dict] = []
+    records: dict[str, list[dict]] = {}
+    context = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
+    with context.Pool(workers) if workers > 1 else _InlinePool() as pool, \
+            tqdm(total=len(source), desc=f"shardify {dest.name}", unit="img", disable=not progress) as bar:
+        for split, order in split_order(len(source), seed, n_val).items():
+            writer = ShardWriter(dest, split, (size, size, 3), np.uint8, shard_size, len(source.classes))
+            tasks = [(int(i), 0) for i in order] if source.builtin_count else [(source.files[i], int(i)) for i in order]
+            for (image, reason), index in zip(pool.imap(decode, tasks, chunksize=16), order):
+                bar.update(1)
+                if image is None:
+                    skipped.append({"file": name_of(int(index)), "reason": reason})
+                    continue
+                writer.add(image, label_of(int(index)))
+            records[split] = writer.close()
+    if not any(r["count"] for split_records in records.values() for r in split_records):
+        raise DataPrepError(f"{source.root}: every one of {len(source)} files was skipped "
+                            f"(first: {skipped[0]['file']}: {skipped[0]['reason']})")
+    manifest = build_manifest("images", (size, size, 3), np.uint8, records, source.classes,
+                              image_size=size, source_root=source.root, seed=seed,
+                              skipped=sorted(skipped, key=lambda s: s["file"]))
+    write_manifest(dest, manifest)
+    return manifest
+
+
+class _InlinePool:
+    """Same interface as a Pool for --workers 1 (no process start-up, easy to debug)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap(fn: Callable, tasks: Iterable, chunksize: int = 1):
+        return map(fn, tasks)
+
+
+def summarize(manifest: dict, dest: str | os.PathLike) -> str:
+    lines = [f"{dest}: {manifest['image_size']}x{manifest['image_size']} uint8 shards"]
+    for split, entry in manifest["splits"].items():
+        lines.append(f"  {split:5s} {entry['count']:7d} images in {len(entry['shards'])} shard(s)")
+    if manifest["classes"]:
+        lines.append(f"  classes ({len(manifest['classes'])}): {', '.join(manifest['classes'])}")
+    if manifest["skipped"]:
+        lines.append(f"  skipped {len(manifest['skipped'])} file(s):")
+        lines.extend(f"    {s['file']}: {s['reason']}" for s in manifest["skipped"][:20])
+        if len(manifest["skipped"]) > 20:
+            lines.append(f"    ... and {len(manifest['skipped']) - 20} more (see manifest.json)")
+    return "\n".join(lines)

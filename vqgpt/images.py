@@ -1,0 +1,99 @@
+"""Decoding any image file into a square uint8 RGB array, and the reverse for figures."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from vqgpt.files import atomic_path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class SkipImage(Exception):
+    """This file cannot become a training image; the message is the reason recorded in the manifest."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit grayscale: scale to 8 bits instead of letting Pillow clip at 255
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """EXIF-oriented RGB, short side resized to `size`, centre-cropped: uint8 (size, size, 3).
+
+    Raises SkipImage with a short reason for anything unusable.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise SkipImage("empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.seek(0)  # first frame of animations
+                if image.format == "JPEG":
+                    image.draft("RGB", (size, size))  # decoder-side downscale, still >= size on both sides
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                image = _to_rgb(image)
+    except SkipImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise SkipImage(f"decompression bomb: {err}") from None
+    except Image.UnidentifiedImageError:
+        raise SkipImage("not a recognised image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise SkipImage(f"unreadable: {err}") from None
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) on any device -> float (B, 3, H, W) in [-1, 1]."""
+    return images_uint8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) numpy."""
+    scaled = (images.detach().float().clamp(-1, 1) + 1) * 127.5
+    return scaled.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Tile rows of uint8 (N, H, W, 3) images into one uint8 image with white gutters."""
+    n_cols = max(len(r) for r in rows)
+    height, width = rows[0].shape[1:3]
+    grid = np.full((len(rows) * (height + pad) + pad, n_cols * (width + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            y, x = pad + r * (height + pad), pad + c * (width + pad)
+            grid[y:y + height, x:x + width] = image
+    return grid
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray, upscale: int = 1) -> None:
+    picture = Image.fromarray(image)
+    if upscale > 1:
+        picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.Resampling.NEAREST)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")

@@ -1,0 +1,409 @@
+"""The shard format, its writer, and the one reader every stage uses.
+
+A shard folder holds `{split}_NNNNN.npy` arrays (N, *item_shape) — uint8 images (N, H, W, 3) or
+uint16/int32 token grids (N, h*w) — optional `{split}_NNNNN_labels.npy` beside them, and
+`manifest.json`, written last, that lists every shard with its count and sha256.
+
+The reader memory-maps shards, hands each rank a disjoint slice of a per-(seed, epoch)
+permutation and keeps a global sample cursor, so a run resumed from `state_dict()` sees
+exactly the samples an uninterrupted run would have seen, whatever the world size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from vqgpt.files import atomic_path, atomic_write_json, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "vqgpt-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+ALLOWED_DTYPES = ("uint8", "uint16", "int32")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.npy$")
+
+
+class ShardError(ValueError):
+    """A shard folder or manifest that cannot be used; the message names the file."""
+
+
+def shard_file_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}.npy"
+
+
+def labels_file_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}_labels.npy"
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+def holds_shards(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and ((folder / MANIFEST_NAME).exists() or any(folder.glob("*_[0-9][0-9][0-9][0-9][0-9].npy")))
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> str:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+    return sha256_file(path)
+
+
+class ShardWriter:
+    """Streams items of one split into fixed-size shards; holds at most one shard in memory."""
+
+    def __init__(self, dest: str | os.PathLike, split: str, item_shape: tuple[int, ...], dtype,
+                 shard_size: int, num_classes: int = 0, first_index: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.dest = Path(dest)
+        self.split = split
+        self.item_shape = tuple(item_shape)
+        self.dtype = np.dtype(dtype)
+        self.shard_size = shard_size
+        self.num_classes = num_classes
+        self.next_index = first_index
+        self.records: list[dict] = []
+        self._items = np.empty((shard_size, *self.item_shape), dtype=self.dtype)
+        self._labels = np.empty((shard_size,), dtype=label_dtype(num_classes)) if num_classes else None
+        self._filled = 0
+
+    def add(self, item: np.ndarray, label: int | None = None) -> None:
+        if item.shape != self.item_shape:
+            raise ValueError(f"item shape {item.shape} != shard item shape {self.item_shape}")
+        self._items[self._filled] = item
+        if self._labels is not None:
+            self._labels[self._filled] = label
+        self._filled += 1
+        if self._filled == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._filled == 0:
+            return
+        record = self.write_shard(self.dest, self.split, self.next_index, self._items[: self._filled],
+                                  None if self._labels is None else self._labels[: self._filled])
+        self.records.append(record)
+        self.next_index += 1
+        self._filled = 0
+
+    @staticmethod
+    def write_shard(dest: Path, split: str, index: int, items: np.ndarray, labels: np.ndarray | None) -> dict:
+        """Write one shard (and its labels) atomically; return its manifest record."""
+        name = shard_file_name(split, index)
+        record = {"file": name, "count": int(len(items)), "sha256": _save_npy_atomic(Path(dest) / name, items)}
+        if labels is not None:
+            labels_name = labels_file_name(split, index)
+            record["labels_file"] = labels_name
+            record["labels_sha256"] = _save_npy_atomic(Path(dest) / labels_name, labels)
+        return record
+
+    def close(self) -> list[dict]:
+        self.flush()
+        return self.records
+
+
+def build_manifest(kind: str, item_shape, dtype, splits: dict[str, list[dict]], classes: list[str],
+                   **extra) -> dict:
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "dtype": np.dtype(dtype).name,
+        "item_shape": list(item_shape),
+        "classes": list(classes),
+        "splits": {split: {"count": sum(r["count"] for r in records), "shards": records}
+                   for split, records in splits.items()},
+    }
+    manifest.update(extra)
+    return manifest
+
+
+def write_manifest(dest: str | os.PathLike, manifest: dict) -> None:
+    atomic_write_json(Path(dest) / MANIFEST_NAME, manifest)
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ShardError(f"{root}: no such shard folder")
+    if not path.is_file():
+        raise ShardError(f"{path}: missing; this folder holds no finished shards (run shardify.py, or rerun it to complete)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ShardError(f"{path}: not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format version {manifest.get('version')!r}, this code reads {FORMAT_VERSION}")
+    if manifest.get("dtype") not in ALLOWED_DTYPES:
+        raise ShardError(f"{path}: dtype {manifest.get('dtype')!r} is not one of {ALLOWED_DTYPES}")
+    shape = manifest.get("item_shape")
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ShardError(f"{path}: item_shape {shape!r} is not a list of positive ints")
+    if not isinstance(manifest.get("splits"), dict) or not isinstance(manifest.get("classes", []), list):
+        raise ShardError(f"{path}: 'splits' or 'classes' malformed")
+    return manifest
+
+
+def _resolve_inside(root: Path, name, manifest_path: Path) -> Path:
+    """A manifest is untrusted: only plain file names that stay inside the folder are accepted."""
+    if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name != os.path.basename(name):
+        raise ShardError(f"{manifest_path}: shard name {name!r} is not a plain .npy file name inside {root}")
+    path = root / name
+    if path.is_symlink() and not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+        raise ShardError(f"{path}: is a link pointing outside {root}")
+    if not path.is_file():
+        raise ShardError(f"{path}: listed in {manifest_path.name} but missing")
+    return path
+
+
+@dataclass(frozen=True)
+class Shard:
+    items_path: Path
+    count: int
+    sha256: str
+    labels_path: Path | None
+
+
+class ShardSplit:
+    """One validated split of a shard folder; items are memory-mapped, never read whole."""
+
+    def __init__(self, root: str | os.PathLike, split: str, verify_hashes: bool = False):
+        self.root = Path(root)
+        self.split = split
+        self.manifest = read_manifest(self.root)
+        manifest_path = self.root / MANIFEST_NAME
+        if split not in self.manifest["splits"]:
+            raise ShardError(f"{manifest_path}: has no {split!r} split (has {sorted(self.manifest['splits'])})")
+        self.item_shape = tuple(self.manifest["item_shape"])
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.classes: list[str] = list(self.manifest.get("classes", []))
+        entry = self.manifest["splits"][split]
+        records = entry.get("shards")
+        if not isinstance(records, list):
+            raise ShardError(f"{manifest_path}: split {split!r} has no shard list")
+        self.shards: list[Shard] = []
+        self._items: list[np.ndarray] = []
+        self._labels: list[np.ndarray | None] = []
+        for record in records:
+            self._open_shard(record, manifest_path, verify_hashes)
+        counts = [s.count for s in self.shards]
+        if entry.get("count") != sum(counts):
+            raise ShardError(f"{manifest_path}: split {split!r} count {entry.get('count')} != sum of shard counts {sum(counts)}")
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def _open_shard(self, record: dict, manifest_path: Path, verify_hashes: bool) -> None:
+        if not isinstance(record, dict):
+            raise ShardError(f"{manifest_path}: shard record {record!r} is not an object")
+        items_path = _resolve_inside(self.root, record.get("file"), manifest_path)
+        count = record.get("count")
+        if not isinstance(count, int) or count <= 0:
+            raise ShardError(f"{manifest_path}: {items_path.name} has invalid count {count!r}")
+        items = self._load(items_path)
+        if items.shape != (count, *self.item_shape) or items.dtype != self.dtype:
+            raise ShardError(f"{items_path}: holds {items.dtype}{list(items.shape)}, manifest says "
+                             f"{self.dtype}{[count, *self.item_shape]}")
+        labels_path = None
+        labels = None
+        if self.classes:
+            labels_path = _resolve_inside(self.root, record.get("labels_file"), manifest_path)
+            labels = self._load(labels_path)
+            if labels.shape != (count,) or labels.dtype.kind not in "iu":
+                raise ShardError(f"{labels_path}: holds {labels.dtype}{list(labels.shape)}, expected {count} integer labels")
+            if count and (labels.min() < 0 or labels.max() >= len(self.classes)):
+                raise ShardError(f"{labels_path}: labels outside [0, {len(self.classes)})")
+        if verify_hashes:
+            for path, key in ((items_path, "sha256"), (labels_path, "labels_sha256")):
+                if path is not None and sha256_file(path) != record.get(key):
+                    raise ShardError(f"{path}: sha256 does not match {manifest_path.name}; the file changed or is corrupt")
+        self.shards.append(Shard(items_path, count, record.get("sha256", ""), labels_path))
+        self._items.append(items)
+        self._labels.append(labels)
+
+    @staticmethod
+    def _load(path: Path) -> np.ndarray:
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ShardError(f"{path}: not a readable .npy array ({err})") from None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def shard_arrays(self, shard_index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._items[shard_index], self._labels[shard_index]
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Gather items (and labels) at global indices, in the given order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        items = np.empty((len(indices), *self.item_shape), dtype=self.dtype)
+        labels = np.empty((len(indices),), dtype=np.int64) if self.has_labels else None
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        for shard_index in np.unique(shard_of):
+            rows = np.nonzero(shard_of == shard_index)[0]
+            local = indices[rows] - self.offsets[shard_index]
+            order = np.argsort(local, kind="stable")  # ascending offsets read the memmap sequentially
+            items[rows[order]] = self._items[shard_index][local[order]]
+            if labels is not None:
+                labels[rows] = self._labels[shard_index][local]
+        return items, labels
+
+    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Items [start, stop) in order, in batches (for evaluation and quantization)."""
+        stop = len(self) if stop is None else stop
+        for begin in range(start, stop, batch_size):
+            yield self.read(np.arange(begin, min(begin + batch_size, stop)))
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 stays uint8 (images); uint16 tokens widen to int32, which torch handles everywhere."""
+    if array.dtype == np.uint16:
+        array = array.astype(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@dataclass
+class Batch:
+    items: torch.Tensor            # uint8 (B, H, W, 3) images or int32 (B, L) tokens
+    labels: torch.Tensor | None    # int64 (B,)
+    epoch: int
+    cursor: int                    # global samples of this epoch consumed once this batch is used
+
+
+class ShardLoader:
+    """Rank-aware, deterministic, resumable batches from a ShardSplit, prefetched in a thread.
+
+    Epoch e is `permutation(seed, e)` of all samples. Step k of an epoch uses the global chunk
+    `perm[k*B*W : (k+1)*B*W]`; rank r takes its r-th slice of B. The position is the global
+    cursor (epoch, samples consumed), which does not depend on the world size.
+    """
+
+    def __init__(self, split: ShardSplit, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, flip: bool = False,
+                 device: torch.device | str = "cpu", prefetch: int = 4):
+        if batch_size * world_size > len(split):
+            raise ShardError(f"{split.root}: split {split.split!r} has {len(split)} samples, fewer than one "
+                             f"global batch ({batch_size} x {world_size} ranks)")
+        self.split = split
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.flip = flip and len(split.item_shape) == 3
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.epoch = 0
+        self.cursor = 0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.split) // self.global_batch
+
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The permutation (and per-sample flip decisions) of one epoch, identical on every rank."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.split)) if self.shuffle else np.arange(len(self.split))
+        flips = rng.random(len(self.split)) < 0.5 if self.flip else None
+        return order, flips
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_samples": len(self.split)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_samples"] != len(self.split):
+            raise ShardError(f"{self.split.root}: split {self.split.split!r} has {len(self.split)} samples but "
+                             f"the checkpoint was made on {state['num_samples']}; resume on the same data")
+        self.close()
+        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
+
+    def _positions(self, epoch: int, cursor: int) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
+        while True:
+            if cursor + self.global_batch > len(self.split):  # the tail that no full global batch covers
+                epoch, cursor = epoch + 1, 0
+            order, flips = self.epoch_order(epoch)
+            while cursor + self.global_batch <= len(self.split):
+                begin = cursor + self.rank * self.batch_size
+                rows = slice(begin, begin + self.batch_size)
+                cursor += self.global_batch
+                yield epoch, cursor, order[rows], None if flips is None else flips[rows]
+
+    def _make_batch(self, epoch: int, cursor: int, indices: np.ndarray, flips: np.ndarray | None) -> Batch:
+        items, labels = self.split.read(indices)
+        if flips is not None and flips.any():
+            items[flips] = items[flips, :, ::-1]
+        items_tensor = to_tensor(items)
+        labels_tensor = None if labels is None else torch.from_numpy(labels)
+        if self.device.type == "cuda":
+            items_tensor = items_tensor.pin_memory()
+            labels_tensor = None if labels_tensor is None else labels_tensor.pin_memory()
+        return Batch(items_tensor, labels_tensor, epoch, cursor)
+
+    def _produce(self, out: queue.Queue, stop: threading.Event, epoch: int, cursor: int) -> None:
+        try:
+            for position in self._positions(epoch, cursor):
+                batch = self._make_batch(*position)
+                while not stop.is_set():
+                    try:
+                        out.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # hand the failure to the consumer instead of hanging it
+            out.put(err)
+
+    def __iter__(self) -> "ShardLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._thread is None:
+            self._stop = threading.Event()
+            self._queue = queue.Queue(maxsize=max(1, self.prefetch))
+            self._thread = threading.Thread(target=self._produce, daemon=True,
+                                            args=(self._queue, self._stop, self.epoch, self.cursor))
+            self._thread.start()
+        batch = self._queue.get()
+        if isinstance(batch, BaseException):
+            self.close()
+            raise batch
+        self.epoch, self.cursor = batch.epoch, batch.cursor
+        return batch
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+            self._queue = None

@@ -1,0 +1,164 @@
+"""What every trainer shares: run folder, resume policy, signals, NaN guard, precision, checkpoints.
+
+A trainer owns its step function; `TrainingRun` owns everything around it, so the VQGAN and
+GPT trainers behave the same on preemption, bad steps, resume and bad input.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vqgpt import checkpoint as ckpt
+from vqgpt import distributed
+from vqgpt.config import config_to_dict, format_config
+from vqgpt.distributed import DistInfo
+from vqgpt.errors import RunError
+from vqgpt.files import atomic_write_json
+
+CONFIG_NAME = "config.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on CUDA and fp32 on CPU (bf16 matmuls on CPU are slower and less exact)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise RunError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise RunError("--precision fp16 needs CUDA; use fp32 or bf16 on CPU")
+    return table[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and/or torch.compile wrappers (what checkpoints store)."""
+    module = getattr(module, "module", module)
+    return getattr(module, "_orig_mod", module)
+
+
+class TrainingRun:
+    """Run folder + resume policy + stop/NaN consensus + checkpoint writing for one trainer."""
+
+    def __init__(self, cfg: Any, dist: DistInfo, stage: str, compatible_fields: tuple[str, ...]):
+        self.cfg = cfg
+        self.dist = dist
+        self.stage = stage
+        self.compatible_fields = compatible_fields
+        self.run_dir = Path(cfg.out)
+        self.stop_requested = False
+        self.bad_steps_in_a_row = 0
+        self.skipped_steps = 0
+
+    def load_resume_state(self, required_keys: tuple[str, ...]) -> dict | None:
+        """The checkpoint to continue from under `--resume` (auto | none | PATH), checked for compatibility."""
+        resume = self.cfg.resume
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if resume == "none":
+            if existing is not None:
+                raise RunError(f"{self.run_dir}: already holds checkpoints ({existing.name}); "
+                               "pass --resume auto to continue it or choose another --out")
+            return None
+        if resume == "auto":
+            if existing is None:
+                return None
+            path = existing
+        else:
+            path = ckpt.resolve_checkpoint(resume)
+        state = ckpt.load_checkpoint(path, required_keys=("stage", "step", "config", *required_keys))
+        if state["stage"] != self.stage:
+            raise RunError(f"{path}: is a {state['stage']} checkpoint, this trainer continues {self.stage} runs")
+        mine = config_to_dict(self.cfg)
+        differing = [k for k in self.compatible_fields if state["config"].get(k) != mine.get(k)]
+        if differing:
+            details = ", ".join(f"{k}: run has {state['config'].get(k)!r}, you gave {mine.get(k)!r}" for k in differing)
+            raise RunError(f"{path}: cannot resume with an incompatible config ({details}); "
+                           "use the run's settings or another --out")
+        state["path"] = str(path)
+        return state
+
+    def write_config(self, extra: dict | None = None) -> None:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / CONFIG_NAME, {"stage": self.stage, "config": config_to_dict(self.cfg),
+                                                           "world_size": self.dist.world_size, **(extra or {})})
+        distributed.barrier()
+
+    def describe(self) -> str:
+        return f"{self.stage} config:\n{format_config(self.cfg)}"
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT ask for a checkpoint at the end of the current step, then a clean exit."""
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def end_of_step_consensus(self, step_was_finite: bool) -> tuple[bool, bool]:
+        """(stop, skip) agreed by all ranks with one small all-reduce per optimizer step."""
+        flags = torch.tensor([float(self.stop_requested), float(not step_was_finite)], device=self.dist.device)
+        if self.dist.is_distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop, skip = bool(flags[0].item()), bool(flags[1].item())
+        if skip:
+            self.bad_steps_in_a_row += 1
+            self.skipped_steps += 1
+            if self.bad_steps_in_a_row >= self.cfg.max_bad_steps:
+                raise RunError(f"{self.bad_steps_in_a_row} non-finite steps in a row (loss or gradients NaN/inf); "
+                               f"stopping. Lower --lr, raise --warmup-steps, or resume from an earlier checkpoint "
+                               f"in {self.run_dir}")
+        else:
+            self.bad_steps_in_a_row = 0
+        return stop, skip
+
+    def save(self, step: int, modules: dict[str, dict], extra: dict) -> Path | None:
+        """Checkpoint on rank 0 (with every rank's RNG), refusing non-finite weights; barrier after."""
+        rng_states = distributed.all_gather_object(ckpt.capture_rng_state())
+        path = None
+        if self.dist.is_main:
+            if not ckpt.all_finite(modules):
+                raise RunError(f"weights became non-finite at step {step}; no checkpoint written, "
+                               f"the last good one in {self.run_dir} is kept")
+            state = {"stage": self.stage, "step": step, "config": config_to_dict(self.cfg),
+                     "world_size": self.dist.world_size, "rng": rng_states, **modules, **extra}
+            path = ckpt.save_checkpoint(self.run_dir, step, state, keep_last=self.cfg.keep_last)
+        distributed.barrier()
+        return path
+
+    def restore_rng(self, state: dict) -> None:
+        """Same world size: each rank continues its own streams exactly; otherwise derive fresh ones."""
+        saved = state["rng"]
+        if len(saved) == self.dist.world_size:
+            ckpt.restore_rng_state(saved[self.dist.rank])
+        else:
+            seed_everything(self.cfg.seed + 1000003 * state["step"] + self.dist.rank)
+
+
+def summary_line(record: dict) -> str:
+    return json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()})
