@@ -19,7 +19,7 @@ def token_folder(root, counts=(5, 5, 3), dtype=np.uint16, length=6):
     records, start = [], 0
     for index, count in enumerate(counts):
         items = (np.arange(start, start + count)[:, None] * np.ones((1, length))).astype(dtype)
-        records.append(ShardWriter.write_shard(root, "train", index, items, (np.arange(count) % 3).astype(np.int16)))
+        records.append(ShardWriter.write_shard(root, f"train_{index:05d}", items, (np.arange(count) % 3).astype(np.int16)))
         start += count
     write_manifest(root, build_manifest("tokens", (length,), dtype, {"train": records}, ["a", "b", "c"]))
     return root

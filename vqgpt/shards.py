@@ -36,12 +36,8 @@ class ShardError(ValueError):
     """A shard folder or manifest that cannot be used; the message names the file."""
 
 
-def shard_file_name(split: str, index: int) -> str:
-    return f"{split}_{index:05d}.npy"
-
-
-def labels_file_name(split: str, index: int) -> str:
-    return f"{split}_{index:05d}_labels.npy"
+def shard_stem(split: str, index: int) -> str:
+    return f"{split}_{index:05d}"
 
 
 def label_dtype(num_classes: int) -> np.dtype:
@@ -53,7 +49,8 @@ def holds_shards(folder: str | os.PathLike) -> bool:
     return folder.is_dir() and ((folder / MANIFEST_NAME).exists() or any(folder.glob("*_[0-9][0-9][0-9][0-9][0-9].npy")))
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> str:
+def save_npy_atomic(path: Path, array: np.ndarray) -> str:
+    """np.save through a temporary file; returns the sha256 of what was written."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
@@ -92,21 +89,21 @@ class ShardWriter:
     def flush(self) -> None:
         if self._filled == 0:
             return
-        record = self.write_shard(self.dest, self.split, self.next_index, self._items[: self._filled],
+        record = self.write_shard(self.dest, shard_stem(self.split, self.next_index), self._items[: self._filled],
                                   None if self._labels is None else self._labels[: self._filled])
         self.records.append(record)
         self.next_index += 1
         self._filled = 0
 
     @staticmethod
-    def write_shard(dest: Path, split: str, index: int, items: np.ndarray, labels: np.ndarray | None) -> dict:
-        """Write one shard (and its labels) atomically; return its manifest record."""
-        name = shard_file_name(split, index)
-        record = {"file": name, "count": int(len(items)), "sha256": _save_npy_atomic(Path(dest) / name, items)}
+    def write_shard(dest: Path, stem: str, items: np.ndarray, labels: np.ndarray | None) -> dict:
+        """Write `{stem}.npy` (and `{stem}_labels.npy`) atomically; return the manifest record."""
+        name = f"{stem}.npy"
+        record = {"file": name, "count": int(len(items)), "sha256": save_npy_atomic(Path(dest) / name, items)}
         if labels is not None:
-            labels_name = labels_file_name(split, index)
+            labels_name = f"{stem}_labels.npy"
             record["labels_file"] = labels_name
-            record["labels_sha256"] = _save_npy_atomic(Path(dest) / labels_name, labels)
+            record["labels_sha256"] = save_npy_atomic(Path(dest) / labels_name, labels)
         return record
 
     def close(self) -> list[dict]:
@@ -261,13 +258,11 @@ class ShardSplit:
         items = np.empty((len(indices), *self.item_shape), dtype=self.dtype)
         labels = np.empty((len(indices),), dtype=np.int64) if self.has_labels else None
         shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
-        for shard_index in np.unique(shard_of):
-            rows = np.nonzero(shard_of == shard_index)[0]
-            local = indices[rows] - self.offsets[shard_index]
-            order = np.argsort(local, kind="stable")  # ascending offsets read the memmap sequentially
-            items[rows[order]] = self._items[shard_index][local[order]]
+        local = indices - self.offsets[shard_of]
+        for row in np.lexsort((local, shard_of)):   # file order: sequential reads on a cold cache
+            items[row] = self._items[shard_of[row]][local[row]]   # one copy, straight from the page cache
             if labels is not None:
-                labels[rows] = self._labels[shard_index][local]
+                labels[row] = self._labels[shard_of[row]][local[row]]
         return items, labels
 
     def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None
