@@ -41,3 +41,23 @@ def shapes_shards(tmp_path_factory) -> Path:
     write_shards(builtin_source("shapes", 800), dest, size=32, shard_size=300, val_count=100,
                  workers=1, progress=False)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_vqgan_run(shapes_shards, tmp_path_factory) -> Path:
+    """A VQGAN trained for a few steps on the shapes shards (real checkpoint, random LPIPS backbone)."""
+    from tests.helpers import VQGAN_TEST_FLAGS, run_script
+
+    out = tmp_path_factory.mktemp("vqgan_run")
+    run_script("train_resnet_vqgan.py", f"--data={shapes_shards}", f"--out={out}", "--max-steps=3", *VQGAN_TEST_FLAGS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes_tokens(tiny_vqgan_run, shapes_shards, tmp_path_factory) -> Path:
+    from tests.helpers import run_script
+
+    out = tmp_path_factory.mktemp("tokens") / "tokens"
+    run_script("image_quantizer.py", f"--vqgan={tiny_vqgan_run}", f"--data={shapes_shards}", f"--out={out}",
+               "--batch-size=128", "--progress=false")
+    return out

@@ -13,6 +13,9 @@ import sys
 import typing
 from typing import Any, Sequence, TypeVar
 
+from models.gpt import GPT_PRESETS, GPTConfig
+from models.vqgan import VQGAN_PRESETS, VQGANConfig
+
 C = TypeVar("C")
 
 
@@ -138,3 +141,110 @@ def subconfig(target_cls: type[C], source: Any, **overrides) -> C:
 
 def format_config(cfg: Any) -> str:
     return json.dumps(config_to_dict(cfg), indent=2)
+
+
+def _help(text: str, default):
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings every trainer shares (run folder, schedule, precision, checkpoints)."""
+    out: str = _help("run folder: checkpoints, metrics.jsonl, figures", "runs/run")
+    resume: str = _help("auto (latest checkpoint in --out, if any), none (fresh; refuses a used --out), or a checkpoint path", "auto")
+    max_steps: int = _help("optimizer steps in total", 10000)
+    batch_size: int = _help("images (or token sequences) per rank per micro-step", 8)
+    grad_accum: int = _help("micro-steps per optimizer step; global batch = batch_size x ranks x grad_accum", 1)
+    lr: float = _help("peak learning rate", 1e-4)
+    min_lr_ratio: float = _help("cosine decays to lr x this", 0.1)
+    warmup_steps: int = _help("linear warmup steps", 500)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    grad_clip: float = _help("clip the global gradient norm to this (0: off)", 1.0)
+    eval_every: int = _help("evaluate on the whole val split every N steps (0: only at the end)", 1000)
+    eval_batch_size: int = _help("batch size for evaluation", 32)
+    ckpt_every: int = _help("checkpoint every N steps (always at the end and on SIGTERM/SIGINT)", 1000)
+    keep_last: int = _help("keep the newest N checkpoints", 3)
+    log_every: int = _help("write training metrics every N steps", 10)
+    seed: int = _help("seed of data order, init and sampling", 0)
+    device: str = _help("auto, cpu or cuda", "auto")
+    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", "auto")
+    compile: bool = _help("torch.compile the model (CUDA)", False)
+    max_bad_steps: int = _help("stop after this many non-finite steps in a row", 20)
+    prefetch: int = _help("batches prefetched by the reader thread", 4)
+    stop_at_step: int = _help("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANTrainConfig(TrainConfig, VQGANConfig):
+    """Stage 1: the VQGAN, its discriminator, losses and schedule."""
+    data: str = _help("image shard folder made by shardify.py", "")
+    flip: bool = _help("random horizontal flips", True)
+    l1_weight: float = _help("weight of the L1 reconstruction term", 1.0)
+    perceptual_weight: float = _help("weight of the LPIPS term (0: off, no VGG weights needed)", 1.0)
+    lpips_weights: str = _help("path to vgg16-397923af.pth (default: the torch hub cache)", "")
+    lpips_random_backbone: bool = _help("LPIPS with a RANDOM VGG backbone, for offline smoke runs only", False)
+    disc_start: int = _help("step at which the discriminator and the GAN term start", 2000)
+    disc_weight: float = _help("scale of the GAN term", 0.8)
+    adaptive_disc_weight: bool = _help("scale the GAN term by ||grad L_rec|| / ||grad L_G|| on the last layer", True)
+    disc_weight_max: float = _help("clamp of the adaptive weight", 1e4)
+    disc_lr: float = _help("discriminator learning rate (0: same as --lr)", 0.0)
+    channels_last: bool = _help("channels_last memory format (CUDA)", False)
+
+VQGAN_TRAIN_PRESETS = {
+    "tiny": VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS["tiny"]), batch_size=16, lr=2e-4,
+                             warmup_steps=50, max_steps=600, disc_start=300, eval_every=200,
+                             ckpt_every=200, eval_batch_size=100, out="runs/vqgan-tiny"),
+    "b64": VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS["b64"]), batch_size=8, lr=1e-4,
+                            disc_start=10000, out="runs/vqgan-b64"),
+    "seed": VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS["seed"]), batch_size=8, lr=4.5e-5,
+                             disc_start=30000, max_steps=300000, eval_every=5000, ckpt_every=5000,
+                             out="runs/vqgan-seed"),
+    "f16-16384": VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS["f16-16384"]), batch_size=12,
+                                  lr=4.5e-5, disc_start=250001, max_steps=1000000, eval_every=5000,
+                                  ckpt_every=5000, out="runs/vqgan-f16-16384"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """Stage 1.5: image shards -> codebook-index token shards."""
+    vqgan: str = _help("VQGAN run folder (its latest checkpoint) or checkpoint file", "")
+    data: str = _help("image shard folder made by shardify.py", "")
+    out: str = _help("token shard folder to write", "")
+    batch_size: int = _help("images per encoder batch", 64)
+    flip: bool = _help("also encode horizontally flipped training images (a second token shard set)", False)
+    device: str = _help("auto, cpu or cuda", "auto")
+    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16; code lookup is always fp32", "auto")
+    progress: bool = _help("show a progress bar", True)
+
+
+QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
+
+
+def subconfig_from_dict(target_cls: type[C], data: dict) -> C:
+    """Build `target_cls` from the same-named entries of a saved flat config dict."""
+    names = {f.name for f in dataclasses.fields(target_cls)}
+    return config_from_dict(target_cls, {k: v for k, v in data.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTTrainConfig(TrainConfig, GPTConfig):
+    """Stage 2: the GPT over token grids. codebook_size is a maximum: the model takes the tokens' own
+    codebook size, grid length and classes from their manifest."""
+    tokens: str = _help("token shard folder made by image_quantizer.py", "")
+    vqgan: str = _help("VQGAN checkpoint for sample grids (default: the one the token manifest names; sha256 checked)", "")
+    sample_count: int = _help("images in the sample grid at each eval (0: no samples, no VQGAN needed)", 16)
+    sample_temperature: float = _help("temperature of the eval samples", 1.0)
+    sample_top_k: int = _help("top-k of the eval samples (0: off)", 0)
+    beta2: float = _help("AdamW beta2", 0.95)
+
+
+GPT_TRAIN_PRESETS = {
+    "tiny": GPTTrainConfig(**dataclasses.asdict(GPT_PRESETS["tiny"]), batch_size=32, lr=1e-3, warmup_steps=50,
+                           max_steps=600, eval_every=200, ckpt_every=200, weight_decay=0.01, eval_batch_size=100,
+                           sample_count=12, out="runs/gpt-tiny"),
+    "g256": GPTTrainConfig(**dataclasses.asdict(GPT_PRESETS["g256"]), batch_size=8, lr=3e-4, warmup_steps=1000,
+                           max_steps=100000, weight_decay=0.01, eval_every=2000, ckpt_every=2000, out="runs/gpt-g256"),
+    "seed": GPTTrainConfig(**dataclasses.asdict(GPT_PRESETS["seed"]), batch_size=16, lr=3e-4, warmup_steps=2000,
+                           max_steps=300000, weight_decay=0.01, eval_every=5000, ckpt_every=5000, out="runs/gpt-seed"),
+}

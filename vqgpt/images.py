@@ -97,3 +97,31 @@ def save_png(path: str | os.PathLike, image: np.ndarray, upscale: int = 1) -> No
         picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.Resampling.NEAREST)
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
+
+
+def load_image_batch(source: str | os.PathLike, count: int, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first `count` images of a shard folder (val split if it has one), an image folder or one file.
+
+    Returns uint8 (n, size, size, 3) and labels (shard folders with classes) or None.
+    """
+    from vqgpt.shards import MANIFEST_NAME, ShardError, ShardSplit
+
+    source = Path(source)
+    if (source / MANIFEST_NAME).is_file():
+        split_name = "val" if ShardSplit(source, "train").manifest["splits"].get("val", {}).get("count") else "train"
+        split = ShardSplit(source, split_name)
+        if split.item_shape != (size, size, 3):
+            raise ShardError(f"{source}: images are {split.item_shape}, the VQGAN takes {size}x{size}")
+        return split.read(np.arange(min(count, len(split))))
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
+    images = []
+    for path in files:
+        try:
+            images.append(load_square_image(path, size))
+        except SkipImage as err:
+            print(f"{path}: skipped ({err})")
+        if len(images) == count:
+            break
+    if not images:
+        raise ShardError(f"{source}: no usable image to complete")
+    return np.stack(images), None

@@ -6,6 +6,7 @@ GPT trainers behave the same on preemption, bad steps, resume and bad input.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import signal
@@ -117,12 +118,17 @@ class TrainingRun:
         def request_stop(signum, frame):
             self.stop_requested = True
 
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        self._previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def end_of_step_consensus(self, step_was_finite: bool) -> tuple[bool, bool]:
-        """(stop, skip) agreed by all ranks with one small all-reduce per optimizer step."""
-        flags = torch.tensor([float(self.stop_requested), float(not step_was_finite)], device=self.dist.device)
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
+
+    def end_of_step_consensus(self, step_was_finite: bool, step: int = 0) -> tuple[bool, bool]:
+        """(stop, skip) for the step just computed (0-based `step`), agreed by all ranks in one all-reduce."""
+        stop_at = getattr(self.cfg, "stop_at_step", 0)
+        stop_now = self.stop_requested or (stop_at > 0 and step + 1 == stop_at)
+        flags = torch.tensor([float(stop_now), float(not step_was_finite)], device=self.dist.device)
         if self.dist.is_distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         stop, skip = bool(flags[0].item()), bool(flags[1].item())
@@ -139,14 +145,18 @@ class TrainingRun:
 
     def save(self, step: int, modules: dict[str, dict], extra: dict) -> Path | None:
         """Checkpoint on rank 0 (with every rank's RNG), refusing non-finite weights; barrier after."""
+        if not ckpt.all_finite(modules):   # every rank holds the same weights, so all raise together
+            raise RunError(f"weights became non-finite at step {step}; no checkpoint written, "
+                           f"the last good one in {self.run_dir} is kept")
         rng_states = distributed.all_gather_object(ckpt.capture_rng_state())
+        checksums = distributed.all_gather_object(parameters_checksum(modules))
+        if len(set(checksums)) > 1:   # DDP keeps replicas equal; a difference means a real bug
+            raise RunError(f"ranks hold different weights at step {step} (checksums {checksums}); not saving")
         path = None
         if self.dist.is_main:
-            if not ckpt.all_finite(modules):
-                raise RunError(f"weights became non-finite at step {step}; no checkpoint written, "
-                               f"the last good one in {self.run_dir} is kept")
             state = {"stage": self.stage, "step": step, "config": config_to_dict(self.cfg),
-                     "world_size": self.dist.world_size, "rng": rng_states, **modules, **extra}
+                     "world_size": self.dist.world_size, "rng": rng_states, "rank_checksums": checksums,
+                     **modules, **extra}
             path = ckpt.save_checkpoint(self.run_dir, step, state, keep_last=self.cfg.keep_last)
         distributed.barrier()
         return path
@@ -158,6 +168,17 @@ class TrainingRun:
             ckpt.restore_rng_state(saved[self.dist.rank])
         else:
             seed_everything(self.cfg.seed + 1000003 * state["step"] + self.dist.rank)
+
+
+def parameters_checksum(module_states: dict[str, dict]) -> str:
+    """sha256 over every floating tensor except normalisation running statistics (rank-local)."""
+    digest = hashlib.sha256()
+    for name, state_dict in sorted(module_states.items()):
+        for key, tensor in sorted(state_dict.items()):
+            if torch.is_tensor(tensor) and tensor.is_floating_point() and "running_" not in key:
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def summary_line(record: dict) -> str:

@@ -1,0 +1,75 @@
+"""Shared bench helpers: machine peaks measured in the same run, timing, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def gemm_peak_gflops(device: torch.device, dtype=torch.float32, size: int = 1024) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def run():
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = timed(run, repeats=7, warmup=2)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def conv3x3_peak_gflops(device: torch.device, dtype=torch.float32, channels: int = 128, size: int = 32,
+                        batch: int = 8) -> float:
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def run():
+        conv(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = timed(run, repeats=7, warmup=2)
+    return 2 * batch * channels * channels * 9 * size * size / seconds / 1e9
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def spawn_torchrun(script: str, nproc: int, args: list[str]) -> dict:
+    """Run this bench under torchrun and return rank 0's JSON line."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    output = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
+
+
+def emit(results: dict) -> None:
+    for key, value in results.items():
+        print(f"{key:42s} {value:12.4g}" if isinstance(value, float) else f"{key:42s} {value}")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))

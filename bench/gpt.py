@@ -1,0 +1,125 @@
+"""Benchmark the GPT: training tokens/s and MFU, and sampling with the KV cache vs full recompute.
+
+    taskset -c 0 python bench/gpt.py --preset g256 --batch-size 8      # one pinned thread + 2 ranks
+    python bench/gpt.py --preset seed --batch-size 32 --device cuda      # bf16 on a GPU
+
+MFU is against the machine's GEMM peak measured in the same run; the recompute sampler (the whole
+prefix every step, as taming's and nanoGPT's samplers do) is the reference for the KV cache.
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from bench.common import emit, gemm_peak_gflops, spawn_torchrun  # noqa: E402
+from models.gpt import GPT, GPT_PRESETS  # noqa: E402
+from vqgpt import distributed  # noqa: E402
+from vqgpt.sampling import sample_tokens  # noqa: E402
+from vqgpt.training import autocast, resolve_precision  # noqa: E402
+
+
+def build(preset: str, device: torch.device, n_classes: int):
+    torch.manual_seed(0)
+    config = dataclasses.replace(GPT_PRESETS[preset], n_classes=n_classes)
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizer(0.01, 3e-4, (0.9, 0.95), device.type)
+    return model, optimizer
+
+
+def train_tokens_per_s(model, wrapped, optimizer, batch_size: int, steps: int, dtype) -> float:
+    config = model.config
+    device = next(model.parameters()).device
+    tokens = torch.randint(0, config.codebook_size, (batch_size, config.tokens_per_image), device=device)
+    inputs = torch.cat([torch.full((batch_size, 1), config.start_token, device=device), tokens[:, :-1]], 1)
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = wrapped(inputs, tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * tokens.numel() / (time.perf_counter() - start)
+
+
+def worker(args) -> None:
+    dist = distributed.setup(args.device)
+    os.sched_setaffinity(0, {dist.local_rank % os.cpu_count()})
+    torch.set_num_threads(1)
+    model, optimizer = build(args.preset, dist.device, 0)
+    rate = train_tokens_per_s(model, DDP(model), optimizer, args.batch_size, args.steps, torch.float32)
+    if dist.is_main:
+        print('{"train_tokens_per_s": %f}' % (rate * dist.world_size))
+    distributed.cleanup()
+
+
+def sampling_rate(model, batch_size: int, use_kv_cache: bool, device) -> tuple[float, float]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    start = time.perf_counter()
+    tokens = sample_tokens(model, batch_size, top_k=100, generator=generator, use_kv_cache=use_kv_cache)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return tokens.numel() / seconds, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="g256", choices=sorted(GPT_PRESETS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ranks", type=int, default=2, help="also time this many ranks under torchrun (0: skip)")
+    parser.add_argument("--skip-recompute", action="store_true", help="skip the slow full-recompute sampler")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    dtype = resolve_precision("auto", device)
+    model, optimizer = build(args.preset, device, 0)
+    config = model.config
+    results = {"preset": args.preset, "batch_size": args.batch_size, "tokens_per_image": config.tokens_per_image,
+               "parameters_M": model.num_params() / 1e6, "device": str(device),
+               "dtype": str(dtype).replace("torch.", "")}
+    results["train_tokens_per_s"] = train_tokens_per_s(model, model, optimizer, args.batch_size, args.steps, dtype)
+    flops_per_token = model.estimate_flops_per_token()
+    results["gflops_per_token"] = flops_per_token / 1e9
+    peak_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    results["gemm_peak_gflops"] = gemm_peak_gflops(device, peak_dtype, 4096 if device.type == "cuda" else 1024)
+    results["mfu"] = results["train_tokens_per_s"] * flops_per_token / 1e9 / results["gemm_peak_gflops"]
+    with autocast(device, dtype):
+        results["sample_tokens_per_s_kv"], results["sample_seconds_kv"] = sampling_rate(model, args.batch_size, True, device)
+        if not args.skip_recompute:
+            rate, seconds = sampling_rate(model, args.batch_size, False, device)
+            results["sample_tokens_per_s_recompute"], results["sample_seconds_recompute"] = rate, seconds
+            results["kv_speedup"] = results["sample_tokens_per_s_kv"] / rate
+    if args.ranks > 1 and device.type == "cpu":
+        multi = spawn_torchrun(__file__, args.ranks, ["--worker", "--preset", args.preset, "--batch-size",
+                                                      str(args.batch_size), "--steps", str(args.steps)])
+        results[f"train_tokens_per_s_{args.ranks}_ranks"] = multi["train_tokens_per_s"]
+        results[f"scaling_{args.ranks}_ranks"] = multi["train_tokens_per_s"] / results["train_tokens_per_s"]
+    emit(results)
+
+
+if __name__ == "__main__":
+    main()

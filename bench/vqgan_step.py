@@ -1,0 +1,156 @@
+"""Benchmark one VQGAN training step (GAN phase: L1 + LPIPS + quantizer + adaptive-weight GAN + discriminator).
+
+    taskset -c 0 python bench/vqgan_step.py --preset b64 --batch-size 8      # one pinned thread + 2 ranks
+    python bench/vqgan_step.py --preset seed --batch-size 8 --device cuda     # bf16 on a GPU
+
+Measured in the same run: this project's step; a reference step built the way taming-transformers
+runs it (the autoencoder forward again for the discriminator pass, L1 + LPIPS recomputed there,
+the adaptive weight by back-propagating both losses to the last layer); FLOPs per step from
+torch.utils.flop_counter; the machine's fp32 GEMM and 3x3-conv peaks; 2 ranks under torchrun.
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from bench.common import conv3x3_peak_gflops, count_flops, emit, gemm_peak_gflops, spawn_torchrun  # noqa: E402
+from models.discriminator import NLayerDiscriminator  # noqa: E402
+from models.perceptual import build_lpips  # noqa: E402
+from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
+from vqgpt import distributed  # noqa: E402
+from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
+from vqgpt.training import autocast, resolve_precision  # noqa: E402
+from vqgpt.vqgan_training import VQGANModels, discriminator_backward, generator_backward  # noqa: E402
+
+LOSS_CFG = SimpleNamespace(l1_weight=1.0, perceptual_weight=1.0, adaptive_disc_weight=True, disc_weight=0.8,
+                           disc_weight_max=1e4)
+
+
+def build(preset: str, device: torch.device, ddp: bool) -> tuple[VQGANModels, list[torch.optim.Optimizer]]:
+    torch.manual_seed(0)
+    config = VQGAN_PRESETS[preset]
+    vqgan = VQGAN(config).to(device)
+    disc = NLayerDiscriminator(3, config.disc_ndf, config.disc_layers).to(device)
+    perceptual = build_lpips(None, random_backbone=True).to(device)   # same cost as the pretrained one
+    models = VQGANModels(vqgan, disc, vqgan, disc, perceptual)
+    if ddp:
+        models.vqgan, models.discriminator = DDP(vqgan), DDP(disc)
+    fused = device.type == "cuda"
+    optimizers = [torch.optim.Adam(vqgan.parameters(), 1e-4, betas=(0.5, 0.9), fused=fused),
+                  torch.optim.Adam(disc.parameters(), 1e-4, betas=(0.5, 0.9), fused=fused)]
+    return models, optimizers
+
+
+def our_step(models: VQGANModels, optimizers, images, dtype):
+    recon, _ = generator_backward(models, images, LOSS_CFG, gan_active=True, loss_scale=1.0, dtype=dtype)
+    discriminator_backward(models, images, recon, 1.0, dtype)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def taming_style_step(models: VQGANModels, optimizers, images, dtype):
+    """The reference: what the official Lightning loop computes per step, rewritten on these modules."""
+    vqgan, disc, perceptual = models.raw_vqgan, models.raw_discriminator, models.perceptual
+    with autocast(images.device, dtype):
+        recon, quant_loss, _, _ = vqgan(images)
+        nll = ((images - recon).abs() + perceptual(images, recon).view(-1, 1, 1, 1)).mean()
+        g_loss = hinge_g_loss(disc(recon))
+    last = vqgan.last_layer
+    weight = adaptive_weight(torch.autograd.grad(nll, last, retain_graph=True)[0],
+                             torch.autograd.grad(g_loss, last, retain_graph=True)[0]) * 0.8
+    (nll + weight * g_loss + quant_loss).backward()
+    optimizers[0].step()
+    optimizers[0].zero_grad(set_to_none=True)
+    with autocast(images.device, dtype):   # optimizer 1: a second autoencoder forward, with its graph
+        recon, quant_loss, _, _ = vqgan(images)
+        ((images - recon).abs() + perceptual(images, recon).view(-1, 1, 1, 1)).mean()   # computed, unused
+        d_loss = hinge_d_loss(disc(images.detach()), disc(recon.detach()))
+    d_loss.backward()
+    optimizers[1].step()
+    optimizers[1].zero_grad(set_to_none=True)
+
+
+def images_per_s(step_fn, models, optimizers, images, dtype, steps: int) -> float:
+    step_fn(models, optimizers, images, dtype)   # warm-up: allocator, oneDNN primitive caches
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_fn(models, optimizers, images, dtype)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * len(images) / (time.perf_counter() - start)
+
+
+def worker(args) -> None:
+    """One rank under torchrun: our step with DDP; rank 0 prints the global rate."""
+    dist = distributed.setup(args.device)
+    os.sched_setaffinity(0, {dist.local_rank % os.cpu_count()})
+    torch.set_num_threads(1)
+    models, optimizers = build(args.preset, dist.device, ddp=True)
+    size = VQGAN_PRESETS[args.preset].image_size
+    images = torch.rand(args.batch_size, 3, size, size, device=dist.device) * 2 - 1
+    rate = images_per_s(our_step, models, optimizers, images, torch.float32, args.steps) * dist.world_size
+    if dist.is_main:
+        print('{"images_per_s": %f}' % rate)
+    distributed.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="b64", choices=sorted(VQGAN_PRESETS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ranks", type=int, default=2, help="also time this many ranks under torchrun (0: skip)")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    dtype = resolve_precision("auto", device)
+    models, optimizers = build(args.preset, device, ddp=False)
+    size = VQGAN_PRESETS[args.preset].image_size
+    images = torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1
+    results = {"preset": args.preset, "batch_size": args.batch_size, "device": str(device),
+               "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+    flops = count_flops(lambda: our_step(models, optimizers, images, dtype))
+    results["gflops_per_step"] = flops / 1e9
+    results["images_per_s"] = images_per_s(our_step, models, optimizers, images, dtype, args.steps)
+    if not args.skip_reference:
+        reference_flops = count_flops(lambda: taming_style_step(models, optimizers, images, dtype))
+        results["reference_gflops_per_step"] = reference_flops / 1e9
+        results["reference_images_per_s"] = images_per_s(taming_style_step, models, optimizers, images, dtype,
+                                                         args.steps)
+        results["speedup_vs_reference"] = results["images_per_s"] / results["reference_images_per_s"]
+    achieved = flops / 1e9 * results["images_per_s"] / args.batch_size
+    results["achieved_gflops"] = achieved
+    peak_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    results["gemm_peak_gflops"] = gemm_peak_gflops(device, peak_dtype, 4096 if device.type == "cuda" else 1024)
+    results["conv3x3_peak_gflops"] = conv3x3_peak_gflops(device, peak_dtype)
+    results["mfu"] = achieved / results["gemm_peak_gflops"]
+    results["mfu_vs_conv_peak"] = achieved / results["conv3x3_peak_gflops"]
+    if args.ranks > 1 and device.type == "cpu":
+        multi = spawn_torchrun(__file__, args.ranks, ["--worker", "--preset", args.preset, "--batch-size",
+                                                      str(args.batch_size), "--steps", str(args.steps)])
+        results[f"images_per_s_{args.ranks}_ranks"] = multi["images_per_s"]
+        results[f"scaling_{args.ranks}_ranks"] = multi["images_per_s"] / results["images_per_s"]
+    emit(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The whole pipeline on the built-in shapes dataset, each stage under torchrun (what `make demo` runs).
+
+    python demo.py                 # ~15 minutes on 2 CPU cores; a rerun skips finished stages
+    python demo.py --nproc 1 --out demo-small --vqgan-steps 50 --gpt-steps 50
+
+Works offline: without VGG16 weights in the torch hub cache, the VQGAN uses the real LPIPS heads on
+a random VGG backbone (--lpips-random-backbone, said in the output and in the run's config).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo", help="folder for every output (default: demo)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per stage under torchrun (default: 2)")
+    parser.add_argument("--images", type=int, default=4000, help="built-in images (default: 4000)")
+    parser.add_argument("--vqgan-steps", type=int, default=None, help="VQGAN steps (default: the tiny preset's)")
+    parser.add_argument("--gpt-steps", type=int, default=None, help="GPT steps (default: the tiny preset's)")
+    return parser.parse_args(argv)
+
+
+def run_stage(title: str, command: list[str], done: bool) -> None:
+    if done:
+        print(f"== {title}: already done, skipped", flush=True)
+        return
+    print(f"== {title}\n   $ {' '.join(command)}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+def finished_run(run_dir: Path, max_steps: int | None) -> bool:
+    """A run is finished when its latest checkpoint reached its configured step count."""
+    config_path = run_dir / "config.json"
+    if not (run_dir / "latest").is_file() or not config_path.is_file():
+        return False
+    target = max_steps or json.loads(config_path.read_text())["config"]["max_steps"]
+    return (run_dir / "latest").read_text().strip() == f"step_{target:08d}.pt"
+
+
+def torchrun(nproc: int, script: str, *args: str) -> list[str]:
+    if nproc <= 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from models.perceptual import find_vgg_weights
+
+    out = Path(args.out)
+    shards, tokens = out / "data" / "shapes", out / "data" / "shapes-tokens"
+    vqgan_run, gpt_run = out / "runs" / "vqgan", out / "runs" / "gpt"
+    samples, figures = out / "samples", out / "plots"
+    steps = lambda n: [f"--max-steps={n}"] if n else []   # noqa: E731
+
+    run_stage("1/6 built-in dataset -> image shards",
+              [sys.executable, "shardify.py", "--builtin", "shapes", str(shards), "--size", "32",
+               "--builtin-count", str(args.images), "--val-count", str(max(1, min(200, args.images // 10)))],
+              done=(shards / "manifest.json").exists())
+
+    lpips_flags = []
+    if find_vgg_weights(None) is None:
+        print("   LPIPS: no vgg16-397923af.pth in the torch hub cache, so the demo runs offline with the real "
+              "LPIPS heads on a RANDOM VGG backbone (--lpips-random-backbone true). Place the file there for the real loss.")
+        lpips_flags = ["--lpips-random-backbone=true"]
+    else:
+        print("   LPIPS: pretrained VGG16 backbone found in the torch hub cache")
+    run_stage("2/6 VQGAN (preset tiny)",
+              torchrun(args.nproc, "train_resnet_vqgan.py", "--preset=tiny", f"--data={shards}", f"--out={vqgan_run}",
+                       "--batch-size=8" if args.nproc > 1 else "--batch-size=16", *lpips_flags, *steps(args.vqgan_steps)),
+              done=finished_run(vqgan_run, args.vqgan_steps))
+    run_stage("3/6 image shards -> token shards",
+              torchrun(args.nproc, "image_quantizer.py", f"--vqgan={vqgan_run}", f"--data={shards}", f"--out={tokens}"),
+              done=False)   # the quantizer itself skips shards that are already done
+    run_stage("4/6 GPT (preset tiny)",
+              torchrun(args.nproc, "train_gpt.py", "--preset=tiny", f"--tokens={tokens}", f"--out={gpt_run}",
+                       "--batch-size=16" if args.nproc > 1 else "--batch-size=32", *steps(args.gpt_steps)),
+              done=finished_run(gpt_run, args.gpt_steps))
+    sample = [sys.executable, "sample.py", f"--gpt={gpt_run}"]
+    run_stage("5/6 samples: blind, class-conditional with guidance, top-half completion",
+              [*sample, "--n=16", f"--out={samples / 'blind'}"], done=(samples / "blind" / "grid.png").exists())
+    run_stage("    class 0 (circle), guidance 3", [*sample, "--n=16", "--class=0", "--cfg=3", f"--out={samples / 'class0'}"],
+              done=(samples / "class0" / "grid.png").exists())
+    run_stage("    class 3 (star), guidance 3", [*sample, "--n=16", "--class=3", "--cfg=3", f"--out={samples / 'class3'}"],
+              done=(samples / "class3" / "grid.png").exists())
+    run_stage("    completion of the top half", [*sample, "--n=8", f"--complete={shards}", "--keep-rows=4",
+                                                  f"--out={samples / 'completion'}"],
+              done=(samples / "completion" / "completion.png").exists())
+    run_stage("6/6 plots", [sys.executable, "-m", "plots", str(vqgan_run), str(gpt_run), "--out", str(figures)],
+              done=False)
+
+    print("\nDone. Outputs:")
+    for label, path in [("image shards", shards), ("VQGAN run (checkpoints, metrics.jsonl, samples/)", vqgan_run),
+                        ("token shards (+ codebook_usage.png)", tokens), ("GPT run", gpt_run),
+                        ("blind samples", samples / "blind" / "grid.png"),
+                        ("class-conditional samples", samples / "class0" / "grid.png"),
+                        ("top-half completions", samples / "completion" / "completion.png"), ("plots", figures)]:
+        print(f"  {label:52s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Networks only: nn.Modules and their config dataclasses, no training logic."""

@@ -1,0 +1,122 @@
+"""Vector quantizer: nearest codebook vector per latent position, straight-through gradients.
+
+Options: classic VQ, or l2-normalised codes (cosine lookup) with a low-dimensional lookup space
+(`codebook_dim` < `z_channels`); EMA codebook updates; restarts of codes left unused for a
+number of steps, identical on every DDP rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.codebook_size = config.codebook_size
+        self.codebook_dim = config.codebook_dim
+        self.normalized = config.quantizer == "l2"
+        self.beta = config.beta
+        self.ema_decay = config.ema_decay
+        self.dead_code_steps = config.dead_code_steps
+        projected = config.codebook_dim != config.z_channels
+        self.project_in = nn.Conv2d(config.z_channels, config.codebook_dim, 1) if projected else nn.Identity()
+        self.project_out = nn.Conv2d(config.codebook_dim, config.z_channels, 1) if projected else nn.Identity()
+        codebook = torch.empty(config.codebook_size, config.codebook_dim)
+        if self.normalized:
+            nn.init.normal_(codebook)
+        else:
+            nn.init.uniform_(codebook, -1.0 / config.codebook_size, 1.0 / config.codebook_size)
+        self.codebook = nn.Parameter(codebook, requires_grad=self.ema_decay == 0)
+        if self.ema_decay > 0:
+            self.register_buffer("ema_cluster_size", torch.ones(config.codebook_size))
+            self.register_buffer("ema_sum", codebook.clone())
+        self.register_buffer("steps_unused", torch.zeros(config.codebook_size, dtype=torch.long))
+
+    def lookup_vectors(self) -> torch.Tensor:
+        """Codebook in the lookup space, fp32 (normalised for the l2 variant)."""
+        codes = self.codebook.float()
+        return F.normalize(codes, dim=1) if self.normalized else codes
+
+    def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
+        """argmin_k ||flat - e_k||^2 for (N, D) fp32 vectors -> (N,) int64."""
+        codes = self.lookup_vectors()
+        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)
+        return distances.argmin(dim=1)
+
+    def forward(self, z: torch.Tensor):
+        """z (B, z_channels, h, w) -> z_q (same shape), loss, indices (B, h, w), stats."""
+        z_lookup = self.project_in(z)
+        batch, dim, height, width = z_lookup.shape
+        # fp32 and no autocast: under bf16 nearby distances tie or swap and argmin picks wrong codes
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = z_lookup.permute(0, 2, 3, 1).reshape(-1, dim).float()
+            if self.normalized:
+                flat = F.normalize(flat, dim=1)
+            indices = self.nearest_codes(flat)
+            quantized = self.lookup_vectors()[indices]
+            commitment = F.mse_loss(flat, quantized.detach())
+            if self.ema_decay > 0:
+                loss = self.beta * commitment
+            else:
+                loss = F.mse_loss(quantized, flat.detach()) + self.beta * commitment
+            counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            restarted = 0
+            if self.training:
+                if self.ema_decay > 0:
+                    self._ema_update(flat.detach(), indices, counts)
+                if self.dead_code_steps > 0:
+                    restarted = self._restart_dead_codes(z_lookup.detach().permute(0, 2, 3, 1).reshape(-1, dim).float(),
+                                                         counts)
+            quantized = flat + (quantized - flat).detach()   # straight-through estimator
+        z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
+        probs = counts / counts.sum()
+        perplexity = torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+        stats = {"perplexity": perplexity.detach(), "restarted": restarted}
+        return self.project_out(z_q), loss, indices.view(batch, height, width), stats
+
+    def indices_to_embedding(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (B, h, w) -> z_q (B, z_channels, h, w), the vectors the forward pass uses."""
+        quantized = self.lookup_vectors()[indices]              # (B, h, w, D)
+        return self.project_out(quantized.permute(0, 3, 1, 2).to(self.codebook.dtype))
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
+        counts = counts.clone()
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
+        total = self.ema_cluster_size.sum()
+        # Laplace smoothing keeps never-assigned codes from dividing by zero
+        smoothed = (self.ema_cluster_size + 1e-5) / (total + self.codebook_size * 1e-5) * total
+        self.codebook.data.copy_(self.ema_sum / smoothed.unsqueeze(1))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, encoder_vectors: torch.Tensor, counts: torch.Tensor) -> int:
+        """Re-seed codes unused for `dead_code_steps` steps with current encoder outputs (rank 0's)."""
+        used = counts.clone()
+        if _distributed():
+            dist.all_reduce(used)
+        self.steps_unused.add_(1).masked_fill_(used > 0, 0)
+        dead = (self.steps_unused >= self.dead_code_steps).nonzero().flatten()
+        if len(dead) == 0:
+            return 0
+        picks = torch.randint(0, len(encoder_vectors), (len(dead),), device=encoder_vectors.device)
+        replacements = encoder_vectors[picks].contiguous()
+        if _distributed():
+            dist.broadcast(replacements, src=0)
+        self.codebook.data[dead] = replacements.to(self.codebook.dtype)
+        if self.ema_decay > 0:
+            self.ema_cluster_size[dead] = 1.0
+            self.ema_sum[dead] = replacements
+        self.steps_unused[dead] = 0
+        return int(len(dead))

@@ -1,0 +1,114 @@
+"""The VQGAN autoencoder: encoder -> vector quantizer -> decoder, with its config and presets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from models.decoder import Decoder
+from models.encoder import Encoder
+from models.quantizer import VectorQuantizer
+
+QUANTIZERS = ("vq", "l2")
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    image_size: int = 64
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (8,)
+    z_channels: int = 64
+    dropout: float = 0.0
+    codebook_size: int = 1024
+    codebook_dim: int = 64
+    quantizer: str = "vq"
+    beta: float = 0.25
+    ema_decay: float = 0.0
+    dead_code_steps: int = 0
+    disc_layers: int = 3
+    disc_ndf: int = 64
+
+    def __post_init__(self):
+        factor = self.downsample_factor
+        if self.image_size % factor:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of {factor} (2**(len(ch_mult)-1))")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if min(self.ch, self.z_channels, self.codebook_size, self.codebook_dim, self.num_res_blocks) < 1:
+            raise ValueError("ch, z_channels, codebook_size, codebook_dim and num_res_blocks must be positive")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+class VQGAN(nn.Module):
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        self.quantizer = VectorQuantizer(config)
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        self.decoder = Decoder(config)
+
+    @property
+    def latent_grid(self) -> tuple[int, int]:
+        side = self.config.image_size // self.config.downsample_factor
+        return side, side
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        return self.decoder.last_layer
+
+    def encode(self, images: torch.Tensor):
+        """images in [-1, 1] (B, 3, H, W) -> z_q, quantizer loss, indices (B, h, w), stats."""
+        return self.quantizer(self.quant_conv(self.encoder(images)))
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, images: torch.Tensor):
+        z_q, quant_loss, indices, stats = self.encode(images)
+        return self.decode(z_q), quant_loss, indices, stats
+
+    @torch.no_grad()
+    def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, h*w) int64 codes in raster order; no decoder, no graph."""
+        z = self.quantizer.project_in(self.quant_conv(self.encoder(images)))
+        batch, dim = z.shape[:2]
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            flat = z.permute(0, 2, 3, 1).reshape(-1, dim).float()
+            if self.quantizer.normalized:
+                flat = nn.functional.normalize(flat, dim=1)
+            return self.quantizer.nearest_codes(flat).view(batch, -1)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h*w) codes -> images (B, 3, H, W) in about [-1, 1]."""
+        height, width = self.latent_grid
+        return self.decode(self.quantizer.indices_to_embedding(indices.view(-1, height, width)))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+VQGAN_PRESETS = {
+    "tiny": VQGANConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                        z_channels=32, codebook_size=256, codebook_dim=8, quantizer="l2", disc_layers=2,
+                        disc_ndf=32),
+    "b64": VQGANConfig(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(8,),
+                       z_channels=64, codebook_size=1024, codebook_dim=64, quantizer="vq", disc_layers=3,
+                       disc_ndf=64),
+    "seed": VQGANConfig(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                        z_channels=256, codebook_size=8192, codebook_dim=256, quantizer="vq", disc_layers=3,
+                        disc_ndf=64),
+    "f16-16384": VQGANConfig(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                             attn_resolutions=(16,), z_channels=256, codebook_size=16384, codebook_dim=256,
+                             quantizer="vq", disc_layers=3, disc_ndf=64),
+}

@@ -1,0 +1,42 @@
+"""Turn runs' metrics.jsonl into PNG figures, and copy their newest image grids beside them.
+
+    python -m plots runs/vqgan runs/gpt --out figures/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from plots.figures import gpt_figures, vqgan_figures
+from vqgpt.runlog import METRICS_NAME, read_metrics
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (made by train_resnet_vqgan.py or train_gpt.py)")
+    parser.add_argument("--out", required=True, help="folder for the PNGs")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for run in map(Path, args.runs):
+        if not (run / METRICS_NAME).is_file() or not (run / "config.json").is_file():
+            print(f"plots: error: {run}: no {METRICS_NAME}/config.json; is it a run folder?", file=sys.stderr)
+            return 2
+        stage = json.loads((run / "config.json").read_text())["stage"]
+        records = read_metrics(run)
+        draw = vqgan_figures if stage == "vqgan" else gpt_figures
+        target = out / f"{run.name}_{stage}_curves.png"
+        panels = draw(records, target)
+        print(f"{target}: {', '.join(panels) or 'no data yet'}")
+        grids = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
+        if grids:
+            shutil.copyfile(grids[-1], out / f"{run.name}_{stage}_{grids[-1].name}")
+            print(f"{out / f'{run.name}_{stage}_{grids[-1].name}'}: newest grid of {run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Sample images from a trained GPT, decoded by the VQGAN that made its tokens.
+
+    python sample.py --gpt runs/gpt --n 16 --out samples/blind
+    python sample.py --gpt runs/gpt --n 16 --out samples/circles --class 0 --cfg 3.0
+    python sample.py --gpt runs/gpt --n 8 --out samples/completion --complete data/shapes --keep-rows 4
+
+Writes DIR/grid.png and DIR/sample_NNN.png; with --complete, DIR/completion.png shows the
+originals, their reconstructions and the completions of their top --keep-rows token rows.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqgpt.distributed import pick_device
+from vqgpt.errors import exit_on_user_error
+from vqgpt.images import image_grid, load_image_batch, save_png, to_uint8, to_unit_range
+from vqgpt.pretrained import load_bound_vqgan, load_gpt
+from vqgpt.sampling import sample_tokens
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpt", required=True, help="GPT run folder (latest checkpoint) or checkpoint file")
+    parser.add_argument("--out", required=True, help="output folder for PNGs")
+    parser.add_argument("--n", type=int, default=16, help="images to sample (default: 16)")
+    parser.add_argument("--class", dest="class_id", type=int, default=None, help="class id (class-conditional models)")
+    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: plain conditional)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    parser.add_argument("--complete", default=None, metavar="SHARDS_OR_IMAGES",
+                        help="image shard folder (its val split), image folder or image file to complete")
+    parser.add_argument("--keep-rows", type=int, default=None, help="token rows kept with --complete (default: half)")
+    parser.add_argument("--vqgan", default="", help="VQGAN checkpoint (default: the one named by the tokens; sha256 checked)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step (slow reference)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    gpt = load_gpt(args.gpt, device)
+    vqgan = load_bound_vqgan(gpt.token_manifest, args.vqgan, device, tokens_name=f"the tokens of {gpt.path}")
+    config = gpt.config
+    if args.class_id is not None and not 0 <= args.class_id < config.n_classes:
+        raise SystemExit(f"sample: error: --class {args.class_id} outside [0, {config.n_classes}) "
+                         f"(classes: {gpt.token_manifest.get('classes', [])})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    options = dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   generator=generator, use_kv_cache=not args.no_kv_cache)
+    _, grid_width = gpt.token_manifest["latent_grid"]
+    if args.complete:
+        originals, labels = load_image_batch(args.complete, args.n, vqgan.config.image_size)
+        images = to_unit_range(torch.from_numpy(originals).to(device))
+        with torch.no_grad():
+            tokens = vqgan.model.encode_to_indices(images)
+            reconstructions = to_uint8(vqgan.model.decode_indices(tokens))
+        keep_rows = args.keep_rows if args.keep_rows is not None else gpt.token_manifest["latent_grid"][0] // 2
+        label_tensor = torch.from_numpy(labels).to(device) if labels is not None and config.n_classes else None
+        completed = sample_tokens(gpt.model, len(originals), labels=label_tensor,
+                                  prefix=tokens[:, :keep_rows * grid_width], **options)
+        with torch.no_grad():
+            completions = to_uint8(vqgan.model.decode_indices(completed))
+        save_png(out / "completion.png", image_grid([originals, reconstructions, completions]), upscale=2)
+        outputs = completions
+    else:
+        labels = None
+        if args.class_id is not None:
+            labels = torch.full((args.n,), args.class_id, device=device, dtype=torch.long)
+        tokens = sample_tokens(gpt.model, args.n, labels=labels, **options)
+        with torch.no_grad():
+            outputs = to_uint8(vqgan.model.decode_indices(tokens))
+        save_png(out / "grid.png", image_grid([outputs[i:i + 8] for i in range(0, len(outputs), 8)]), upscale=2)
+    for index, image in enumerate(outputs):
+        save_png(out / f"sample_{index:03d}.png", np.ascontiguousarray(image))
+    print(f"{out}: {len(outputs)} image(s) from {gpt.path.name} (step {gpt.step})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main, "sample"))

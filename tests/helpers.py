@@ -1,0 +1,51 @@
+"""Running the real scripts from tests: in-process for speed, as subprocesses for torchrun and signals."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VQGAN_TEST_FLAGS = ["--preset=tiny", "--batch-size=4", "--warmup-steps=2", "--disc-start=2", "--eval-every=0",
+                    "--eval-batch-size=50", "--log-every=1", "--lpips-random-backbone=true", "--flip=true"]
+GPT_TEST_FLAGS = ["--preset=tiny", "--batch-size=8", "--warmup-steps=2", "--eval-every=0", "--log-every=1",
+                  "--eval-batch-size=50", "--sample-count=4"]
+
+
+def script_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, check: bool = True,
+               extra_torchrun: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python script args` (nproc 0) or `torchrun --standalone --nproc_per_node=nproc script args`."""
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run", *(extra_torchrun or ("--standalone",)),
+                   f"--nproc_per_node={nproc}", script, *args]
+    else:
+        command = [sys.executable, script, *args]
+    result = subprocess.run(command, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_state_dicts_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,0 +1,21 @@
+"""The demo's stage chain end to end with a very small budget, then a rerun that skips every stage."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers import ROOT, script_env
+
+
+def test_demo_chain_small_budget_and_skip_on_rerun(tmp_path):
+    command = [sys.executable, "demo.py", "--out", str(tmp_path / "demo"), "--nproc", "1", "--images", "120",
+               "--vqgan-steps", "2", "--gpt-steps", "2"]
+    env = {**script_env(), "TORCH_HOME": str(tmp_path / "empty_hub")}   # offline: no VGG weights
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "RANDOM VGG backbone" in first.stdout
+    for path in ("samples/blind/grid.png", "samples/class0/grid.png", "samples/completion/completion.png",
+                 "data/shapes-tokens/manifest.json", "plots/vqgan_vqgan_curves.png", "plots/gpt_gpt_curves.png"):
+        assert (tmp_path / "demo" / path).is_file(), path
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already done, skipped") >= 6, again.stdout

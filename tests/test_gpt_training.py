@@ -1,0 +1,81 @@
+"""train_gpt.py and sample.py: DDP, resume, binding to the VQGAN, vocabulary checks, sample outputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import GPT_TEST_FLAGS, assert_state_dicts_equal, load, run_script
+from vqgpt.checkpoint import latest_checkpoint
+from vqgpt.runlog import read_metrics
+
+
+def gpt_args(tokens, out, steps, *extra):
+    return [f"--tokens={tokens}", f"--out={out}", f"--max-steps={steps}", *GPT_TEST_FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def gpt_run(shapes_tokens, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt_ddp")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, out, 4, "--eval-every=4"), nproc=2)
+    return out
+
+
+def test_ddp_two_processes_end_with_identical_weights(gpt_run):
+    state = load(latest_checkpoint(gpt_run))
+    assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
+    evals = [r for r in read_metrics(gpt_run) if r["kind"] == "eval"]
+    assert evals and 0 < evals[-1]["val_loss"] < 10
+    grid = Image.open(gpt_run / "samples" / "samples_00000004.png")
+    assert grid.size[0] > 100
+    config = state["config"]
+    assert config["n_classes"] == 6 and config["tokens_per_image"] == 64 and config["codebook_size"] == 256
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(shapes_tokens, tmp_path):
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "full", 6, "--sample-count=0"))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "split", 6, "--sample-count=0", "--stop-at-step=3"))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "split", 6, "--sample-count=0"))
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train"]  # noqa: E731
+    assert losses(tmp_path / "full") == losses(tmp_path / "split") and len(losses(tmp_path / "full")) == 6
+    assert_state_dicts_equal(load(latest_checkpoint(tmp_path / "full"))["gpt"],
+                             load(latest_checkpoint(tmp_path / "split"))["gpt"])
+
+
+def test_refuses_a_vqgan_that_did_not_make_the_tokens(shapes_tokens, tiny_vqgan_run, tmp_path):
+    import shutil
+    import torch
+
+    other = tmp_path / "other.pt"
+    state = torch.load(latest_checkpoint(tiny_vqgan_run), weights_only=True)
+    state["vqgan"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["vqgan"].items()}
+    torch.save(state, other)
+    result = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "run", 2, f"--vqgan={other}"), check=False)
+    assert result.returncode == 2 and "is not the checkpoint that made" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    small = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "run2", 2, "--codebook-size=128"), check=False)
+    assert small.returncode == 2 and "exceeds the model's vocabulary" in small.stderr
+    images = run_script("train_gpt.py", *gpt_args(tiny_vqgan_run, tmp_path / "run3", 2), check=False)
+    assert images.returncode == 2 and "manifest.json" in images.stderr
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_sample_blind_class_and_completion(gpt_run, shapes_shards, tmp_path):
+    run_script("sample.py", f"--gpt={gpt_run}", "--n=4", f"--out={tmp_path / 'blind'}", "--top-k=50")
+    assert sorted(p.name for p in (tmp_path / "blind").iterdir()) == [
+        "grid.png", "sample_000.png", "sample_001.png", "sample_002.png", "sample_003.png"]
+    assert Image.open(tmp_path / "blind" / "sample_000.png").size == (32, 32)
+    run_script("sample.py", f"--gpt={gpt_run}", "--n=4", "--class=2", "--cfg=3", "--top-p=0.9",
+               f"--out={tmp_path / 'cls'}")
+    first = np.asarray(Image.open(tmp_path / "cls" / "grid.png"))
+    run_script("sample.py", f"--gpt={gpt_run}", "--n=4", "--class=2", "--cfg=3", "--top-p=0.9",
+               f"--out={tmp_path / 'cls2'}")
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "cls2" / "grid.png")))   # same seed, same images
+    run_script("sample.py", f"--gpt={gpt_run}", "--n=3", f"--complete={shapes_shards}", "--keep-rows=4",
+               f"--out={tmp_path / 'complete'}")
+    grid = np.asarray(Image.open(tmp_path / "complete" / "completion.png"))
+    assert grid.shape[0] > grid.shape[1] / 3    # three rows: originals, reconstructions, completions
+    bad = run_script("sample.py", f"--gpt={gpt_run}", "--class=99", f"--out={tmp_path / 'x'}", check=False)
+    assert bad.returncode != 0 and "outside [0, 6)" in bad.stderr

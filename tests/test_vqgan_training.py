@@ -1,0 +1,233 @@
+"""The VQGAN trainer: loss functions, gradient flow, DDP, multi-node, resume, preemption, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from models.discriminator import NLayerDiscriminator
+from models.vqgan import VQGAN, VQGAN_PRESETS
+from tests.helpers import (ROOT, VQGAN_TEST_FLAGS, assert_state_dicts_equal, free_port, load, run_script,
+                           script_env)
+from vqgpt.checkpoint import latest_checkpoint, list_checkpoints
+from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
+from vqgpt.runlog import read_metrics
+from vqgpt.training import TrainingRun
+from vqgpt.distributed import DistInfo
+from vqgpt.errors import RunError
+from vqgpt.vqgan_training import VQGANModels, discriminator_backward, generator_backward
+
+
+def test_hinge_losses_by_hand():
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 3.0])
+    # relu(1 - real) = [0, .5, 2] -> mean 5/6 ; relu(1 + fake) = [0, 1, 4] -> mean 5/3
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 5 / 3))
+    assert hinge_g_loss(fake).item() == pytest.approx(-1 / 3)
+
+
+def test_adaptive_weight_by_hand_and_safe_in_half_precision():
+    grad_rec = torch.tensor([3.0, 4.0])     # norm 5
+    grad_gan = torch.tensor([0.0, 2.0])     # norm 2
+    assert adaptive_weight(grad_rec, grad_gan, eps=0.0).item() == pytest.approx(2.5)
+    assert adaptive_weight(grad_rec, torch.zeros(2), max_weight=1e4).item() == pytest.approx(1e4)
+    big = torch.full((10000,), 300.0, dtype=torch.float16)   # squared sum overflows fp16
+    weight = adaptive_weight(big, big)
+    assert torch.isfinite(weight) and weight.item() == pytest.approx(1.0, rel=1e-3)
+
+
+def tiny_models(perceptual=None):
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGAN_PRESETS["tiny"])
+    disc = NLayerDiscriminator(3, 16, 2)
+    return VQGANModels(vqgan, disc, vqgan, disc, perceptual)
+
+
+def test_discriminator_loss_gives_the_vqgan_no_gradient():
+    models = tiny_models()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    cfg = SimpleNamespace(l1_weight=1.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
+                          disc_weight_max=1e4)
+    recon, _ = generator_backward(models, images, cfg, gan_active=True, loss_scale=1.0, dtype=torch.float32)
+    models.vqgan.zero_grad(set_to_none=True)
+    models.discriminator.zero_grad(set_to_none=True)
+    discriminator_backward(models, images, recon, 1.0, torch.float32)
+    assert all(p.grad is None for p in models.vqgan.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in models.discriminator.parameters())
+
+
+def test_generator_step_matches_the_textbook_formulation():
+    """One forward + gradients w.r.t. the reconstruction == taming's loss.backward() with autograd.grad lambda."""
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    cfg = SimpleNamespace(l1_weight=1.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
+                          disc_weight_max=1e4)
+    models = tiny_models()
+    generator_backward(models, images, cfg, gan_active=True, loss_scale=1.0, dtype=torch.float32)
+    fast = {n: p.grad.clone() for n, p in models.vqgan.named_parameters() if p.grad is not None}
+
+    reference = tiny_models()
+    recon, quant_loss, _, _ = reference.vqgan(images)
+    rec_loss = (images - recon).abs().mean()
+    g_loss = -reference.discriminator(recon).mean()
+    last = reference.vqgan.last_layer
+    rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    weight = (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * 0.8
+    (rec_loss + quant_loss + weight * g_loss).backward()
+    slow = {n: p.grad for n, p in reference.vqgan.named_parameters() if p.grad is not None}
+    assert fast.keys() == slow.keys() and len(fast) == len(list(models.vqgan.parameters()))
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def vqgan_args(data, out, steps, *extra):
+    return [f"--data={data}", f"--out={out}", f"--max-steps={steps}", *VQGAN_TEST_FLAGS, *extra]
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["l1"], r.get("d_loss")) for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(shapes_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vqgan_ddp")
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 4, "--ckpt-every=2", "--eval-every=4"),
+               nproc=2)
+    return out
+
+
+def test_ddp_two_processes_end_with_identical_weights(ddp_run):
+    state = load(latest_checkpoint(ddp_run))
+    assert state["step"] == 4 and state["world_size"] == 2
+    assert len(state["rank_checksums"]) == 2 and len(set(state["rank_checksums"])) == 1
+    config = json.loads((ddp_run / "config.json").read_text())
+    assert config["lpips_backbone"] == "random" and config["config"]["lpips_random_backbone"] is True
+    evals = [r for r in read_metrics(ddp_run) if r["kind"] == "eval"]
+    assert evals and evals[-1]["val_images"] == 100 and 0 < evals[-1]["codebook_usage"] <= 1
+    assert (ddp_run / "samples" / "recon_00000004.png").is_file()
+
+
+def test_resume_with_another_world_size_continues(ddp_run, shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ddp_run, out)
+    (out / "latest").write_text("step_00000002.pt\n")
+    (out / "step_00000004.pt").unlink()
+    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 4, "--batch-size=8"))
+    assert "resumed from" in result.stdout + result.stderr
+    state = load(latest_checkpoint(out))
+    assert state["step"] == 4 and state["world_size"] == 1
+    assert state["loader"]["cursor"] == 4 * 8   # same global samples as the 2-rank run consumed
+
+
+def test_two_node_rendezvous_on_localhost(shapes_shards, tmp_path):
+    port = free_port()
+    commands = []
+    for node_rank in (0, 1):
+        commands.append([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+                         "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                         "--rdzv-id=vqgan-test", "train_resnet_vqgan.py",
+                         *vqgan_args(shapes_shards, tmp_path / "run", 2)])
+    processes = [subprocess.Popen(c, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for c in commands]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    state = load(latest_checkpoint(tmp_path / "run"))
+    assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(shapes_shards, tmp_path):
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "full", 6, "--eval-every=3"))
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 6, "--eval-every=3",
+                                                    "--stop-at-step=3"))
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 6, "--eval-every=3"))
+    assert train_losses(tmp_path / "full") == train_losses(tmp_path / "split")
+    assert any(d is not None for _, _, d in train_losses(tmp_path / "full"))   # the GAN phase was covered
+    full, split = load(latest_checkpoint(tmp_path / "full")), load(latest_checkpoint(tmp_path / "split"))
+    for key in ("vqgan", "discriminator"):
+        assert_state_dicts_equal(full[key], split[key])
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 10000, "--ckpt-every=100000")]
+    process = subprocess.Popen(command, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and
+                                          len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    saved = latest_checkpoint(out)
+    assert saved is not None and "stop requested" in output
+    step = load(saved)["step"]
+    assert 2 <= step < 10000
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, step + 2))
+    assert load(latest_checkpoint(out))["step"] == step + 2
+
+
+def expect_exit_2(*args, contains: str):
+    result = run_script("train_resnet_vqgan.py", *args, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and contains in lines[0], result.stderr
+    return result
+
+
+def test_bad_inputs_exit_2_with_one_line(shapes_shards, tmp_path):
+    expect_exit_2(*vqgan_args(tmp_path / "missing", tmp_path / "r1", 2), contains="no such shard folder")
+    (tmp_path / "empty").mkdir()
+    expect_exit_2(*vqgan_args(tmp_path / "empty", tmp_path / "r2", 2), contains="manifest.json: missing")
+    expect_exit_2(*vqgan_args(shapes_shards, tmp_path / "r3", 2, "--image-size=64"), contains="images are 32x32")
+
+    run_dir = tmp_path / "r4"
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 2, "--ckpt-every=1"))
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 4, "--codebook-size=128"), contains="incompatible config")
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 4, "--resume=none"), contains="already holds checkpoints")
+    newest = latest_checkpoint(run_dir)
+    newest.write_bytes(b"\x00garbage")
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 4), contains="not a readable checkpoint")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000001.pt", "step_00000002.pt"]
+
+
+def test_missing_lpips_weights_stop_before_training(shapes_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    flags = [f for f in vqgan_args(shapes_shards, tmp_path / "run", 2) if "random-backbone" not in f]
+    import os
+    result = subprocess.run([sys.executable, "train_resnet_vqgan.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                            env={**script_env(), "TORCH_HOME": os.environ["TORCH_HOME"]}, timeout=120)
+    assert result.returncode == 2
+    assert "vgg16-397923af.pth" in result.stderr and str(tmp_path / "empty_hub") in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_nan_steps_are_skipped_then_stop(tmp_path):
+    cfg = SimpleNamespace(out=str(tmp_path), max_bad_steps=3, resume="auto", keep_last=2, seed=0)
+    run = TrainingRun(cfg, DistInfo(0, 0, 1, torch.device("cpu"), True), "vqgan", ())
+    assert run.end_of_step_consensus(False) == (False, True)
+    assert run.end_of_step_consensus(True) == (False, False)
+    assert run.end_of_step_consensus(False) == (False, True)
+    assert run.end_of_step_consensus(False) == (False, True)
+    with pytest.raises(RunError, match="3 non-finite steps in a row"):
+        run.end_of_step_consensus(False)
+    assert run.skipped_steps == 4
+    with pytest.raises(RunError, match="non-finite"):
+        run.save(5, {"model": {"w": torch.tensor([1.0, float("nan")])}}, {})
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_help_lists_every_setting():
+    result = run_script("train_resnet_vqgan.py", "--help")
+    for flag in ("--max-steps", "--disc-start", "--lpips-weights", "--codebook-dim", "--ema-decay", "--preset"):
+        assert flag in result.stdout
+    bad = run_script("train_resnet_vqgan.py", "--max-stepz=3", check=False)
+    assert bad.returncode == 2 and "valid settings" in bad.stderr and "--max-steps" in bad.stderr

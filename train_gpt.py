@@ -1,0 +1,167 @@
+"""Train the GPT on token shards (class-conditional when the shards carry labels).
+
+    python train_gpt.py --tokens data/shapes-tokens --out runs/gpt --preset tiny
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --tokens data/imgs-tokens --out runs/gpt --preset seed
+    torchrun --nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --nproc_per_node=8 \
+        train_gpt.py --tokens data/imgs-tokens --out runs/gpt --preset seed        # (node_rank=1 on the other)
+
+Rerunning the same command continues from the latest checkpoint (--resume auto). SIGTERM or
+Ctrl-C writes a checkpoint and exits 0. Each eval writes the val loss and a sample grid decoded
+by the VQGAN the token manifest names. `--help` lists every setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from models.gpt import GPT, GPTConfig
+from vqgpt import distributed
+from vqgpt.config import GPT_TRAIN_PRESETS, ConfigError, GPTTrainConfig, parse_config, subconfig
+from vqgpt.errors import RunError, exit_on_user_error
+from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss
+from vqgpt.images import save_png
+from vqgpt.pretrained import load_bound_vqgan
+from vqgpt.runlog import RunLog
+from vqgpt.schedule import set_lr, warmup_cosine
+from vqgpt.shards import ShardLoader, ShardSplit
+from vqgpt.training import (TrainingRun, configure_backends, resolve_precision, seed_everything,
+                            summary_line)
+from vqgpt.vqgan_training import no_sync
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "label_dropout"))
+CHECKPOINT_KEYS = ("gpt", "optimizer", "loader")
+
+
+def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, ShardSplit | None]:
+    """Open the token shards and take codebook size, grid length and classes from their manifest."""
+    if not cfg.tokens:
+        raise ConfigError("--tokens is required: a token shard folder made by image_quantizer.py")
+    train_split = ShardSplit(cfg.tokens, "train")
+    manifest = train_split.manifest
+    if manifest.get("kind") != "tokens":
+        raise RunError(f"{cfg.tokens}: holds {manifest.get('kind')} shards; the GPT trains on token shards "
+                       "(make them with image_quantizer.py)")
+    if manifest["codebook_size"] > cfg.codebook_size:
+        raise RunError(f"{cfg.tokens}: codebook of {manifest['codebook_size']} codes exceeds the model's vocabulary "
+                       f"of {cfg.codebook_size}; pass --codebook-size {manifest['codebook_size']}")
+    cfg = dataclasses.replace(cfg, codebook_size=manifest["codebook_size"], n_classes=len(train_split.classes),
+                              tokens_per_image=train_split.item_shape[0])
+    has_val = manifest["splits"].get("val", {}).get("count", 0) > 0
+    return cfg, train_split, ShardSplit(cfg.tokens, "val") if has_val else None
+
+
+def main(cfg: GPTTrainConfig) -> int:
+    dist = distributed.setup(cfg.device)
+    try:
+        return train(cfg, dist)
+    finally:
+        distributed.cleanup()
+
+
+def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
+    device = dist.device
+    configure_backends(device)
+    dtype = resolve_precision(cfg.precision, device)
+    cfg, train_split, val_split = fit_to_tokens(cfg)
+    run = TrainingRun(cfg, dist, "gpt", ARCHITECTURE_FIELDS)
+    resume = run.load_resume_state(CHECKPOINT_KEYS)
+    vqgan = None
+    if cfg.sample_count > 0 and dist.is_main:
+        vqgan = load_bound_vqgan(train_split.manifest, cfg.vqgan, device, tokens_name=cfg.tokens)
+
+    seed_everything(cfg.seed)   # identical init on every rank
+    model = GPT(subconfig(GPTConfig, cfg)).to(device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (0.9, cfg.beta2), device.type)
+    loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
+                         device=device, prefetch=cfg.prefetch)
+    step = 0
+    seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams (label dropout) from here on
+    if resume is not None:
+        model.load_state_dict(resume["gpt"])
+        optimizer.load_state_dict(resume["optimizer"])
+        loader.load_state_dict(resume["loader"])
+        run.restore_rng(resume)
+        step = resume["step"]
+    wrapped: torch.nn.Module = model
+    if dist.is_distributed:
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+
+    run.write_config({"token_shards": str(Path(cfg.tokens).resolve()),
+                      "vqgan_sha256": train_split.manifest.get("vqgan_sha256")})
+    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "gpt")
+    log.print(run.describe())
+    tokens_per_step = cfg.batch_size * dist.world_size * cfg.grad_accum * cfg.tokens_per_image
+    log.print(f"gpt {model.num_params() / 1e6:.2f}M parameters, {cfg.tokens_per_image} tokens per image, "
+              f"codebook {cfg.codebook_size}, {cfg.n_classes} classes, {dist.world_size} rank(s) on {device.type}, "
+              f"{str(dtype).replace('torch.', '')}, {tokens_per_step} tokens per step"
+              + (f"; resumed from {resume['path']} at step {step}" if resume else ""))
+    run.install_signal_handlers()
+
+    stop = False
+    tokens_seen, clock = 0, time.perf_counter()
+    while step < cfg.max_steps and not stop:
+        lr = warmup_cosine(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            batch = next(loader)
+            tokens = batch.items.to(device, non_blocking=True).long()
+            with no_sync(wrapped, micro < cfg.grad_accum - 1):
+                loss = gpt_loss(wrapped, model, tokens, batch.labels, cfg.label_dropout, dtype)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float() / cfg.grad_accum
+            tokens_seen += tokens.numel() * dist.world_size
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        stop, skip = run.end_of_step_consensus(bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm)), step)
+        if not skip:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        log.advance({"loss": loss_sum, "lr": lr})
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - clock
+            log.log(step, "train", {"loss": loss_sum.item(), "grad_norm": grad_norm.item(), "lr": lr,
+                                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "epoch": loader.epoch,
+                                    "skipped_steps": run.skipped_steps})
+            tokens_seen, clock = 0, time.perf_counter()
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            if dist.is_main:
+                metrics = {}
+                if val_split is not None:
+                    metrics["val_loss"] = validation_loss(model, val_split, cfg.eval_batch_size, device, dtype)
+                if vqgan is not None:
+                    grid = sample_grid(model, vqgan.model, cfg.sample_count, tuple(train_split.manifest["latent_grid"]),
+                                       seed=cfg.seed + step, temperature=cfg.sample_temperature,
+                                       top_k=cfg.sample_top_k, device=device)
+                    grid_path = Path(cfg.out) / "samples" / f"samples_{step:08d}.png"
+                    grid_path.parent.mkdir(parents=True, exist_ok=True)
+                    save_png(grid_path, grid, upscale=max(1, 128 // vqgan.config.image_size))
+                if metrics:
+                    log.log(step, "eval", metrics)
+                    log.print(f"step {step} eval {summary_line(metrics)}")
+            distributed.barrier()
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
+            path = run.save(step, {"gpt": model.state_dict()},
+                            {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                             "skipped_steps": run.skipped_steps, "token_manifest": train_split.manifest})
+            if stop:
+                log.print(f"stop requested: saved {path} at step {step}; rerun the same command to continue")
+    loader.close()
+    log.close()
+    run.restore_signal_handlers()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(
+        lambda: main(parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, description=__doc__)), "train_gpt"))

@@ -1,0 +1,192 @@
+"""Train the VQGAN (ResNet encoder/decoder, vector quantizer, PatchGAN, LPIPS) on image shards.
+
+    python train_resnet_vqgan.py --data data/shapes --out runs/vqgan --preset tiny --lpips-random-backbone true
+    torchrun --standalone --nproc_per_node=8 train_resnet_vqgan.py --data data/imgs --out runs/vq --preset seed
+    torchrun --nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --nproc_per_node=8 \
+        train_resnet_vqgan.py --data data/imgs --out runs/vq --preset seed       # (node_rank=1 on the other)
+
+Rerunning the same command continues from the latest checkpoint (--resume auto). SIGTERM or
+Ctrl-C writes a checkpoint and exits 0. `--help` lists every setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from models.discriminator import NLayerDiscriminator
+from models.perceptual import build_lpips
+from models.vqgan import VQGAN, VQGANConfig, count_parameters
+from vqgpt import distributed
+from vqgpt.config import VQGAN_TRAIN_PRESETS, ConfigError, VQGANTrainConfig, parse_config, subconfig
+from vqgpt.errors import RunError, exit_on_user_error
+from vqgpt.images import image_grid, save_png, to_unit_range
+from vqgpt.runlog import RunLog
+from vqgpt.schedule import set_lr, warmup_cosine
+from vqgpt.shards import ShardLoader, ShardSplit
+from vqgpt.training import (TrainingRun, configure_backends, resolve_precision, seed_everything,
+                            summary_line)
+from vqgpt.vqgan_training import (VQGANModels, discriminator_backward, evaluate, generator_backward,
+                                  no_sync)
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(VQGANConfig))
+CHECKPOINT_KEYS = ("vqgan", "discriminator", "opt_g", "opt_d", "loader")
+
+
+def build_perceptual(cfg: VQGANTrainConfig) -> torch.nn.Module | None:
+    if cfg.perceptual_weight <= 0:
+        return None
+    return build_lpips(cfg.lpips_weights or None, random_backbone=cfg.lpips_random_backbone)
+
+
+def load_splits(cfg: VQGANTrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
+    if not cfg.data:
+        raise ConfigError("--data is required: an image shard folder made by shardify.py")
+    train_split = ShardSplit(cfg.data, "train")
+    if train_split.manifest.get("kind") != "images":
+        raise RunError(f"{cfg.data}: holds {train_split.manifest.get('kind')} shards; the VQGAN trains on image shards")
+    size = train_split.item_shape[0]
+    if size != cfg.image_size:
+        raise RunError(f"{cfg.data}: images are {size}x{size} but the config takes {cfg.image_size}x{cfg.image_size}; "
+                       f"pass --image-size {size} (a multiple of {2 ** (len(cfg.ch_mult) - 1)}) or re-shard with --size {cfg.image_size}")
+    has_val = "val" in train_split.manifest["splits"] and train_split.manifest["splits"]["val"]["count"] > 0
+    return train_split, ShardSplit(cfg.data, "val") if has_val else None
+
+
+def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    # betas (0.5, 0.9): the GAN setting of taming-transformers; fused kernels on CUDA
+    return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), fused=device.type == "cuda")
+
+
+def main(cfg: VQGANTrainConfig) -> int:
+    dist = distributed.setup(cfg.device)
+    try:
+        return train(cfg, dist)
+    finally:
+        distributed.cleanup()
+
+
+def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
+    device = dist.device
+    configure_backends(device)
+    dtype = resolve_precision(cfg.precision, device)
+    train_split, val_split = load_splits(cfg)
+    run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS)
+    resume = run.load_resume_state(CHECKPOINT_KEYS)
+    seed_everything(cfg.seed)   # identical init on every rank (a random LPIPS backbone too)
+    perceptual = build_perceptual(cfg)
+    if perceptual is not None:
+        perceptual = perceptual.to(device)
+    vqgan = VQGAN(subconfig(VQGANConfig, cfg)).to(device)
+    discriminator = NLayerDiscriminator(3, cfg.disc_ndf, cfg.disc_layers).to(device)
+    if cfg.channels_last:
+        vqgan = vqgan.to(memory_format=torch.channels_last)
+        discriminator = discriminator.to(memory_format=torch.channels_last)
+    opt_g = adam(vqgan.parameters(), cfg.lr, device)
+    opt_d = adam(discriminator.parameters(), cfg.disc_lr or cfg.lr, device)
+    loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
+                         flip=cfg.flip, device=device, prefetch=cfg.prefetch)
+    step = 0
+    seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams from here on
+    if resume is not None:
+        vqgan.load_state_dict(resume["vqgan"])
+        discriminator.load_state_dict(resume["discriminator"])
+        opt_g.load_state_dict(resume["opt_g"])
+        opt_d.load_state_dict(resume["opt_d"])
+        loader.load_state_dict(resume["loader"])
+        run.restore_rng(resume)
+        step = resume["step"]
+
+    models = VQGANModels(vqgan=vqgan, discriminator=discriminator, raw_vqgan=vqgan,
+                         raw_discriminator=discriminator, perceptual=perceptual)
+    if dist.is_distributed:
+        models.vqgan = DDP(vqgan, device_ids=[device.index] if device.type == "cuda" else None)
+        models.discriminator = DDP(discriminator, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        models.vqgan = torch.compile(models.vqgan)
+
+    lpips_backbone = "off" if perceptual is None else perceptual.backbone
+    run.write_config({"lpips_backbone": lpips_backbone, "image_shards": str(Path(cfg.data).resolve())})
+    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "vqgan")
+    log.print(run.describe())
+    log.print(f"vqgan {count_parameters(vqgan) / 1e6:.2f}M parameters, discriminator "
+              f"{count_parameters(discriminator) / 1e6:.2f}M, latent grid {vqgan.latent_grid}, "
+              f"{dist.world_size} rank(s) on {device.type}, {str(dtype).replace('torch.', '')}, "
+              f"global batch {cfg.batch_size * dist.world_size * cfg.grad_accum}, LPIPS backbone: {lpips_backbone}"
+              + (f"; resumed from {resume['path']} at step {step}" if resume else ""))
+    if lpips_backbone == "random":
+        log.print("WARNING: --lpips-random-backbone: the perceptual term uses an untrained VGG (smoke runs only)")
+    run.install_signal_handlers()
+
+    stop = False
+    images_seen, clock = 0, time.perf_counter()
+    while step < cfg.max_steps and not stop:
+        lr = warmup_cosine(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+        set_lr(opt_g, lr)
+        set_lr(opt_d, lr * (cfg.disc_lr or cfg.lr) / cfg.lr)
+        gan_active = step >= cfg.disc_start
+        terms: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            images = to_unit_range(next(loader).items.to(device, non_blocking=True))
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            sync = micro == cfg.grad_accum - 1
+            with no_sync(models.vqgan, not sync):
+                recon, micro_terms = generator_backward(models, images, cfg, gan_active, 1 / cfg.grad_accum, dtype)
+            if gan_active:
+                with no_sync(models.discriminator, not sync):
+                    micro_terms.update(discriminator_backward(models, images, recon, 1 / cfg.grad_accum, dtype))
+            for key, value in micro_terms.items():
+                terms[key] = terms.get(key, 0) + value.float() / cfg.grad_accum
+            images_seen += len(images) * dist.world_size
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(vqgan.parameters(), clip)
+        if gan_active:
+            terms["disc_grad_norm"] = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), clip)
+        finite = bool(torch.isfinite(torch.stack([v.float() for v in terms.values()])).all())
+        stop, skip = run.end_of_step_consensus(finite, step)
+        if not skip:
+            opt_g.step()
+            if gan_active:
+                opt_d.step()
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+        step += 1
+
+        log.advance({"l1": terms["l1"], "lr": lr})
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - clock
+            log.log(step, "train", {**{k: v.item() for k, v in terms.items()}, "lr": lr,
+                                    "images_per_s": images_seen / max(elapsed, 1e-9),
+                                    "epoch": loader.epoch, "skipped_steps": run.skipped_steps})
+            images_seen, clock = 0, time.perf_counter()
+        if val_split is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            if dist.is_main:
+                metrics, grid_rows = evaluate(vqgan, perceptual if lpips_backbone == "pretrained" else None,
+                                              val_split, cfg.eval_batch_size, cfg.codebook_size, device, dtype)
+                log.log(step, "eval", metrics)
+                log.print(f"step {step} eval {summary_line(metrics)}")
+                grid_path = Path(cfg.out) / "samples" / f"recon_{step:08d}.png"
+                grid_path.parent.mkdir(parents=True, exist_ok=True)
+                save_png(grid_path, image_grid(grid_rows), upscale=max(1, 128 // cfg.image_size))
+            distributed.barrier()
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
+            path = run.save(step, {"vqgan": vqgan.state_dict(), "discriminator": discriminator.state_dict()},
+                            {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                             "loader": loader.state_dict(), "skipped_steps": run.skipped_steps})
+            if stop:
+                log.print(f"stop requested: saved {path} at step {step}; rerun the same command to continue")
+    loader.close()
+    log.close()
+    run.restore_signal_handlers()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(
+        lambda: main(parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, description=__doc__)), "train_resnet_vqgan"))

@@ -1,0 +1,72 @@
+"""Load trained models for inference (quantizer, GPT evaluation, sampling, notebooks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.gpt import GPT, GPTConfig
+from models.vqgan import VQGAN, VQGANConfig
+from vqgpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from vqgpt.errors import RunError
+from vqgpt.config import subconfig_from_dict
+from vqgpt.files import sha256_file
+
+
+@dataclass
+class LoadedVQGAN:
+    model: VQGAN
+    config: VQGANConfig
+    path: Path
+    sha256: str
+    step: int
+
+
+def load_vqgan(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedVQGAN:
+    """The VQGAN of a checkpoint (or a run's latest), in eval mode, with the file's sha256."""
+    path = resolve_checkpoint(path_or_run)
+    state = load_checkpoint(path, required_keys=("stage", "config"))
+    if state["stage"] != "vqgan" or "vqgan" not in state:
+        raise CheckpointError(f"{path}: is a {state.get('stage')!r} checkpoint, not a VQGAN")
+    config = subconfig_from_dict(VQGANConfig, state["config"])
+    model = VQGAN(config)
+    model.load_state_dict(state["vqgan"])
+    model.to(device).eval().requires_grad_(False)
+    return LoadedVQGAN(model, config, path, sha256_file(path), int(state["step"]))
+
+
+def load_bound_vqgan(token_manifest: dict, override_path: str = "", device: torch.device | str = "cpu",
+                     tokens_name: str = "the tokens") -> LoadedVQGAN:
+    """The VQGAN that made a token set; any other checkpoint is refused (its codes mean other things)."""
+    path = override_path or token_manifest.get("vqgan_checkpoint", "")
+    if not path or not Path(path).exists():
+        raise RunError(f"the VQGAN checkpoint {path!r} that made {tokens_name} is missing; "
+                       "pass --vqgan PATH to a copy of it")
+    vqgan = load_vqgan(path, device)
+    if vqgan.sha256 != token_manifest.get("vqgan_sha256"):
+        raise RunError(f"{vqgan.path}: sha256 {vqgan.sha256[:12]}... is not the checkpoint that made {tokens_name} "
+                       f"({str(token_manifest.get('vqgan_sha256'))[:12]}...); decode with that one or re-quantize")
+    return vqgan
+
+
+@dataclass
+class LoadedGPT:
+    model: GPT
+    config: GPTConfig
+    token_manifest: dict
+    path: Path
+    step: int
+
+
+def load_gpt(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedGPT:
+    """The GPT of a checkpoint (or a run's latest), in eval mode, with the manifest of its tokens."""
+    path = resolve_checkpoint(path_or_run)
+    state = load_checkpoint(path, required_keys=("stage", "config"))
+    if state["stage"] != "gpt" or "gpt" not in state:
+        raise CheckpointError(f"{path}: is a {state.get('stage')!r} checkpoint, not a GPT")
+    config = subconfig_from_dict(GPTConfig, state["config"])
+    model = GPT(config)
+    model.load_state_dict(state["gpt"])
+    model.to(device).eval().requires_grad_(False)
+    return LoadedGPT(model, config, state.get("token_manifest", {}), path, int(state["step"]))

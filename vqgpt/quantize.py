@@ -1,0 +1,209 @@
+"""Image shards -> token shards bound to the VQGAN checkpoint that made them.
+
+Each image shard becomes a token shard of the same name (uint16 (N, h*w) raster order, int32
+for codebooks over 65,536 codes); `--flip` adds `train_flip_NNNNN.npy` shards of mirrored
+images to the train split. A receipt per finished shard (TOKENS/.receipts/) records the source
+shard's hash and the checkpoint's, so a rerun skips what is done and refuses foreign leftovers.
+Ranks take every world_size-th job; rank 0 writes the manifest last.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vqgpt import distributed
+from vqgpt.distributed import DistInfo
+from vqgpt.errors import RunError
+from vqgpt.files import atomic_write_json, remove_stale_temporaries, sha256_file
+from vqgpt.images import to_unit_range
+from vqgpt.metrics import codebook_usage
+from vqgpt.pretrained import LoadedVQGAN
+from vqgpt.shards import (MANIFEST_NAME, ShardSplit, ShardWriter, build_manifest, read_manifest,
+                          save_npy_atomic, write_manifest)
+from vqgpt.training import autocast
+from plots.figures import codebook_histogram
+
+RECEIPTS_DIR = ".receipts"
+HISTOGRAM_NAME = "codebook_histogram.npy"
+USAGE_PLOT_NAME = "codebook_usage.png"
+
+
+@dataclass(frozen=True)
+class Job:
+    split: str
+    shard_index: int     # position in the source split's shard list
+    out_name: str        # token shard file name
+    flipped: bool
+
+
+def token_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
+
+
+def plan_jobs(splits: dict[str, ShardSplit], flip: bool) -> list[Job]:
+    jobs = []
+    for split_name, split in splits.items():
+        for index, shard in enumerate(split.shards):
+            jobs.append(Job(split_name, index, shard.items_path.name, False))
+            if flip and split_name == "train":
+                jobs.append(Job(split_name, index, shard.items_path.name.replace("train_", "train_flip_"), True))
+    return jobs
+
+
+def binding(vqgan: LoadedVQGAN, data: Path) -> dict:
+    """What ties token shards to their inputs: the checkpoint and the source manifest."""
+    return {"vqgan_sha256": vqgan.sha256, "source_manifest_sha256": sha256_file(data / MANIFEST_NAME)}
+
+
+def check_destination(out: Path, bound: dict, flip: bool) -> None:
+    """Refuse a TOKENS folder made from other data, another checkpoint or another --flip."""
+    if (out / MANIFEST_NAME).exists():
+        manifest = read_manifest(out)
+        for key, value in bound.items():
+            if manifest.get(key) != value:
+                raise RunError(f"{out}: holds tokens made from another {key.split('_')[0]} "
+                               f"({key} differs); choose another --out or delete it")
+        if bool(manifest.get("flip")) != flip:
+            raise RunError(f"{out}: was made with flip={manifest.get('flip')}; rerun with the same --flip or another --out")
+    receipts = out / RECEIPTS_DIR
+    for receipt_path in sorted(receipts.glob("*.json")) if receipts.is_dir() else []:
+        receipt = json.loads(receipt_path.read_text())
+        if any(receipt.get(k) != v for k, v in bound.items()):
+            raise RunError(f"{out}: holds unfinished tokens from another checkpoint or data ({receipt_path.name}); "
+                           "choose another --out or delete it")
+
+
+def receipt_matches(out: Path, job: Job, source_sha256: str, bound: dict) -> dict | None:
+    path = out / RECEIPTS_DIR / (job.out_name + ".json")
+    if not path.is_file() or not (out / job.out_name).is_file():
+        return None
+    receipt = json.loads(path.read_text())
+    if receipt.get("source_sha256") != source_sha256 or any(receipt.get(k) != v for k, v in bound.items()):
+        return None
+    if sha256_file(out / job.out_name) != receipt.get("sha256"):
+        return None
+    return receipt
+
+
+def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: bool, depth: int = 3
+                       ) -> Iterator[torch.Tensor]:
+    """Read (and flip, pin) the next batches in a thread while the current one is encoded."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce():
+        try:
+            for begin in range(0, len(items), batch_size):
+                batch = np.asarray(items[begin:begin + batch_size])
+                if flipped:
+                    batch = batch[:, :, ::-1]
+                tensor = torch.from_numpy(np.ascontiguousarray(batch))
+                out.put(tensor.pin_memory() if pin else tensor)
+            out.put(None)
+        except BaseException as err:
+            out.put(err)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (batch := out.get()) is not None:
+        if isinstance(batch, BaseException):
+            raise batch
+        yield batch
+
+
+@torch.inference_mode()
+def encode_shard(vqgan: LoadedVQGAN, items: np.ndarray, batch_size: int, flipped: bool, device: torch.device,
+                 dtype: torch.dtype) -> np.ndarray:
+    """uint8 (N, H, W, 3) images -> (N, h*w) token ids in the codebook's dtype."""
+    out_dtype = token_dtype(vqgan.config.codebook_size)
+    h, w = vqgan.model.latent_grid
+    tokens = np.empty((len(items), h * w), dtype=out_dtype)
+    filled = 0
+    for batch in background_batches(items, batch_size, flipped, pin=device.type == "cuda"):
+        images = to_unit_range(batch.to(device, non_blocking=True))
+        with autocast(device, dtype):
+            indices = vqgan.model.encode_to_indices(images)
+        tokens[filled:filled + len(batch)] = indices.cpu().numpy().astype(out_dtype)
+        filled += len(batch)
+    return tokens
+
+
+def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_size: int, flip: bool,
+             dist: DistInfo, dtype: torch.dtype, progress: bool = True) -> dict | None:
+    """Write every token shard of this rank's jobs; rank 0 then writes the manifest (returned)."""
+    data, out = Path(data), Path(out)
+    splits = {name: ShardSplit(data, name) for name in read_manifest(data)["splits"]}
+    first = next(iter(splits.values()))
+    if first.manifest.get("kind") != "images":
+        raise RunError(f"{data}: holds {first.manifest.get('kind')} shards, not images")
+    size = first.item_shape[0]
+    if size != vqgan.config.image_size:
+        raise RunError(f"{data}: images are {size}x{size} but the VQGAN {vqgan.path} takes "
+                       f"{vqgan.config.image_size}x{vqgan.config.image_size}; re-shard with --size {vqgan.config.image_size}")
+    bound = binding(vqgan, data)
+    if dist.is_main:
+        check_destination(out, bound, flip)
+        (out / RECEIPTS_DIR).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+    distributed.barrier()
+
+    jobs = plan_jobs(splits, flip)
+    mine = jobs[dist.rank::dist.world_size]
+    total_images = sum(splits[j.split].shards[j.shard_index].count for j in mine)
+    skipped = 0
+    with tqdm(total=total_images, desc=f"quantize rank {dist.rank}", unit="img",
+              disable=not (progress and dist.is_main)) as bar:
+        for job in mine:
+            source = splits[job.split].shards[job.shard_index]
+            if receipt_matches(out, job, source.sha256, bound) is not None:
+                skipped += 1
+                bar.update(source.count)
+                continue
+            items, labels = splits[job.split].shard_arrays(job.shard_index)
+            tokens = encode_shard(vqgan, items, batch_size, job.flipped, dist.device, dtype)
+            record = ShardWriter.write_shard(out, job.out_name[:-len(".npy")], tokens, labels)
+            atomic_write_json(out / RECEIPTS_DIR / (job.out_name + ".json"),
+                              {**record, **bound, "source_file": source.items_path.name,
+                               "source_sha256": source.sha256, "flipped": job.flipped, "split": job.split})
+            bar.update(source.count)
+    if skipped and dist.is_main:
+        print(f"quantize: {skipped} finished token shard(s) on rank 0 already matched their source; skipped")
+    distributed.barrier()
+    if not dist.is_main:
+        return None
+    return write_token_manifest(vqgan, data, out, splits, jobs, bound, flip)
+
+
+def write_token_manifest(vqgan: LoadedVQGAN, data: Path, out: Path, splits: dict[str, ShardSplit],
+                         jobs: list[Job], bound: dict, flip: bool) -> dict:
+    codebook_size = vqgan.config.codebook_size
+    histogram = np.zeros(codebook_size, dtype=np.int64)
+    records: dict[str, list[dict]] = {name: [] for name in splits}
+    for job in jobs:
+        receipt = json.loads((out / RECEIPTS_DIR / (job.out_name + ".json")).read_text())
+        record = {k: receipt[k] for k in ("file", "count", "sha256", "labels_file", "labels_sha256") if k in receipt}
+        record["flipped"] = job.flipped
+        records[job.split].append(record)
+        if not job.flipped:
+            tokens = np.load(out / job.out_name, mmap_mode="r")
+            histogram += np.bincount(np.asarray(tokens, dtype=np.int64).ravel(), minlength=codebook_size)
+    save_npy_atomic(out / HISTOGRAM_NAME, histogram)
+    codebook_histogram(histogram, out / USAGE_PLOT_NAME, title="dataset codebook usage")
+    h, w = vqgan.model.latent_grid
+    first = next(iter(splits.values()))
+    manifest = build_manifest(
+        "tokens", (h * w,), token_dtype(codebook_size), records, first.classes,
+        codebook_size=codebook_size, latent_grid=[h, w], image_size=vqgan.config.image_size,
+        flip=flip, vqgan_checkpoint=str(vqgan.path.resolve()), vqgan_step=vqgan.step,
+        vqgan_config=asdict(vqgan.config), source_shards=str(data.resolve()), **bound,
+        usage={**codebook_usage(torch.from_numpy(histogram)), "histogram_file": HISTOGRAM_NAME,
+               "plot_file": USAGE_PLOT_NAME})
+    write_manifest(out, manifest)
+    return manifest
+

@@ -1,0 +1,122 @@
+"""One VQGAN training step and the validation pass, shared by the trainer, tests and benchmarks.
+
+The step runs the autoencoder forward once. Gradients of the reconstruction loss and of the
+generator's GAN loss are taken with respect to the reconstruction, so LPIPS and the
+discriminator are back-propagated once each; the adaptive weight then only needs the decoder's
+last convolution. The discriminator sees `recon.detach()`: its loss cannot reach the VQGAN.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from vqgpt.images import to_unit_range, to_uint8
+from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
+from vqgpt.metrics import codebook_usage, psnr, ssim
+from vqgpt.training import autocast
+
+
+@dataclass
+class VQGANModels:
+    vqgan: torch.nn.Module           # possibly DDP/compile-wrapped
+    discriminator: torch.nn.Module   # possibly DDP-wrapped
+    raw_vqgan: torch.nn.Module
+    raw_discriminator: torch.nn.Module
+    perceptual: torch.nn.Module | None
+
+
+def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: torch.nn.Module | None,
+                        l1_weight: float, perceptual_weight: float) -> tuple[torch.Tensor, dict]:
+    l1 = (images - recon).abs().mean()
+    loss = l1_weight * l1
+    terms = {"l1": l1.detach()}
+    if perceptual is not None and perceptual_weight > 0:
+        lpips_value = perceptual(images, recon).mean()
+        loss = loss + perceptual_weight * lpips_value
+        terms["lpips"] = lpips_value.detach()
+    return loss, terms
+
+
+def generator_backward(models: VQGANModels, images: torch.Tensor, cfg, gan_active: bool, loss_scale: float,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """Forward the VQGAN once and back-propagate L_rec + L_q + lambda * w * L_G into it.
+
+    Returns the detached reconstruction (for the discriminator) and the logged terms.
+    """
+    with autocast(images.device, dtype):
+        recon, quant_loss, indices, stats = models.vqgan(images)
+        rec_loss, terms = reconstruction_loss(images, recon.float(), models.perceptual, cfg.l1_weight,
+                                              cfg.perceptual_weight)
+    grad_recon = torch.autograd.grad(rec_loss, recon, retain_graph=True)[0]
+    if gan_active:
+        with autocast(images.device, dtype):
+            gan_loss = hinge_g_loss(models.raw_discriminator(recon))
+        grad_gan = torch.autograd.grad(gan_loss, recon, retain_graph=True)[0]
+        if cfg.adaptive_disc_weight:
+            last_layer = models.raw_vqgan.last_layer
+            rec_w = torch.autograd.grad(recon, last_layer, grad_outputs=grad_recon, retain_graph=True)[0]
+            gan_w = torch.autograd.grad(recon, last_layer, grad_outputs=grad_gan, retain_graph=True)[0]
+            weight = adaptive_weight(rec_w, gan_w, cfg.disc_weight_max) * cfg.disc_weight
+        else:
+            weight = torch.tensor(cfg.disc_weight, device=images.device)
+        grad_recon = grad_recon + weight.to(grad_gan.dtype) * grad_gan
+        terms.update(g_loss=gan_loss.detach(), disc_weight=weight.detach())
+    torch.autograd.backward([recon, quant_loss], [grad_recon * loss_scale,
+                                                  torch.full_like(quant_loss, loss_scale)])
+    terms.update(rec_loss=rec_loss.detach(), quant_loss=quant_loss.detach(),
+                 batch_perplexity=torch.as_tensor(stats.get("perplexity", 0.0)).float())
+    if "restarted" in stats:
+        terms["codes_restarted"] = torch.as_tensor(stats["restarted"]).float()
+    return recon.detach(), terms
+
+
+def discriminator_backward(models: VQGANModels, images: torch.Tensor, recon_detached: torch.Tensor,
+                           loss_scale: float, dtype: torch.dtype) -> dict:
+    """Hinge loss on real vs. detached reconstructions, in one discriminator forward."""
+    with autocast(images.device, dtype):
+        logits = models.discriminator(torch.cat([images, recon_detached]))
+        logits_real, logits_fake = logits.chunk(2)
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+    (d_loss * loss_scale).backward()
+    return {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().float().mean(),
+            "logits_fake": logits_fake.detach().float().mean()}
+
+
+def no_sync(module: torch.nn.Module, skip: bool):
+    """DDP's no_sync for accumulation micro-steps; a no-op for plain modules."""
+    return module.no_sync() if skip and hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(vqgan: torch.nn.Module, perceptual: torch.nn.Module | None, val_split, batch_size: int,
+             codebook_size: int, device: torch.device, dtype: torch.dtype, grid_images: int = 8) -> tuple[dict, list]:
+    """Metrics over the whole val split; codebook usage counts every code hit in the pass."""
+    was_training = vqgan.training
+    vqgan.eval()
+    totals = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    histogram = torch.zeros(codebook_size, dtype=torch.long, device=device)
+    grid_rows: list = []
+    seen = 0
+    for items, _ in val_split.iter_batches(batch_size):
+        images = to_unit_range(torch.from_numpy(items).to(device))
+        with autocast(device, dtype):
+            recon, _, indices, _ = vqgan(images)
+        recon = recon.float().clamp(-1, 1)
+        totals["l1"] += (images - recon).abs().flatten(1).mean(1).sum().item()
+        totals["psnr"] += psnr(recon, images).sum().item()
+        totals["ssim"] += ssim(recon, images).sum().item()
+        if perceptual is not None:
+            totals["lpips"] += perceptual(images, recon).sum().item()
+        histogram += torch.bincount(indices.flatten(), minlength=len(histogram))
+        if not grid_rows:
+            grid_rows = [items[:grid_images], to_uint8(recon[:grid_images])]
+        seen += len(items)
+    metrics = {key: value / max(seen, 1) for key, value in totals.items()}
+    if perceptual is None:
+        metrics.pop("lpips")
+    metrics.update(codebook_usage(histogram.cpu()))
+    metrics["val_images"] = seen
+    vqgan.train(was_training)
+    return metrics, grid_rows
