@@ -44,7 +44,7 @@ class GPTConfig:
 
 
 GPT_PRESETS = {
-    "tiny": GPTConfig(codebook_size=256, tokens_per_image=64, n_layer=2, n_head=2, n_embd=64),
+    "tiny": GPTConfig(codebook_size=256, tokens_per_image=64, n_layer=4, n_head=4, n_embd=128),
     "g256": GPTConfig(codebook_size=1024, tokens_per_image=256, n_layer=8, n_head=8, n_embd=512),
     "seed": GPTConfig(codebook_size=1024, tokens_per_image=256, n_layer=12, n_head=12, n_embd=768),
 }

@@ -74,7 +74,8 @@ class VectorQuantizer(nn.Module):
                 if self.dead_code_steps > 0:
                     restarted = self._restart_dead_codes(z_lookup.detach().permute(0, 2, 3, 1).reshape(-1, dim).float(),
                                                          counts)
-            quantized = flat + (quantized - flat).detach()   # straight-through estimator
+            if flat.requires_grad:   # straight-through estimator; without a graph keep the exact code vectors
+                quantized = flat + (quantized - flat).detach()
         z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
         probs = counts / counts.sum()
         perplexity = torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum())

@@ -100,8 +100,8 @@ def count_parameters(module: nn.Module) -> int:
 
 VQGAN_PRESETS = {
     "tiny": VQGANConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                        z_channels=32, codebook_size=256, codebook_dim=8, quantizer="l2", disc_layers=2,
-                        disc_ndf=32),
+                        z_channels=32, codebook_size=256, codebook_dim=8, quantizer="l2", dead_code_steps=20,
+                        disc_layers=2, disc_ndf=32),
     "b64": VQGANConfig(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(8,),
                        z_channels=64, codebook_size=1024, codebook_dim=64, quantizer="vq", disc_layers=3,
                        disc_ndf=64),

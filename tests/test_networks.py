@@ -1,0 +1,178 @@
+"""Networks: shapes and gradients, the quantizer against hand computations, LPIPS loading."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import lpips
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from models.discriminator import NLayerDiscriminator
+from models.perceptual import VGG16_WEIGHTS_FILE, LPIPSWeightsMissing, build_lpips, find_vgg_weights
+from models.quantizer import VectorQuantizer
+from models.vqgan import VQGAN, VQGAN_PRESETS, VQGANConfig, count_parameters
+
+SMALL_B64 = dataclasses.replace(VQGAN_PRESETS["b64"], ch=32, codebook_size=64, codebook_dim=16)
+
+
+@pytest.mark.parametrize("config", [VQGAN_PRESETS["tiny"], SMALL_B64], ids=["tiny", "b64-shaped"])
+def test_vqgan_shapes_and_gradients_reach_every_parameter(config):
+    torch.manual_seed(0)
+    model = VQGAN(config)
+    images = torch.rand(2, 3, config.image_size, config.image_size) * 2 - 1
+    recon, quant_loss, indices, stats = model(images)
+    h, w = model.latent_grid
+    assert recon.shape == images.shape and indices.shape == (2, h, w)
+    assert h == config.image_size // 2 ** (len(config.ch_mult) - 1)
+    assert indices.max() < config.codebook_size and stats["perplexity"] >= 1
+    ((recon - images).abs().mean() + quant_loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert missing == []
+
+
+def test_indices_round_trip_equals_the_forward_reconstruction():
+    torch.manual_seed(0)
+    model = VQGAN(VQGAN_PRESETS["tiny"]).eval()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        recon, _, indices, _ = model(images)
+        tokens = model.encode_to_indices(images)
+        assert torch.equal(tokens, indices.flatten(1))
+        assert torch.equal(model.decode_indices(tokens), recon)
+
+
+def quantizer(**overrides) -> VectorQuantizer:
+    settings = dict(z_channels=2, codebook_dim=2, codebook_size=3, beta=0.25)
+    config = dataclasses.replace(VQGANConfig(), **{**settings, **overrides})
+    return VectorQuantizer(config)
+
+
+def test_quantizer_losses_and_gradients_by_hand():
+    vq = quantizer()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [-1.0, 2.0]]))
+    z = torch.tensor([[0.2, 0.1], [0.9, 1.3]]).t().reshape(1, 2, 1, 2).clone().requires_grad_(True)
+    z_q, loss, indices, _ = vq(z)
+    assert indices.flatten().tolist() == [0, 1]
+    chosen = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    flat = torch.tensor([[0.2, 0.1], [0.9, 1.3]])
+    mse = ((flat - chosen) ** 2).mean()
+    assert loss.item() == pytest.approx((1 + 0.25) * mse.item())
+    torch.testing.assert_close(z_q.detach(), chosen.t().reshape(1, 2, 1, 2))
+    downstream = torch.tensor([[1.0, -2.0], [0.5, 3.0]]).t().reshape(1, 2, 1, 2)
+    (loss + (z_q * downstream).sum()).backward()
+    # encoder: straight-through downstream gradient + beta * commitment gradient
+    commitment_grad = 0.25 * 2 * (flat - chosen) / flat.numel()
+    torch.testing.assert_close(z.grad, downstream + commitment_grad.t().reshape(1, 2, 1, 2))
+    # codebook: only the (unweighted) codebook term, on the codes that were used
+    expected = torch.zeros(3, 2)
+    expected[:2] = 2 * (chosen - flat) / flat.numel()
+    torch.testing.assert_close(vq.codebook.grad, expected)
+
+
+def test_argmin_is_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    vq = quantizer(codebook_size=512, z_channels=8, codebook_dim=8)
+    with torch.no_grad():   # codes packed closer than bf16's resolution
+        vq.codebook.copy_(torch.randn(1, 8) + 1e-2 * torch.randn(512, 8))
+    flat = vq.codebook.detach()[:64] + 1e-4
+    z = flat.t().reshape(1, 8, 8, 8)
+    _, _, reference, _ = vq(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, under_autocast, _ = vq(z)
+        codes = vq.codebook.to(torch.bfloat16)
+        naive = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)).argmin(1)
+    assert torch.equal(reference.flatten(), torch.arange(64))
+    assert torch.equal(under_autocast, reference)
+    assert not torch.equal(naive, reference.flatten())   # the same lookup in bf16 would pick wrong codes
+
+
+def test_l2_quantizer_looks_up_in_a_low_dimensional_normalised_space():
+    config = VQGAN_PRESETS["tiny"]
+    vq = VectorQuantizer(config)
+    assert vq.project_in.out_channels == config.codebook_dim == 8
+    z = torch.randn(4, config.z_channels, 8, 8)
+    z_q, _, indices, _ = vq(z)
+    lookup = F.normalize(vq.project_in(z).permute(0, 2, 3, 1).reshape(-1, 8), dim=1)
+    cosine = lookup @ F.normalize(vq.codebook, dim=1).t()
+    assert torch.equal(indices.flatten(), cosine.argmax(1))   # nearest in l2 == highest cosine
+    torch.testing.assert_close(z_q, vq.indices_to_embedding(indices))
+
+
+def test_ema_moves_codes_to_assigned_means_without_gradients():
+    vq = quantizer(ema_decay=0.5)
+    assert not vq.codebook.requires_grad
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]]))
+        vq.ema_sum.copy_(vq.codebook)
+    z = torch.tensor([[1.0, 1.0], [1.0, 1.0]]).t().reshape(1, 2, 1, 2)
+    _, loss, _, _ = vq(z)
+    # code 0: cluster size 0.5*1 + 0.5*2 = 1.5, sum 0.5*0 + 0.5*(2, 2) = (1, 1) -> about (0.67, 0.67)
+    assert vq.codebook[0].tolist() == pytest.approx([2 / 3, 2 / 3], rel=1e-3)
+    assert vq.codebook[1].tolist() == pytest.approx([5.0, 5.0], rel=1e-3)
+    assert loss.item() == pytest.approx(0.25 * 1.0)   # commitment only
+
+
+def test_dead_codes_are_restarted_from_encoder_outputs():
+    torch.manual_seed(0)
+    vq = quantizer(dead_code_steps=2, codebook_size=4)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [100.0, 100.0], [200.0, 0.0], [0.0, 300.0]]))
+    z = torch.tensor([[0.1, 0.2], [0.3, 0.1], [0.2, 0.2]]).t().reshape(1, 2, 1, 3)
+    assert vq(z)[3]["restarted"] == 0
+    assert vq(z)[3]["restarted"] == 3   # codes 1-3 unused for 2 steps
+    encoder_rows = {tuple(round(v, 4) for v in row) for row in z.reshape(2, 3).t().tolist()}
+    for code in vq.codebook[1:].tolist():
+        assert tuple(round(v, 4) for v in code) in encoder_rows
+    vq.eval()
+    assert vq(z)[3]["restarted"] == 0   # evaluation never changes the codebook
+
+
+def test_patchgan_gives_patch_logits():
+    disc = NLayerDiscriminator(3, 16, 3)
+    assert disc(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+def test_preset_sizes():
+    counts = {name: count_parameters(VQGAN(config)) / 1e6 for name, config in VQGAN_PRESETS.items()}
+    print("VQGAN parameters (M):", counts)
+    assert counts["tiny"] < 2 and 15 < counts["b64"] < 20 and 60 < counts["seed"] < 90
+    assert VQGAN_PRESETS["b64"].codebook_size == 1024 and VQGAN_PRESETS["seed"].codebook_size == 8192
+    with pytest.raises(ValueError, match="multiple of 8"):
+        dataclasses.replace(VQGAN_PRESETS["b64"], image_size=60)
+
+
+def test_lpips_heads_load_strictly_and_measure_something():
+    model = build_lpips(random_backbone=True)
+    assert model.backbone == "random"
+    shipped = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth"),
+                         map_location="cpu", weights_only=True)
+    for k in range(5):
+        assert torch.equal(model.network.lins[k].model[1].weight, shipped[f"lin{k}.model.1.weight"])
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(model(x, x), torch.zeros(2)) and (model(x, y) > 0).all()
+
+
+def test_lpips_backbone_from_the_hub_cache_or_a_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert find_vgg_weights(None) is None
+    with pytest.raises(LPIPSWeightsMissing) as missing:
+        build_lpips(None)
+    assert VGG16_WEIGHTS_FILE in str(missing.value) and str(tmp_path / "hub" / "checkpoints") in str(missing.value)
+    with pytest.raises(LPIPSWeightsMissing, match="no such file"):
+        build_lpips(str(tmp_path / "nope.pth"))
+    torch.manual_seed(3)
+    vgg_state = torchvision.models.vgg16(weights=None).state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(vgg_state, tmp_path / "hub" / "checkpoints" / VGG16_WEIGHTS_FILE)
+    model = build_lpips(None)
+    assert model.backbone == "pretrained"
+    assert torch.equal(model.network.net.slice1[0].weight, vgg_state["features.0.weight"])
+    assert torch.equal(model.network.net.slice5._modules["28"].bias, vgg_state["features.28.bias"])
+    broken = {k: v for k, v in vgg_state.items() if k != "features.10.weight"}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(RuntimeError, match="features.10.weight"):
+        build_lpips(str(tmp_path / "broken.pth"))
