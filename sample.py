@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqgpt.config import ConfigError
 from vqgpt.distributed import pick_device
 from vqgpt.errors import exit_on_user_error
 from vqgpt.images import image_grid, load_image_batch, save_png, to_uint8, to_unit_range
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
     vqgan = load_bound_vqgan(gpt.token_manifest, args.vqgan, device, tokens_name=f"the tokens of {gpt.path}")
     config = gpt.config
     if args.class_id is not None and not 0 <= args.class_id < config.n_classes:
-        raise SystemExit(f"sample: error: --class {args.class_id} outside [0, {config.n_classes}) "
-                         f"(classes: {gpt.token_manifest.get('classes', [])})")
+        raise ConfigError(f"--class {args.class_id} outside [0, {config.n_classes}) "
+                          f"(classes: {gpt.token_manifest.get('classes', [])})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -57,11 +57,7 @@ def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, Shar
 
 
 def main(cfg: GPTTrainConfig) -> int:
-    dist = distributed.setup(cfg.device)
-    try:
-        return train(cfg, dist)
-    finally:
-        distributed.cleanup()
+    return distributed.launch(train, cfg)
 
 
 def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:

@@ -64,11 +64,7 @@ def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
 
 
 def main(cfg: VQGANTrainConfig) -> int:
-    dist = distributed.setup(cfg.device)
-    try:
-        return train(cfg, dist)
-    finally:
-        distributed.cleanup()
+    return distributed.launch(train, cfg)
 
 
 def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:

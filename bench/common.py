@@ -69,6 +69,13 @@ def spawn_torchrun(script: str, nproc: int, args: list[str]) -> dict:
     return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
 
 
+def add_rank_scaling(results: dict, script: str, ranks: int, worker_args: list[str], rate_key: str) -> None:
+    """Time `ranks` processes of this bench under torchrun; record their rate and the scaling over one."""
+    multi = spawn_torchrun(script, ranks, ["--worker", *worker_args])
+    results[f"{rate_key}_{ranks}_ranks"] = multi[rate_key]
+    results[f"scaling_{ranks}_ranks"] = multi[rate_key] / results[rate_key]
+
+
 def emit(results: dict) -> None:
     for key, value in results.items():
         print(f"{key:42s} {value:12.4g}" if isinstance(value, float) else f"{key:42s} {value}")

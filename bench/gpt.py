@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from bench.common import emit, gemm_peak_gflops, spawn_torchrun  # noqa: E402
+from bench.common import add_rank_scaling, emit, gemm_peak_gflops  # noqa: E402
 from models.gpt import GPT, GPT_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
 from vqgpt.sampling import sample_tokens  # noqa: E402
@@ -114,10 +114,8 @@ def main() -> None:
             results["sample_tokens_per_s_recompute"], results["sample_seconds_recompute"] = rate, seconds
             results["kv_speedup"] = results["sample_tokens_per_s_kv"] / rate
     if args.ranks > 1 and device.type == "cpu":
-        multi = spawn_torchrun(__file__, args.ranks, ["--worker", "--preset", args.preset, "--batch-size",
-                                                      str(args.batch_size), "--steps", str(args.steps)])
-        results[f"train_tokens_per_s_{args.ranks}_ranks"] = multi["train_tokens_per_s"]
-        results[f"scaling_{args.ranks}_ranks"] = multi["train_tokens_per_s"] / results["train_tokens_per_s"]
+        add_rank_scaling(results, __file__, args.ranks, ["--preset", args.preset, "--batch-size", str(args.batch_size),
+                                                         "--steps", str(args.steps)], "train_tokens_per_s")
     emit(results)
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from bench.common import conv3x3_peak_gflops, count_flops, emit, gemm_peak_gflops, spawn_torchrun  # noqa: E402
+from bench.common import add_rank_scaling, conv3x3_peak_gflops, count_flops, emit, gemm_peak_gflops  # noqa: E402
 from models.discriminator import NLayerDiscriminator  # noqa: E402
 from models.perceptual import build_lpips  # noqa: E402
 from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
@@ -145,10 +145,8 @@ def main() -> None:
     results["mfu"] = achieved / results["gemm_peak_gflops"]
     results["mfu_vs_conv_peak"] = achieved / results["conv3x3_peak_gflops"]
     if args.ranks > 1 and device.type == "cpu":
-        multi = spawn_torchrun(__file__, args.ranks, ["--worker", "--preset", args.preset, "--batch-size",
-                                                      str(args.batch_size), "--steps", str(args.steps)])
-        results[f"images_per_s_{args.ranks}_ranks"] = multi["images_per_s"]
-        results[f"scaling_{args.ranks}_ranks"] = multi["images_per_s"] / results["images_per_s"]
+        add_rank_scaling(results, __file__, args.ranks, ["--preset", args.preset, "--batch-size", str(args.batch_size),
+                                                         "--steps", str(args.steps)], "images_per_s")
     emit(results)
 
 

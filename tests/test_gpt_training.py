@@ -78,4 +78,4 @@ def test_sample_blind_class_and_completion(gpt_run, shapes_shards, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "complete" / "completion.png"))
     assert grid.shape[0] > grid.shape[1] / 3    # three rows: originals, reconstructions, completions
     bad = run_script("sample.py", f"--gpt={gpt_run}", "--class=99", f"--out={tmp_path / 'x'}", check=False)
-    assert bad.returncode != 0 and "outside [0, 6)" in bad.stderr
+    assert bad.returncode == 2 and "outside [0, 6)" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -99,8 +99,9 @@ def train_losses(run_dir):
 @pytest.fixture(scope="module")
 def ddp_run(shapes_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("vqgan_ddp")
-    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 4, "--ckpt-every=2", "--eval-every=4"),
-               nproc=2)
+    # accumulation (no_sync micro-steps) and a dead-code restart every step, both kept in sync across ranks
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 4, "--ckpt-every=2", "--eval-every=4",
+                                                    "--grad-accum=2", "--dead-code-steps=1"), nproc=2)
     return out
 
 
@@ -108,6 +109,9 @@ def test_ddp_two_processes_end_with_identical_weights(ddp_run):
     state = load(latest_checkpoint(ddp_run))
     assert state["step"] == 4 and state["world_size"] == 2
     assert len(state["rank_checksums"]) == 2 and len(set(state["rank_checksums"])) == 1
+    restarts = [r["codes_restarted"] for r in read_metrics(ddp_run) if r["kind"] == "train"]
+    assert sum(restarts) > 0
+    assert state["loader"]["cursor"] == 4 * 2 * 2 * 4   # steps x micro-steps x ranks x batch
     config = json.loads((ddp_run / "config.json").read_text())
     assert config["lpips_backbone"] == "random" and config["config"]["lpips_random_backbone"] is True
     evals = [r for r in read_metrics(ddp_run) if r["kind"] == "eval"]
@@ -120,11 +124,12 @@ def test_resume_with_another_world_size_continues(ddp_run, shapes_shards, tmp_pa
     shutil.copytree(ddp_run, out)
     (out / "latest").write_text("step_00000002.pt\n")
     (out / "step_00000004.pt").unlink()
-    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 4, "--batch-size=8"))
+    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 4, "--batch-size=16",
+                                                             "--grad-accum=1", "--dead-code-steps=1"))
     assert "resumed from" in result.stdout + result.stderr
     state = load(latest_checkpoint(out))
     assert state["step"] == 4 and state["world_size"] == 1
-    assert state["loader"]["cursor"] == 4 * 8   # same global samples as the 2-rank run consumed
+    assert state["loader"]["cursor"] == 4 * 16   # the same global samples the 2-rank run consumed
 
 
 def test_two_node_rendezvous_on_localhost(shapes_shards, tmp_path):
@@ -134,7 +139,7 @@ def test_two_node_rendezvous_on_localhost(shapes_shards, tmp_path):
         commands.append([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
                          "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                          "--rdzv-id=vqgan-test", "train_resnet_vqgan.py",
-                         *vqgan_args(shapes_shards, tmp_path / "run", 2)])
+                         *vqgan_args(shapes_shards, tmp_path / "run", 2, "--ema-decay=0.9")])
     processes = [subprocess.Popen(c, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for c in commands]
     outputs = [p.communicate(timeout=300)[0] for p in processes]

@@ -53,6 +53,15 @@ def setup(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
                     device=torch_device, is_main=rank == 0)
 
 
+def launch(train_fn, cfg) -> int:
+    """setup() from cfg.device, train_fn(cfg, dist_info), and the process group torn down whatever happens."""
+    info = setup(cfg.device)
+    try:
+        return train_fn(cfg, info)
+    finally:
+        cleanup()
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -23,16 +23,22 @@ class LoadedVQGAN:
     step: int
 
 
-def load_vqgan(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedVQGAN:
-    """The VQGAN of a checkpoint (or a run's latest), in eval mode, with the file's sha256."""
+def _load_model(path_or_run: str | Path, stage: str, config_cls, model_cls, device) -> tuple:
+    """(model in eval mode without grads, its config, the checkpoint path, the whole state)."""
     path = resolve_checkpoint(path_or_run)
     state = load_checkpoint(path, required_keys=("stage", "config"))
-    if state["stage"] != "vqgan" or "vqgan" not in state:
-        raise CheckpointError(f"{path}: is a {state.get('stage')!r} checkpoint, not a VQGAN")
-    config = subconfig_from_dict(VQGANConfig, state["config"])
-    model = VQGAN(config)
-    model.load_state_dict(state["vqgan"])
+    if state["stage"] != stage or stage not in state:
+        raise CheckpointError(f"{path}: is a {state.get('stage')!r} checkpoint, not a {stage.upper()}")
+    config = subconfig_from_dict(config_cls, state["config"])
+    model = model_cls(config)
+    model.load_state_dict(state[stage])
     model.to(device).eval().requires_grad_(False)
+    return model, config, path, state
+
+
+def load_vqgan(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedVQGAN:
+    """The VQGAN of a checkpoint (or a run's latest), in eval mode, with the file's sha256."""
+    model, config, path, state = _load_model(path_or_run, "vqgan", VQGANConfig, VQGAN, device)
     return LoadedVQGAN(model, config, path, sha256_file(path), int(state["step"]))
 
 
@@ -61,12 +67,5 @@ class LoadedGPT:
 
 def load_gpt(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedGPT:
     """The GPT of a checkpoint (or a run's latest), in eval mode, with the manifest of its tokens."""
-    path = resolve_checkpoint(path_or_run)
-    state = load_checkpoint(path, required_keys=("stage", "config"))
-    if state["stage"] != "gpt" or "gpt" not in state:
-        raise CheckpointError(f"{path}: is a {state.get('stage')!r} checkpoint, not a GPT")
-    config = subconfig_from_dict(GPTConfig, state["config"])
-    model = GPT(config)
-    model.load_state_dict(state["gpt"])
-    model.to(device).eval().requires_grad_(False)
+    model, config, path, state = _load_model(path_or_run, "gpt", GPTConfig, GPT, device)
     return LoadedGPT(model, config, state.get("token_manifest", {}), path, int(state["step"]))
