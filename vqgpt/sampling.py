@@ -1,7 +1,9 @@
 """Sampling token grids from the GPT: KV cache, temperature, top-k, top-p, classifier-free guidance.
 
-Ids outside the codebook (class and start tokens) are cut from every prediction before
-sampling, so they can never be drawn; nothing is resampled in a loop.
+Ids above the codebook (class and start tokens) get -inf logits before every draw, so they can
+never be sampled and nothing is resampled in a loop. Each position costs exactly one
+torch.multinomial call on the (n, vocab) guided probabilities, whichever path computed the logits,
+so a seeded generator gives the same tokens with and without the KV cache.
 """
 from __future__ import annotations
 
@@ -10,27 +12,56 @@ import torch
 from models.gpt import GPT, make_condition_tokens
 
 
-def filter_logits(logits: torch.Tensor, temperature: float | None, top_k: int | None,
-                  top_p: float | None) -> torch.Tensor:
-    """Scaled logits with everything outside top-k / the top-p nucleus set to -inf."""
-    logits = logits.float() / max(temperature, 1e-8)
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
+def filter_logits(logits: torch.Tensor, temperature: float | None = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, num_valid: int | None = None) -> torch.Tensor:
+    """(B, V) logits -> fp32 logits scaled by 1/temperature, everything that may not be drawn at -inf.
+
+    num_valid: ids >= num_valid are masked (for the GPT: everything above the codebook).
+    top_k: keep the k largest. top_p: keep the smallest set of most likely ids whose probability
+    adds up to at least top_p; the most likely id is always kept. temperature 0 or None: no scaling.
+    """
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    if num_valid is not None and num_valid < vocab:
+        invalid = torch.arange(vocab, device=logits.device) >= num_valid
+        logits = logits.masked_fill(invalid, float("-inf"))
+    if temperature:
+        logits = logits / temperature
+    if top_k is not None and top_k < vocab:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > top_p   # the most likely token is always kept
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs   # 0 for the most likely id
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def choose_next(logits: torch.Tensor, temperature: float | None, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    if not temperature:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+def _check_options(model: GPT, n: int, labels, prefix, temperature, top_k, top_p) -> None:
+    config = model.config
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 or None: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if labels is not None:
+        if config.n_classes == 0:
+            raise ValueError("labels given, but the model was trained without classes (n_classes=0)")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= config.n_classes:
+            raise ValueError(f"labels must lie in [0, {config.n_classes})")
+    if prefix is not None:
+        if prefix.dim() != 2 or prefix.shape[0] != n or prefix.shape[1] > config.tokens_per_image:
+            raise ValueError(f"prefix must be (n={n}, k <= {config.tokens_per_image}) codes, got {tuple(prefix.shape)}")
+        if prefix.numel() and (prefix.min() < 0 or prefix.max() >= config.codebook_size):
+            raise ValueError(f"prefix codes must lie in [0, {config.codebook_size})")
 
 
 @torch.no_grad()
@@ -38,43 +69,63 @@ def sample_tokens(model: GPT, n: int, *, labels: torch.Tensor | None = None, pre
                   cfg_scale: float = 1.0, temperature: float | None = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None,
                   use_kv_cache: bool = True) -> torch.Tensor:
-    """(n, tokens_per_image) int64 codes; the first prefix.shape[1] are copied from `prefix` unchanged."""
+    """(n, tokens_per_image) int64 codes.
+
+    labels: (n,) class ids, or None for unconditional samples (start token).
+    prefix: (n, k) codes kept from real images; they are copied unchanged and the rest is sampled.
+    cfg_scale: classifier-free guidance, uncond + cfg_scale * (cond - uncond); only with labels,
+        and 1.0 is plain conditional sampling (no unconditional rows are run at all).
+    temperature 0 or None: greedy argmax (top_k / top_p then change nothing).
+    generator: drives torch.multinomial; must live on the model's device.
+    use_kv_cache=False recomputes the whole sequence at every step (the slow reference).
+    """
+    _check_options(model, n, labels, prefix, temperature, top_k, top_p)
     config = model.config
-    device = model.token_embedding.weight.device
-    cond = make_condition_tokens(labels, config.codebook_size, config.n_classes, 0.0, batch_size=n).to(device)
-    guided = labels is not None and config.n_classes > 0 and cfg_scale != 1.0
-    if guided:   # conditional and unconditional rows in one batch
+    device = next(model.parameters()).device
+    greedy = not temperature
+    guided = labels is not None and cfg_scale != 1.0
+
+    cond = make_condition_tokens(None if labels is None else labels.to(device), config.codebook_size,
+                                 config.n_classes, 0.0, batch_size=n).to(device)
+    if guided:   # rows n..2n-1 are the same images without their class
         cond = torch.cat([cond, torch.full_like(cond, config.start_token)])
-    rows = len(cond)
-    tokens = torch.zeros(n, config.tokens_per_image, dtype=torch.long, device=device)
+
+    def model_rows(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokens, tokens]) if guided else tokens
+
+    def next_tokens(last_logits: torch.Tensor) -> torch.Tensor:   # (rows, vocab) -> (n,)
+        logits = last_logits.float()
+        if guided:   # before masking: -inf - -inf would be nan
+            conditional, unconditional = logits.chunk(2)
+            logits = unconditional + cfg_scale * (conditional - unconditional)
+        if greedy:
+            return filter_logits(logits, None, None, None, config.codebook_size).argmax(dim=-1)
+        probs = filter_logits(logits, temperature, top_k, top_p, config.codebook_size).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    length = config.tokens_per_image
+    tokens = torch.zeros(n, length, dtype=torch.long, device=device)
     kept = 0 if prefix is None else prefix.shape[1]
     if kept:
-        tokens[:, :kept] = prefix.to(device)
-
-    def next_token(last_logits: torch.Tensor) -> torch.Tensor:
-        logits = last_logits[:, :config.codebook_size]   # only code ids can be drawn
-        if guided:
-            conditional, unconditional = logits[:n].float(), logits[n:].float()
-            logits = unconditional + cfg_scale * (conditional - unconditional)
-        return choose_next(logits, temperature, top_k, top_p, generator)
-
-    def repeat(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat(rows // n, *([1] * (t.dim() - 1)))
+        tokens[:, :kept] = prefix.to(device=device, dtype=torch.long)
+    if kept == length:
+        return tokens
 
     was_training = model.training
     model.eval()
     try:
         if use_kv_cache:
             cache = model.new_cache()
-            logits, _ = model(torch.cat([cond[:, None], repeat(tokens[:, :kept])], dim=1), cache=cache)
-            for position in range(kept, config.tokens_per_image):
-                tokens[:, position] = next_token(logits[:, -1])
-                if position + 1 < config.tokens_per_image:
-                    logits, _ = model(repeat(tokens[:, position:position + 1]), cache=cache)
-        else:   # reference: the whole prefix again at every step
-            for position in range(kept, config.tokens_per_image):
-                logits, _ = model(torch.cat([cond[:, None], repeat(tokens[:, :position])], dim=1))
-                tokens[:, position] = next_token(logits[:, -1])
+            # prefill: the condition token and every kept code in one pass
+            logits, _ = model(torch.cat([cond[:, None], model_rows(tokens[:, :kept])], dim=1), cache=cache)
+            for position in range(kept, length):
+                tokens[:, position] = next_tokens(logits[:, -1])
+                if position + 1 < length:
+                    logits, _ = model(model_rows(tokens[:, position:position + 1]), cache=cache)
+        else:
+            for position in range(kept, length):
+                logits, _ = model(torch.cat([cond[:, None], model_rows(tokens[:, :position])], dim=1))
+                tokens[:, position] = next_tokens(logits[:, -1])
     finally:
         model.train(was_training)
     return tokens
