@@ -80,7 +80,8 @@ def main(argv=None) -> int:
                        "--batch-size=8" if args.nproc > 1 else "--batch-size=16", *lpips_flags, *steps(args.vqgan_steps)),
               done=finished_run(vqgan_run, args.vqgan_steps))
     run_stage("3/6 image shards -> token shards",
-              torchrun(args.nproc, "image_quantizer.py", f"--vqgan={vqgan_run}", f"--data={shards}", f"--out={tokens}"),
+              torchrun(args.nproc, "image_quantizer.py", f"--vqgan={vqgan_run}", f"--data={shards}", f"--out={tokens}",
+                       "--flip"),   # mirrored training images double the GPT's data: it overfits the 3,800 originals
               done=False)   # the quantizer itself skips shards that are already done
     run_stage("4/6 GPT (preset tiny)",
               torchrun(args.nproc, "train_gpt.py", "--preset=tiny", f"--tokens={tokens}", f"--out={gpt_run}",

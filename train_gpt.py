@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.gpt import GPT, GPTConfig
 from vqgpt import distributed
@@ -86,7 +85,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
         step = resume["step"]
     wrapped: torch.nn.Module = model
     if dist.is_distributed:
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = distributed.wrap_ddp(model, device)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
 

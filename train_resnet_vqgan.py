@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.discriminator import NLayerDiscriminator
 from models.perceptual import build_lpips
@@ -101,8 +100,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
     models = VQGANModels(vqgan=vqgan, discriminator=discriminator, raw_vqgan=vqgan,
                          raw_discriminator=discriminator, perceptual=perceptual)
     if dist.is_distributed:
-        models.vqgan = DDP(vqgan, device_ids=[device.index] if device.type == "cuda" else None)
-        models.discriminator = DDP(discriminator, device_ids=[device.index] if device.type == "cuda" else None)
+        models.vqgan = distributed.wrap_ddp(vqgan, device)
+        models.discriminator = distributed.wrap_ddp(discriminator, device)
     if cfg.compile:
         models.vqgan = torch.compile(models.vqgan)
 

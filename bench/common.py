@@ -70,10 +70,16 @@ def spawn_torchrun(script: str, nproc: int, args: list[str]) -> dict:
 
 
 def add_rank_scaling(results: dict, script: str, ranks: int, worker_args: list[str], rate_key: str) -> None:
-    """Time `ranks` processes of this bench under torchrun; record their rate and the scaling over one."""
+    """Time `ranks` processes of this bench under torchrun; record their rate and the scaling over one.
+
+    The same processes are timed again without DDP (each trains alone, no all-reduce): their
+    scaling is what the machine's shared memory bandwidth and caches allow, the ceiling for DDP.
+    """
     multi = spawn_torchrun(script, ranks, ["--worker", *worker_args])
     results[f"{rate_key}_{ranks}_ranks"] = multi[rate_key]
     results[f"scaling_{ranks}_ranks"] = multi[rate_key] / results[rate_key]
+    alone = spawn_torchrun(script, ranks, ["--worker", "--independent", *worker_args])
+    results[f"scaling_{ranks}_ranks_without_allreduce"] = alone[rate_key] / results[rate_key]
 
 
 def emit(results: dict) -> None:

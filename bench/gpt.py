@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from bench.common import add_rank_scaling, emit, gemm_peak_gflops  # noqa: E402
 from models.gpt import GPT, GPT_PRESETS  # noqa: E402
@@ -64,7 +63,8 @@ def worker(args) -> None:
     os.sched_setaffinity(0, {dist.local_rank % os.cpu_count()})
     torch.set_num_threads(1)
     model, optimizer = build(args.preset, dist.device, 0)
-    rate = train_tokens_per_s(model, DDP(model), optimizer, args.batch_size, args.steps, torch.float32)
+    trained = model if args.independent else distributed.wrap_ddp(model, dist.device)
+    rate = train_tokens_per_s(model, trained, optimizer, args.batch_size, args.steps, torch.float32)
     if dist.is_main:
         print('{"train_tokens_per_s": %f}' % (rate * dist.world_size))
     distributed.cleanup()
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2, help="also time this many ranks under torchrun (0: skip)")
     parser.add_argument("--skip-recompute", action="store_true", help="skip the slow full-recompute sampler")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)   # worker without DDP
     args = parser.parse_args()
     if args.worker:
         return worker(args)

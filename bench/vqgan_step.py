@@ -21,7 +21,6 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from bench.common import add_rank_scaling, conv3x3_peak_gflops, count_flops, emit, gemm_peak_gflops  # noqa: E402
 from models.discriminator import NLayerDiscriminator  # noqa: E402
@@ -44,7 +43,7 @@ def build(preset: str, device: torch.device, ddp: bool) -> tuple[VQGANModels, li
     perceptual = build_lpips(None, random_backbone=True).to(device)   # same cost as the pretrained one
     models = VQGANModels(vqgan, disc, vqgan, disc, perceptual)
     if ddp:
-        models.vqgan, models.discriminator = DDP(vqgan), DDP(disc)
+        models.vqgan, models.discriminator = distributed.wrap_ddp(vqgan, device), distributed.wrap_ddp(disc, device)
     fused = device.type == "cuda"
     optimizers = [torch.optim.Adam(vqgan.parameters(), 1e-4, betas=(0.5, 0.9), fused=fused),
                   torch.optim.Adam(disc.parameters(), 1e-4, betas=(0.5, 0.9), fused=fused)]
@@ -98,7 +97,7 @@ def worker(args) -> None:
     dist = distributed.setup(args.device)
     os.sched_setaffinity(0, {dist.local_rank % os.cpu_count()})
     torch.set_num_threads(1)
-    models, optimizers = build(args.preset, dist.device, ddp=True)
+    models, optimizers = build(args.preset, dist.device, ddp=not args.independent)
     size = VQGAN_PRESETS[args.preset].image_size
     images = torch.rand(args.batch_size, 3, size, size, device=dist.device) * 2 - 1
     rate = images_per_s(our_step, models, optimizers, images, torch.float32, args.steps) * dist.world_size
@@ -116,6 +115,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2, help="also time this many ranks under torchrun (0: skip)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)   # worker without DDP
     args = parser.parse_args()
     if args.worker:
         return worker(args)

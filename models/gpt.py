@@ -52,7 +52,7 @@ class GPTConfig:
 
 # The trainer replaces codebook_size, n_classes and tokens_per_image with the token manifest's.
 GPT_PRESETS = {
-    "tiny": GPTConfig(codebook_size=256, tokens_per_image=64, n_layer=4, n_head=4, n_embd=128),
+    "tiny": GPTConfig(codebook_size=256, tokens_per_image=64, n_layer=4, n_head=4, n_embd=128, dropout=0.1),
     "g256": GPTConfig(codebook_size=1024, tokens_per_image=256, n_layer=8, n_head=8, n_embd=512),
     "seed": GPTConfig(codebook_size=1024, tokens_per_image=256, n_layer=12, n_head=12, n_embd=768),
 }

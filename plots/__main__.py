@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 from plots.figures import gpt_figures, vqgan_figures
+from vqgpt.files import atomic_write_bytes
 from vqgpt.runlog import METRICS_NAME, read_metrics
 
 
@@ -28,13 +28,16 @@ def main(argv=None) -> int:
         stage = json.loads((run / "config.json").read_text())["stage"]
         records = read_metrics(run)
         draw = vqgan_figures if stage == "vqgan" else gpt_figures
-        target = out / f"{run.name}_{stage}_curves.png"
+        # "runs/vqgan" gives vqgan_curves.png, "runs/exp1" gives exp1_vqgan_curves.png
+        prefix = run.name if run.name.endswith(stage) else f"{run.name}_{stage}"
+        target = out / f"{prefix}_curves.png"
         panels = draw(records, target)
         print(f"{target}: {', '.join(panels) or 'no data yet'}")
         grids = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
         if grids:
-            shutil.copyfile(grids[-1], out / f"{run.name}_{stage}_{grids[-1].name}")
-            print(f"{out / f'{run.name}_{stage}_{grids[-1].name}'}: newest grid of {run}")
+            copy = out / f"{prefix}_{grids[-1].name}"
+            atomic_write_bytes(copy, grids[-1].read_bytes())
+            print(f"{copy}: newest grid of {run}")
     return 0
 
 

@@ -15,7 +15,7 @@ def test_demo_chain_small_budget_and_skip_on_rerun(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "RANDOM VGG backbone" in first.stdout
     for path in ("samples/blind/grid.png", "samples/class0/grid.png", "samples/completion/completion.png",
-                 "data/shapes-tokens/manifest.json", "plots/vqgan_vqgan_curves.png", "plots/gpt_gpt_curves.png"):
+                 "data/shapes-tokens/manifest.json", "plots/vqgan_curves.png", "plots/gpt_curves.png"):
         assert (tmp_path / "demo" / path).is_file(), path
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") >= 6, again.stdout

@@ -94,8 +94,10 @@ def build_parser(cls: type, presets: dict[str, Any], description: str) -> argpar
             shown = ",".join(str(v) for v in default)
         else:
             shown = default
+        # a bare boolean flag (`--flip`) means true; `--flip false` / `--flip=false` still work
+        bare = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
         parser.add_argument(flag_name(f.name), dest=f.name, type=parse, metavar=metavar,
-                            default=argparse.SUPPRESS, help=f"{doc} (default: {shown})".strip())
+                            default=argparse.SUPPRESS, help=f"{doc} (default: {shown})".strip(), **bare)
     return parser
 
 
