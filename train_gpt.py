@@ -123,13 +123,13 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
         step += 1
 
         log.advance({"loss": loss_sum, "lr": lr})
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if run.is_due(step, cfg.log_every):
             elapsed = time.perf_counter() - clock
             log.log(step, "train", {"loss": loss_sum.item(), "grad_norm": grad_norm.item(), "lr": lr,
                                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "epoch": loader.epoch,
                                     "skipped_steps": run.skipped_steps})
             tokens_seen, clock = 0, time.perf_counter()
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+        if run.is_due(step, cfg.eval_every):
             if dist.is_main:
                 metrics = {}
                 if val_split is not None:
@@ -145,16 +145,11 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
                     log.log(step, "eval", metrics)
                     log.print(f"step {step} eval {summary_line(metrics)}")
             distributed.barrier()
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
-            path = run.save(step, {"gpt": model.state_dict()},
-                            {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                             "skipped_steps": run.skipped_steps, "token_manifest": train_split.manifest})
-            if stop:
-                log.print(f"stop requested: saved {path} at step {step}; rerun the same command to continue")
-    loader.close()
-    log.close()
-    run.restore_signal_handlers()
-    return 0
+        run.checkpoint_if_due(step, stop, lambda: (
+            {"gpt": model.state_dict()},
+            {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "skipped_steps": run.skipped_steps,
+             "token_manifest": train_split.manifest}), log)
+    return run.finish(loader, log)
 
 
 if __name__ == "__main__":

@@ -154,13 +154,13 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
         step += 1
 
         log.advance({"l1": terms["l1"], "lr": lr})
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if run.is_due(step, cfg.log_every):
             elapsed = time.perf_counter() - clock
             log.log(step, "train", {**{k: v.item() for k, v in terms.items()}, "lr": lr,
                                     "images_per_s": images_seen / max(elapsed, 1e-9),
                                     "epoch": loader.epoch, "skipped_steps": run.skipped_steps})
             images_seen, clock = 0, time.perf_counter()
-        if val_split is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+        if val_split is not None and run.is_due(step, cfg.eval_every):
             if dist.is_main:
                 metrics, grid_rows = evaluate(vqgan, perceptual if lpips_backbone == "pretrained" else None,
                                               val_split, cfg.eval_batch_size, cfg.codebook_size, device, dtype)
@@ -170,16 +170,11 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
                 grid_path.parent.mkdir(parents=True, exist_ok=True)
                 save_png(grid_path, image_grid(grid_rows), upscale=max(1, 128 // cfg.image_size))
             distributed.barrier()
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
-            path = run.save(step, {"vqgan": vqgan.state_dict(), "discriminator": discriminator.state_dict()},
-                            {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                             "loader": loader.state_dict(), "skipped_steps": run.skipped_steps})
-            if stop:
-                log.print(f"stop requested: saved {path} at step {step}; rerun the same command to continue")
-    loader.close()
-    log.close()
-    run.restore_signal_handlers()
-    return 0
+        run.checkpoint_if_due(step, stop, lambda: (
+            {"vqgan": vqgan.state_dict(), "discriminator": discriminator.state_dict()},
+            {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "loader": loader.state_dict(),
+             "skipped_steps": run.skipped_steps}), log)
+    return run.finish(loader, log)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared bench helpers: machine peaks measured in the same run, timing, JSON output."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -65,16 +66,44 @@ def spawn_torchrun(script: str, nproc: int, args: list[str]) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    output = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({finished.returncode}):\n{finished.stderr[-3000:]}")
+    output = finished.stdout
     return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
 
 
-def add_rank_scaling(results: dict, script: str, ranks: int, worker_args: list[str], rate_key: str) -> None:
+def training_bench_parser(doc: str, presets, default_preset: str, default_steps: int) -> argparse.ArgumentParser:
+    """The flags every training bench takes, plus the hidden ones of its torchrun workers."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=default_preset, choices=sorted(presets))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ranks", type=int, default=2, help="also time this many ranks under torchrun (0: skip)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)   # worker without DDP
+    return parser
+
+
+def setup_worker(device: str):
+    """One rank under torchrun, pinned to its own core with one thread, like the single-process figure."""
+    from vqgpt import distributed
+
+    dist = distributed.setup(device)
+    os.sched_setaffinity(0, {dist.local_rank % os.cpu_count()})
+    torch.set_num_threads(1)
+    return dist
+
+
+def add_rank_scaling(results: dict, script: str, args: argparse.Namespace, rate_key: str) -> None:
     """Time `ranks` processes of this bench under torchrun; record their rate and the scaling over one.
 
     The same processes are timed again without DDP (each trains alone, no all-reduce): their
     scaling is what the machine's shared memory bandwidth and caches allow, the ceiling for DDP.
     """
+    ranks = args.ranks
+    worker_args = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
     multi = spawn_torchrun(script, ranks, ["--worker", *worker_args])
     results[f"{rate_key}_{ranks}_ranks"] = multi[rate_key]
     results[f"scaling_{ranks}_ranks"] = multi[rate_key] / results[rate_key]

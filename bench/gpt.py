@@ -9,9 +9,7 @@ Last line: one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import add_rank_scaling, emit, gemm_peak_gflops  # noqa: E402
+from bench.common import add_rank_scaling, emit, gemm_peak_gflops, setup_worker, training_bench_parser  # noqa: E402
 from models.gpt import GPT, GPT_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
 from vqgpt.sampling import sample_tokens  # noqa: E402
@@ -59,9 +57,7 @@ def train_tokens_per_s(model, wrapped, optimizer, batch_size: int, steps: int, d
 
 
 def worker(args) -> None:
-    dist = distributed.setup(args.device)
-    os.sched_setaffinity(0, {dist.local_rank % os.cpu_count()})
-    torch.set_num_threads(1)
+    dist = setup_worker(args.device)
     model, optimizer = build(args.preset, dist.device, 0)
     trained = model if args.independent else distributed.wrap_ddp(model, dist.device)
     rate = train_tokens_per_s(model, trained, optimizer, args.batch_size, args.steps, torch.float32)
@@ -81,15 +77,8 @@ def sampling_rate(model, batch_size: int, use_kv_cache: bool, device) -> tuple[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="g256", choices=sorted(GPT_PRESETS))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--ranks", type=int, default=2, help="also time this many ranks under torchrun (0: skip)")
+    parser = training_bench_parser(__doc__, GPT_PRESETS, "g256", default_steps=3)
     parser.add_argument("--skip-recompute", action="store_true", help="skip the slow full-recompute sampler")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)   # worker without DDP
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -115,8 +104,7 @@ def main() -> None:
             results["sample_tokens_per_s_recompute"], results["sample_seconds_recompute"] = rate, seconds
             results["kv_speedup"] = results["sample_tokens_per_s_kv"] / rate
     if args.ranks > 1 and device.type == "cpu":
-        add_rank_scaling(results, __file__, args.ranks, ["--preset", args.preset, "--batch-size", str(args.batch_size),
-                                                         "--steps", str(args.steps)], "train_tokens_per_s")
+        add_rank_scaling(results, __file__, args, "train_tokens_per_s")
     emit(results)
 
 

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import emit  # noqa: E402
 from vqgpt.dataprep import builtin_source, scan_folder, write_shards  # noqa: E402
 from vqgpt.shards import ShardLoader, ShardSplit, ShardWriter, build_manifest, write_manifest  # noqa: E402
 
@@ -80,9 +81,10 @@ def main() -> None:
         reader_dir = tmp / "r"
         reader_dir.mkdir()
         rng = np.random.default_rng(0)
-        block = rng.integers(0, 255, (500, 256, 256, 3), dtype=np.uint8)
+        per_shard = min(500, args.reader_images)
+        block = rng.integers(0, 255, (per_shard, 256, 256, 3), dtype=np.uint8)
         records = [ShardWriter.write_shard(reader_dir, f"train_{k:05d}", block, None)
-                   for k in range(args.reader_images // 500)]
+                   for k in range(max(1, args.reader_images // per_shard))]
         write_manifest(reader_dir, build_manifest("images", (256, 256, 3), np.uint8, {"train": records}, []))
         split = ShardSplit(reader_dir, "train")
         for _ in split.iter_batches(500):   # warm the page cache: the target is reading from cache
@@ -96,9 +98,7 @@ def main() -> None:
         results["reader_images_per_s"] = batches * args.batch_size / (time.perf_counter() - start)
         loader.close()
     results["reader_speedup_vs_jpeg_decode"] = results["reader_images_per_s"] / results["reference_jpeg_decode_images_per_s"]
-    for key, value in results.items():
-        print(f"{key:45s} {value:10.2f}" if isinstance(value, float) else f"{key:45s} {value}")
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
+    emit(results)
 
 
 if __name__ == "__main__":

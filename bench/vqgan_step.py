@@ -11,8 +11,6 @@ Last line: one JSON object.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import add_rank_scaling, conv3x3_peak_gflops, count_flops, emit, gemm_peak_gflops  # noqa: E402
+from bench.common import (add_rank_scaling, conv3x3_peak_gflops, count_flops, emit, gemm_peak_gflops,  # noqa: E402
+                          setup_worker, training_bench_parser)
 from models.discriminator import NLayerDiscriminator  # noqa: E402
 from models.perceptual import build_lpips  # noqa: E402
 from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
@@ -94,9 +93,7 @@ def images_per_s(step_fn, models, optimizers, images, dtype, steps: int) -> floa
 
 def worker(args) -> None:
     """One rank under torchrun: our step with DDP; rank 0 prints the global rate."""
-    dist = distributed.setup(args.device)
-    os.sched_setaffinity(0, {dist.local_rank % os.cpu_count()})
-    torch.set_num_threads(1)
+    dist = setup_worker(args.device)
     models, optimizers = build(args.preset, dist.device, ddp=not args.independent)
     size = VQGAN_PRESETS[args.preset].image_size
     images = torch.rand(args.batch_size, 3, size, size, device=dist.device) * 2 - 1
@@ -107,15 +104,8 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="b64", choices=sorted(VQGAN_PRESETS))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--ranks", type=int, default=2, help="also time this many ranks under torchrun (0: skip)")
-    parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)   # worker without DDP
+    parser = training_bench_parser(__doc__, VQGAN_PRESETS, "b64", default_steps=4)
+    parser.add_argument("--skip-reference", action="store_true", help="skip the taming-style reference step")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -145,8 +135,7 @@ def main() -> None:
     results["mfu"] = achieved / results["gemm_peak_gflops"]
     results["mfu_vs_conv_peak"] = achieved / results["conv3x3_peak_gflops"]
     if args.ranks > 1 and device.type == "cpu":
-        add_rank_scaling(results, __file__, args.ranks, ["--preset", args.preset, "--batch-size", str(args.batch_size),
-                                                         "--steps", str(args.steps)], "images_per_s")
+        add_rank_scaling(results, __file__, args, "images_per_s")
     emit(results)
 
 

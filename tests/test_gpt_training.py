@@ -1,7 +1,6 @@
 """train_gpt.py and sample.py: DDP, resume, binding to the VQGAN, vocabulary checks, sample outputs."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

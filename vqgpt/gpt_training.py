@@ -1,6 +1,7 @@
 """GPT training step, validation loss and sample grids, shared by the trainer, tests and benchmarks."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from models.gpt import GPT, make_condition_tokens

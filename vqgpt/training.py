@@ -11,7 +11,7 @@ import json
 import random
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -160,6 +160,23 @@ class TrainingRun:
             path = ckpt.save_checkpoint(self.run_dir, step, state, keep_last=self.cfg.keep_last)
         distributed.barrier()
         return path
+
+    def is_due(self, step: int, every: int) -> bool:
+        """Every `every` steps (0: never) and always at the last step."""
+        return bool(every and step % every == 0) or step == self.cfg.max_steps
+
+    def checkpoint_if_due(self, step: int, stop: bool, state: Callable[[], tuple[dict, dict]], log) -> None:
+        """Save every --ckpt-every steps, at the end, and when a stop was requested; `state` gives (modules, extra)."""
+        if self.is_due(step, self.cfg.ckpt_every) or stop:
+            path = self.save(step, *state())
+            if stop:
+                log.print(f"stop requested: saved {path} at step {step}; rerun the same command to continue")
+
+    def finish(self, loader, log) -> int:
+        loader.close()
+        log.close()
+        self.restore_signal_handlers()
+        return 0
 
     def restore_rng(self, state: dict) -> None:
         """Same world size: each rank continues its own streams exactly; otherwise derive fresh ones."""
