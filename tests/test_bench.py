@@ -13,8 +13,9 @@ BENCHES = [
      ["images_per_s", "gflops_per_step", "mfu", "speedup_vs_reference"]),
     ("bench/quantizer.py", ["--preset", "tiny", "--batch-size", "8", "--images", "64"],
      ["images_per_s", "forward_images_per_s", "pipeline_vs_forward"]),
-    ("bench/gpt.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "0"],
-     ["train_tokens_per_s", "mfu", "sample_tokens_per_s_kv", "sample_tokens_per_s_recompute"]),
+    ("bench/gpt.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "2"],   # + torchrun ranks
+     ["train_tokens_per_s", "mfu", "sample_tokens_per_s_kv", "sample_tokens_per_s_recompute", "scaling_2_ranks",
+      "scaling_2_ranks_without_allreduce"]),
 ]
 
 
