@@ -44,8 +44,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad sampling options before any checkpoint is loaded."""
+    if args.n < 1:
+        raise ConfigError(f"--n must be at least 1, got {args.n}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.cfg < 0:
+        raise ConfigError(f"--cfg must not be negative, got {args.cfg}")
+    if args.cfg != 1 and args.class_id is None and not args.complete:
+        raise ConfigError("--cfg guides towards a class: give --class K (or --complete labelled shards)")
+    if args.keep_rows is not None and args.keep_rows < 0:
+        raise ConfigError(f"--keep-rows must not be negative, got {args.keep_rows}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_options(args)
     device = pick_device(args.device)
     gpt = load_gpt(args.gpt, device)
     vqgan = load_bound_vqgan(gpt.token_manifest, args.vqgan, device, tokens_name=f"the tokens of {gpt.path}")

@@ -125,6 +125,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
         set_lr(opt_g, lr)
         set_lr(opt_d, lr * (cfg.disc_lr or cfg.lr) / cfg.lr)
         gan_active = step >= cfg.disc_start
+        # BatchNorm running stats change in the forward; a skipped (non-finite) step must not keep them
+        disc_buffers = [buffer.clone() for buffer in discriminator.buffers()] if gan_active else []
         terms: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             images = to_unit_range(next(loader).items.to(device, non_blocking=True))
@@ -149,6 +151,10 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
             opt_g.step()
             if gan_active:
                 opt_d.step()
+        else:
+            with torch.no_grad():
+                for saved, buffer in zip(disc_buffers, discriminator.buffers()):
+                    buffer.copy_(saved)
         opt_g.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
         step += 1

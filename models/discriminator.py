@@ -28,5 +28,10 @@ class NLayerDiscriminator(nn.Module):
             nn.init.normal_(module.weight, 1.0, 0.02)
             nn.init.zeros_(module.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.main(images)
+    def forward(self, images: torch.Tensor, *more_batches: torch.Tensor):
+        """Logits for one batch, or a tuple for several. Each batch goes through the network on its
+        own, so BatchNorm never mixes real and fake statistics (as taming-transformers does); one
+        call keeps it a single DDP forward."""
+        if not more_batches:
+            return self.main(images)
+        return tuple(self.main(batch) for batch in (images, *more_batches))

@@ -18,7 +18,7 @@ VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
 
 
 class LPIPSWeightsMissing(RuntimeError):
-    """The VGG16 backbone weights are not where we look; the message says where to put them."""
+    """The VGG16 backbone weights are not where we look, or are not VGG16's; the message says what to do."""
 
 
 def hub_checkpoint_dir() -> Path:
@@ -44,10 +44,13 @@ def missing_weights_message() -> str:
 
 
 def _load_strict(module: nn.Module, state: dict, source: str) -> None:
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)   # strict=False only to report both key lists
+    except RuntimeError as err:   # shape mismatches
+        raise LPIPSWeightsMissing(f"{source}: weights do not fit LPIPS VGG16: {str(err).splitlines()[-1].strip()}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"{source}: weights do not match LPIPS (missing {result.missing_keys}, "
-                           f"unexpected {result.unexpected_keys})")
+        raise LPIPSWeightsMissing(f"{source}: weights do not match LPIPS (missing {result.missing_keys}, "
+                                  f"unexpected {result.unexpected_keys})")
 
 
 class LPIPS(nn.Module):
@@ -76,7 +79,13 @@ def build_lpips(weights_path: str | None = None, random_backbone: bool = False) 
         path = find_vgg_weights(weights_path)
         if path is None:
             raise LPIPSWeightsMissing(missing_weights_message())
-        vgg_state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            vgg_state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:   # not a torch file, truncated, or pickled code weights_only refuses
+            raise LPIPSWeightsMissing(f"{path}: cannot be read as torchvision's {VGG16_WEIGHTS_FILE} "
+                                      f"({type(err).__name__}); {missing_weights_message()}") from None
+        if not isinstance(vgg_state, dict):
+            raise LPIPSWeightsMissing(f"{path}: holds no state dict; is it torchvision's {VGG16_WEIGHTS_FILE}?")
         # torchvision names the convs features.N; lpips keeps N inside five slices
         slices = {name: module for name, module in network.net.named_children()}
         mapped = {}
@@ -86,7 +95,7 @@ def build_lpips(weights_path: str | None = None, random_backbone: bool = False) 
                     key = f"features.{index}.{kind}"
                     if isinstance(slice_module._modules[index], nn.Conv2d):
                         if key not in vgg_state:
-                            raise RuntimeError(f"{path}: no {key}; is it torchvision's VGG16?")
+                            raise LPIPSWeightsMissing(f"{path}: no {key}; is it torchvision's {VGG16_WEIGHTS_FILE}?")
                         mapped[f"{slice_name}.{index}.{kind}"] = vgg_state[key]
         _load_strict(network.net, mapped, str(path))
         backbone = "pretrained"

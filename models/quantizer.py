@@ -6,6 +6,8 @@ number of steps, identical on every DDP rank.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -14,6 +16,18 @@ import torch.nn.functional as F
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """IEEE fp32 matmuls inside, whatever the trainer chose for the networks (TF32 on CUDA)."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
 
 
 class VectorQuantizer(nn.Module):
@@ -47,7 +61,8 @@ class VectorQuantizer(nn.Module):
     def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
         """argmin_k ||flat - e_k||^2 for (N, D) fp32 vectors -> (N,) int64."""
         codes = self.lookup_vectors()
-        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)
+        with full_fp32_matmul():   # TF32 (on for the networks) would round the products to 10 bits
+            distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)
         return distances.argmin(dim=1)
 
     def forward(self, z: torch.Tensor):
@@ -94,6 +109,8 @@ class VectorQuantizer(nn.Module):
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
+        if not torch.isfinite(sums).all():   # a non-finite batch (the trainer skips that step) must not poison
+            return                           # the codebook; every rank sees the same reduced sums
         self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
         self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
         total = self.ema_cluster_size.sum()
@@ -115,6 +132,8 @@ class VectorQuantizer(nn.Module):
         replacements = encoder_vectors[picks].contiguous()
         if _distributed():
             dist.broadcast(replacements, src=0)
+        if not torch.isfinite(replacements).all():   # same on every rank after the broadcast
+            return 0
         self.codebook.data[dead] = replacements.to(self.codebook.dtype)
         if self.ema_decay > 0:
             self.ema_cluster_size[dead] = 1.0

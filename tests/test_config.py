@@ -32,3 +32,15 @@ def test_bad_flags_exit_2_with_a_reason(argv, message, capsys):
 def test_saved_config_round_trips():
     cfg = parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=g256", "--n-layer=2"])
     assert config_from_dict(GPTTrainConfig, config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("argv, message", [(["--grad-accum=0"], "--grad-accum must be at least 1"),
+                                           (["--lr=0"], "--lr must be positive"),
+                                           (["--precision=fp16"], "no fp16"),
+                                           (["--eval-batch-size=0"], "--eval-batch-size"),
+                                           (["--sample-temperature=0"], "--sample-temperature must be positive"),
+                                           (["--n-layer=0"], "n_layer must be positive")])
+def test_settings_are_checked_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=tiny", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -78,3 +78,12 @@ def test_sample_blind_class_and_completion(gpt_run, shapes_shards, tmp_path):
     assert grid.shape[0] > grid.shape[1] / 3    # three rows: originals, reconstructions, completions
     bad = run_script("sample.py", f"--gpt={gpt_run}", "--class=99", f"--out={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "outside [0, 6)" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [(["--n=0"], "--n must be"), (["--top-k=0"], "--top-k must"),
+                                            (["--top-p=2"], "--top-p must"), (["--temperature=-1"], "--temperature"),
+                                            (["--cfg=3"], "give --class")])
+def test_sample_refuses_bad_options_in_one_line(flags, message, tmp_path):
+    result = run_script("sample.py", f"--gpt={tmp_path}", f"--out={tmp_path / 'out'}", *flags, check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

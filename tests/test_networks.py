@@ -1,6 +1,7 @@
 """Networks: shapes and gradients, the quantizer against hand computations, LPIPS loading."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -131,9 +132,47 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
     assert vq(z)[3]["restarted"] == 0   # evaluation never changes the codebook
 
 
-def test_patchgan_gives_patch_logits():
+def test_a_non_finite_batch_leaves_the_codebook_alone():
+    z = torch.full((1, 2, 1, 3), float("nan"))
+    for vq in (quantizer(ema_decay=0.5), quantizer(dead_code_steps=1, codebook_size=4)):
+        before = vq.codebook.detach().clone()
+        vq(z)
+        assert torch.equal(vq.codebook, before)   # EMA update and restart both skipped
+
+
+def test_codebook_lookup_opts_out_of_tf32(monkeypatch):
+    import models.quantizer as quantizer_module
+
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"   # what the trainers set on CUDA
+    try:
+        with quantizer_module.full_fp32_matmul():
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        inside = []
+        real_context = quantizer_module.full_fp32_matmul
+
+        @contextlib.contextmanager
+        def recording():
+            with real_context():
+                yield inside.append(matmul.fp32_precision)
+        monkeypatch.setattr(quantizer_module, "full_fp32_matmul", recording)
+        quantizer().nearest_codes(torch.randn(4, 2))
+        assert inside == ["ieee"]
+    finally:
+        matmul.fp32_precision = previous
+
+
+def test_patchgan_gives_patch_logits_and_normalises_real_and_fake_apart():
+    torch.manual_seed(0)
     disc = NLayerDiscriminator(3, 16, 3)
     assert disc(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+    real, fake = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32) * 3 + 1
+    logits_real, logits_fake = disc(real, fake)
+    assert torch.allclose(logits_real, disc(real)) and torch.allclose(logits_fake, disc(fake))
+    mixed_real, _ = disc(torch.cat([real, fake])).chunk(2)   # one BatchNorm batch would mix their statistics
+    assert not torch.allclose(mixed_real, logits_real, atol=1e-3)
 
 
 def test_preset_sizes():
@@ -174,5 +213,12 @@ def test_lpips_backbone_from_the_hub_cache_or_a_path(tmp_path, monkeypatch):
     assert torch.equal(model.network.net.slice5._modules["28"].bias, vgg_state["features.28.bias"])
     broken = {k: v for k, v in vgg_state.items() if k != "features.10.weight"}
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(RuntimeError, match="features.10.weight"):
+    with pytest.raises(LPIPSWeightsMissing, match="features.10.weight"):
         build_lpips(str(tmp_path / "broken.pth"))
+    (tmp_path / "text.pth").write_text("not weights")
+    with pytest.raises(LPIPSWeightsMissing, match="cannot be read"):
+        build_lpips(str(tmp_path / "text.pth"))
+    wrong_shape = {**vgg_state, "features.0.weight": torch.zeros(1, 1, 1, 1)}
+    torch.save(wrong_shape, tmp_path / "wrong.pth")
+    with pytest.raises(LPIPSWeightsMissing, match="do not fit"):
+        build_lpips(str(tmp_path / "wrong.pth"))

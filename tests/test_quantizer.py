@@ -61,10 +61,13 @@ def test_rerun_skips_finished_shards_and_flip_adds_a_set(shapes_shards, tiny_vqg
     assert not np.array_equal(flipped, plain)
     (out / "train_00001.npy").unlink()     # an interrupted run: one shard missing
     (out / "manifest.json").unlink()
+    good_labels = (out / "train_flip_00000_labels.npy").read_bytes()
+    (out / "train_flip_00000_labels.npy").write_bytes(b"damaged")   # a damaged labels file is redone too
     mtime = (out / "train_00000.npy").stat().st_mtime_ns
     result = quantize(tiny_vqgan_run, shapes_shards, out, "--flip=true")
     assert "already matched" in result.stdout
     assert (out / "train_00000.npy").stat().st_mtime_ns == mtime
+    assert (out / "train_flip_00000_labels.npy").read_bytes() == good_labels
     assert json.loads((out / "manifest.json").read_text())["splits"] == manifest["splits"]
 
 

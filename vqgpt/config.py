@@ -175,6 +175,27 @@ class TrainConfig:
     prefetch: int = _help("batches prefetched by the reader thread", 4)
     stop_at_step: int = _help("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
 
+    def __post_init__(self):
+        # caught here, at parse time, not hours later at the first eval or checkpoint
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "ckpt_every", "keep_last", "log_every",
+                    "max_bad_steps", "prefetch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "stop_at_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.lr == 0:
+            raise ValueError("--lr must be positive")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16 (no fp16: it would need a GradScaler), "
+                             f"got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        network_checks = getattr(super(), "__post_init__", None)   # the network config's own checks
+        if network_checks is not None:
+            network_checks()
+
 
 @dataclasses.dataclass(frozen=True)
 class VQGANTrainConfig(TrainConfig, VQGANConfig):
@@ -220,6 +241,12 @@ class QuantizeConfig:
     precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16; code lookup is always fp32", "auto")
     progress: bool = _help("show a progress bar", True)
 
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+
 
 QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
 
@@ -240,6 +267,12 @@ class GPTTrainConfig(TrainConfig, GPTConfig):
     sample_temperature: float = _help("temperature of the eval samples", 1.0)
     sample_top_k: int = _help("top-k of the eval samples (0: off)", 0)
     beta2: float = _help("AdamW beta2", 0.95)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sample_count < 0 or self.sample_top_k < 0 or self.sample_temperature <= 0:
+            raise ValueError("--sample-count and --sample-top-k must not be negative, --sample-temperature must be "
+                             f"positive; got {self.sample_count}, {self.sample_top_k}, {self.sample_temperature}")
 
 
 GPT_TRAIN_PRESETS = {

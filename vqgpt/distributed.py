@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vqgpt.errors import RunError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,11 +32,14 @@ class DistInfo:
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {preference} was asked for but no CUDA device is visible; use --device cpu")
     if preference == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA device is visible")
         return torch.device("cuda", local_rank)
-    return torch.device(preference)
+    try:
+        return torch.device(preference)
+    except RuntimeError:
+        raise RunError(f"--device must be auto, cpu, cuda or cuda:N, got {preference!r}") from None
 
 
 def setup(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:

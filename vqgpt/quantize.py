@@ -90,6 +90,9 @@ def receipt_matches(out: Path, job: Job, source_sha256: str, bound: dict) -> dic
         return None
     if sha256_file(out / job.out_name) != receipt.get("sha256"):
         return None
+    labels_file = receipt.get("labels_file")
+    if labels_file and (not (out / labels_file).is_file() or sha256_file(out / labels_file) != receipt.get("labels_sha256")):
+        return None
     return receipt
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vqgpt.files import atomic_write_bytes
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -24,7 +26,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if path.is_dir():
         path = path / METRICS_NAME
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        return [record for record in map(_parse, handle) if record is not None]
+
+
+def _parse(line: str) -> dict | None:
+    """One metrics.jsonl record; None for a blank or torn line (a kill mid-append)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class RunLog:
@@ -51,8 +62,8 @@ class RunLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(kept))
+                if _parse(line) is not None and _parse(line).get("step", 0) <= step]
+        atomic_write_bytes(self.path, "".join(kept).encode())
 
     def log(self, step: int, kind: str, metrics: dict) -> None:
         if not self.enabled:

@@ -36,11 +36,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """'auto' is bf16 on CUDA and fp32 on CPU (bf16 matmuls on CPU are slower and less exact)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    # no fp16: without a GradScaler its gradients underflow, and bf16 needs none
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if precision not in table:
-        raise RunError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise RunError("--precision fp16 needs CUDA; use fp32 or bf16 on CPU")
+        raise RunError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     return table[precision]
 
 
@@ -52,8 +51,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def configure_backends(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 for the networks' fp32 matmuls and convs (the codebook lookup opts out)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
         torch.backends.cudnn.benchmark = True
 
 

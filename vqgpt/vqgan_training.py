@@ -66,18 +66,17 @@ def generator_backward(models: VQGANModels, images: torch.Tensor, cfg, gan_activ
     torch.autograd.backward([recon, quant_loss], [grad_recon * loss_scale,
                                                   torch.full_like(quant_loss, loss_scale)])
     terms.update(rec_loss=rec_loss.detach(), quant_loss=quant_loss.detach(),
-                 batch_perplexity=torch.as_tensor(stats.get("perplexity", 0.0)).float())
-    if "restarted" in stats:
-        terms["codes_restarted"] = torch.as_tensor(stats["restarted"]).float()
+                 batch_perplexity=torch.as_tensor(stats.get("perplexity", 0.0), dtype=torch.float32, device=images.device))
+    if "restarted" in stats:   # a Python int: on CUDA a CPU tensor here would break the finite check's stack
+        terms["codes_restarted"] = torch.tensor(float(stats["restarted"]), device=images.device)
     return recon.detach(), terms
 
 
 def discriminator_backward(models: VQGANModels, images: torch.Tensor, recon_detached: torch.Tensor,
                            loss_scale: float, dtype: torch.dtype) -> dict:
-    """Hinge loss on real vs. detached reconstructions, in one discriminator forward."""
+    """Hinge loss on real vs. detached reconstructions, in one DDP forward of two batches."""
     with autocast(images.device, dtype):
-        logits = models.discriminator(torch.cat([images, recon_detached]))
-        logits_real, logits_fake = logits.chunk(2)
+        logits_real, logits_fake = models.discriminator(images, recon_detached)
         d_loss = hinge_d_loss(logits_real, logits_fake)
     (d_loss * loss_scale).backward()
     return {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().float().mean(),

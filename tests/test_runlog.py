@@ -1,0 +1,25 @@
+"""metrics.jsonl: a resumed run drops the records after its checkpoint; a torn last line is survived."""
+from vqgpt.runlog import METRICS_NAME, RunLog, read_metrics
+
+
+def test_resume_drops_later_records_and_survives_a_torn_line(tmp_path):
+    log = RunLog(tmp_path, True, total_steps=30, start_step=0, description="t")
+    for step in (10, 20, 30):
+        log.log(step, "train", {"loss": float(step)})
+    log.close()
+    with open(tmp_path / METRICS_NAME, "a") as handle:
+        handle.write('{"step": 31, "kind": "tr')   # killed mid-append
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20, 30]
+
+    resumed = RunLog(tmp_path, True, total_steps=30, start_step=20, description="t")
+    resumed.log(30, "train", {"loss": 0.5})
+    resumed.close()
+    records = read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 10.0), (20, 20.0), (30, 0.5)]
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    log = RunLog(tmp_path, False, total_steps=5, start_step=0, description="t")
+    log.log(1, "train", {"loss": 1.0})
+    log.close()
+    assert not (tmp_path / METRICS_NAME).exists()
