@@ -86,6 +86,16 @@ def training_bench_parser(doc: str, presets, default_preset: str, default_steps:
     return parser
 
 
+def single_process_device(device_name: str) -> tuple[torch.device, torch.dtype]:
+    """The single-process figure's device and dtype: one thread on CPU (fp32), bf16 autocast on CUDA."""
+    from vqgpt.training import resolve_precision
+
+    device = torch.device(device_name)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    return device, resolve_precision("auto", device)
+
+
 def setup_worker(device: str):
     """One rank under torchrun, pinned to its own core with one thread, like the single-process figure."""
     from vqgpt import distributed

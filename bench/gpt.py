@@ -18,11 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import add_rank_scaling, emit, gemm_peak_gflops, setup_worker, training_bench_parser  # noqa: E402
+from bench.common import (add_rank_scaling, emit, gemm_peak_gflops, setup_worker, single_process_device,  # noqa: E402
+                          training_bench_parser)
 from models.gpt import GPT, GPT_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
 from vqgpt.sampling import sample_tokens  # noqa: E402
-from vqgpt.training import autocast, resolve_precision  # noqa: E402
+from vqgpt.training import autocast  # noqa: E402
 
 
 def build(preset: str, device: torch.device, n_classes: int):
@@ -82,10 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    dtype = resolve_precision("auto", device)
+    device, dtype = single_process_device(args.device)
     model, optimizer = build(args.preset, device, 0)
     config = model.config
     results = {"preset": args.preset, "batch_size": args.batch_size, "tokens_per_image": config.tokens_per_image,

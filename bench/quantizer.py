@@ -21,13 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import emit, timed  # noqa: E402
+from bench.common import emit, single_process_device, timed  # noqa: E402
 from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
 from vqgpt.dataprep import builtin_source, write_shards  # noqa: E402
 from vqgpt.distributed import DistInfo  # noqa: E402
 from vqgpt.pretrained import load_vqgan  # noqa: E402
 from vqgpt.quantize import quantize  # noqa: E402
-from vqgpt.training import resolve_precision  # noqa: E402
 
 
 def main() -> None:
@@ -37,10 +36,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    dtype = resolve_precision("auto", device)
+    device, dtype = single_process_device(args.device)
     config = VQGAN_PRESETS[args.preset]
     results = {"preset": args.preset, "batch_size": args.batch_size, "device": str(device)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import (add_rank_scaling, conv3x3_peak_gflops, count_flops, emit, gemm_peak_gflops,  # noqa: E402
-                          setup_worker, training_bench_parser)
+                          setup_worker, single_process_device, training_bench_parser)
 from models.discriminator import NLayerDiscriminator  # noqa: E402
 from models.perceptual import build_lpips  # noqa: E402
 from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
-from vqgpt.training import autocast, resolve_precision  # noqa: E402
+from vqgpt.training import autocast  # noqa: E402
 from vqgpt.vqgan_training import VQGANModels, discriminator_backward, generator_backward  # noqa: E402
 
 LOSS_CFG = SimpleNamespace(l1_weight=1.0, perceptual_weight=1.0, adaptive_disc_weight=True, disc_weight=0.8,
@@ -109,10 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    dtype = resolve_precision("auto", device)
+    device, dtype = single_process_device(args.device)
     models, optimizers = build(args.preset, device, ddp=False)
     size = VQGAN_PRESETS[args.preset].image_size
     images = torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1
