@@ -1,4 +1,4 @@
-"""metrics.jsonl: a resumed run drops the records after its checkpoint; a torn last line is survived."""
+"""Run-folder bookkeeping: metrics.jsonl across resumes and torn lines; checkpoint pruning after a resume."""
 from vqgpt.runlog import METRICS_NAME, RunLog, read_metrics
 
 
@@ -23,3 +23,14 @@ def test_other_ranks_write_nothing(tmp_path):
     log.log(1, "train", {"loss": 1.0})
     log.close()
     assert not (tmp_path / METRICS_NAME).exists()
+
+
+def test_saving_after_resuming_an_older_checkpoint_keeps_it(tmp_path):
+    from vqgpt.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000030.pt"]
+    save_checkpoint(tmp_path, 15, {"step": 15}, keep_last=1)   # a run resumed from an earlier checkpoint
+    assert latest_checkpoint(tmp_path).name == "step_00000015.pt"
+    assert (tmp_path / "step_00000015.pt").is_file()

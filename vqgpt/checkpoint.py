@@ -33,7 +33,10 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int 
         torch.save(state, tmp)
     atomic_write_bytes(run_dir / LATEST_NAME, (path.name + "\n").encode())
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        # only this branch's history counts: after `--resume` from an older checkpoint, newer files
+        # belong to the abandoned continuation (and are overwritten as the run reaches their steps)
+        history = [p for p in list_checkpoints(run_dir) if int(CHECKPOINT_PATTERN.match(p.name)[1]) <= step]
+        for old in history[:-keep_last]:
             old.unlink(missing_ok=True)
     return path
 
