@@ -35,7 +35,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int 
     if keep_last > 0:
         # only this branch's history counts: after `--resume` from an older checkpoint, newer files
         # belong to the abandoned continuation (and are overwritten as the run reaches their steps)
-        history = [p for p in list_checkpoints(run_dir) if int(CHECKPOINT_PATTERN.match(p.name)[1]) <= step]
+        history = [p for p in list_checkpoints(run_dir) if p.name <= path.name]   # zero-padded: name order is step order
         for old in history[:-keep_last]:
             old.unlink(missing_ok=True)
     return path

@@ -145,6 +145,12 @@ def format_config(cfg: Any) -> str:
     return json.dumps(config_to_dict(cfg), indent=2)
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16 (no fp16: it would need a GradScaler), "
+                         f"got {precision!r}")
+
+
 def _help(text: str, default):
     return dataclasses.field(default=default, metadata={"help": text})
 
@@ -182,16 +188,12 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "stop_at_step"):
+        for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "stop_at_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.lr == 0:
-            raise ValueError("--lr must be positive")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"--precision must be auto, fp32 or bf16 (no fp16: it would need a GradScaler), "
-                             f"got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        _check_precision(self.precision)
         network_checks = getattr(super(), "__post_init__", None)   # the network config's own checks
         if network_checks is not None:
             network_checks()
@@ -244,8 +246,7 @@ class QuantizeConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        _check_precision(self.precision)
 
 
 QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}

@@ -62,7 +62,7 @@ class RunLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                if _parse(line) is not None and _parse(line).get("step", 0) <= step]
+                if (record := _parse(line)) is not None and record.get("step", 0) <= step]
         atomic_write_bytes(self.path, "".join(kept).encode())
 
     def log(self, step: int, kind: str, metrics: dict) -> None:
