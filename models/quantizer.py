@@ -82,18 +82,19 @@ class VectorQuantizer(nn.Module):
             else:
                 loss = F.mse_loss(quantized, flat.detach()) + self.beta * commitment
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
-            restarted = 0
+            restarted = counts.new_zeros(())   # a device tensor: logging it costs no host-device copy
             if self.training:
                 if self.ema_decay > 0:
                     self._ema_update(flat.detach(), indices, counts)
                 if self.dead_code_steps > 0:
-                    restarted = self._restart_dead_codes(z_lookup.detach().permute(0, 2, 3, 1).reshape(-1, dim).float(),
-                                                         counts)
+                    encoder_vectors = z_lookup.detach().permute(0, 2, 3, 1).reshape(-1, dim).float()
+                    restarted = restarted + self._restart_dead_codes(encoder_vectors, counts)
             if flat.requires_grad:   # straight-through estimator; without a graph keep the exact code vectors
                 quantized = flat + (quantized - flat).detach()
         z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
         probs = counts / counts.sum()
-        perplexity = torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+        # 0 * log(tiny) = 0 for unused codes; a boolean mask here would cost a host sync per forward
+        perplexity = torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum())
         stats = {"perplexity": perplexity.detach(), "restarted": restarted}
         return self.project_out(z_q), loss, indices.view(batch, height, width), stats
 
@@ -109,14 +110,17 @@ class VectorQuantizer(nn.Module):
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
-        if not torch.isfinite(sums).all():   # a non-finite batch (the trainer skips that step) must not poison
-            return                           # the codebook; every rank sees the same reduced sums
-        self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
-        self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
-        total = self.ema_cluster_size.sum()
+        # a non-finite batch (the trainer skips that step) must not poison the codebook; a device-side
+        # select, not an `if`, so no host sync per step; every rank sees the same reduced sums
+        finite = torch.isfinite(sums).all()
+        cluster_size = self.ema_cluster_size * self.ema_decay + counts * (1 - self.ema_decay)
+        ema_sum = self.ema_sum * self.ema_decay + sums * (1 - self.ema_decay)
+        total = cluster_size.sum()
         # Laplace smoothing keeps never-assigned codes from dividing by zero
-        smoothed = (self.ema_cluster_size + 1e-5) / (total + self.codebook_size * 1e-5) * total
-        self.codebook.data.copy_(self.ema_sum / smoothed.unsqueeze(1))
+        smoothed = (cluster_size + 1e-5) / (total + self.codebook_size * 1e-5) * total
+        for state, update in ((self.ema_cluster_size, cluster_size), (self.ema_sum, ema_sum),
+                              (self.codebook.data, ema_sum / smoothed.unsqueeze(1))):
+            state.copy_(torch.where(finite, update, state))
 
     @torch.no_grad()
     def _restart_dead_codes(self, encoder_vectors: torch.Tensor, counts: torch.Tensor) -> int:

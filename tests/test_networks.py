@@ -56,8 +56,9 @@ def test_quantizer_losses_and_gradients_by_hand():
     with torch.no_grad():
         vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [-1.0, 2.0]]))
     z = torch.tensor([[0.2, 0.1], [0.9, 1.3]]).t().reshape(1, 2, 1, 2).clone().requires_grad_(True)
-    z_q, loss, indices, _ = vq(z)
+    z_q, loss, indices, stats = vq(z)
     assert indices.flatten().tolist() == [0, 1]
+    assert stats["perplexity"].item() == pytest.approx(2.0)   # two of three codes, used equally
     chosen = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     flat = torch.tensor([[0.2, 0.1], [0.9, 1.3]])
     mse = ((flat - chosen) ** 2).mean()

@@ -66,9 +66,7 @@ def generator_backward(models: VQGANModels, images: torch.Tensor, cfg, gan_activ
     torch.autograd.backward([recon, quant_loss], [grad_recon * loss_scale,
                                                   torch.full_like(quant_loss, loss_scale)])
     terms.update(rec_loss=rec_loss.detach(), quant_loss=quant_loss.detach(),
-                 batch_perplexity=torch.as_tensor(stats.get("perplexity", 0.0), dtype=torch.float32, device=images.device))
-    if "restarted" in stats:   # a Python int: on CUDA a CPU tensor here would break the finite check's stack
-        terms["codes_restarted"] = torch.tensor(float(stats["restarted"]), device=images.device)
+                 batch_perplexity=stats["perplexity"].float(), codes_restarted=stats["restarted"])
     return recon.detach(), terms
 
 
