@@ -18,7 +18,8 @@ class SkipImage(Exception):
     """This file cannot become a training image; the message is the reason recorded in the manifest."""
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited over white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16/32-bit grayscale: scale to 8 bits instead of letting Pillow clip at 255
         values = np.asarray(image, dtype=np.float64)
@@ -50,7 +51,7 @@ def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
                     image.draft("RGB", (size, size))  # decoder-side downscale, still >= size on both sides
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                image = _to_rgb(image)
+                image = to_rgb(image)
     except SkipImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
