@@ -1,8 +1,13 @@
-"""Vector quantizer: nearest codebook vector per latent position, straight-through gradients.
+"""Quantizers: a latent grid (B, z_channels, h, w) -> code vectors and integer codes.
 
-Options: classic VQ, or l2-normalised codes (cosine lookup) with a low-dimensional lookup space
-(`codebook_dim` < `z_channels`); EMA codebook updates; restarts of codes left unused for a
-number of steps, identical on every DDP rank.
+`VectorQuantizer`: the nearest codebook vector per position. Classic VQ, or l2-normalised codes
+(cosine lookup) in a low-dimensional lookup space (`codebook_dim` < `z_channels`, LlamaGen's
+choice); EMA codebook updates; restarts of codes left unused for a number of steps, identical on
+every DDP rank; the rotation trick instead of the plain straight-through estimator.
+
+`FiniteScalarQuantizer` (FSQ, Mentzer et al. 2023): each of a few channels is bounded and rounded
+to one of `levels[i]` values; the code is the mixed-radix number of those digits. No codebook to
+learn, so none to collapse, and no auxiliary loss.
 """
 from __future__ import annotations
 
@@ -30,6 +35,21 @@ def full_fp32_matmul():
         matmul.fp32_precision = previous
 
 
+def rotate_onto(vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024): `targets` in the forward pass, while the gradient
+    reaches `vectors` through the (constant) rotation and scaling that maps each onto its target,
+    so it carries the angle between them instead of being copied unchanged. (N, D) -> (N, D)."""
+    norms = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    with torch.no_grad():
+        unit_v = vectors / norms
+        unit_t = F.normalize(targets, dim=1)
+        mirror = F.normalize(unit_v + unit_t, dim=1)
+        scale = targets.norm(dim=1, keepdim=True) / norms
+    # R v = v - 2 (v.r) r + 2 (v.unit_v) unit_t, with v.unit_v = |v|
+    rotated = vectors - 2 * (vectors * mirror).sum(1, keepdim=True) * mirror + 2 * norms * unit_t
+    return scale * rotated
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -37,6 +57,8 @@ class VectorQuantizer(nn.Module):
         self.codebook_dim = config.codebook_dim
         self.normalized = config.quantizer == "l2"
         self.beta = config.beta
+        self.taming_loss = config.vq_loss == "taming"
+        self.rotation_trick = config.rotation_trick
         self.ema_decay = config.ema_decay
         self.dead_code_steps = config.dead_code_steps
         projected = config.codebook_dim != config.z_channels
@@ -65,21 +87,34 @@ class VectorQuantizer(nn.Module):
             distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)
         return distances.argmin(dim=1)
 
+    def _lookup_space(self, z_lookup: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) projected latents -> (B*h*w, D) fp32 vectors, normalised for the l2 variant."""
+        flat = z_lookup.permute(0, 2, 3, 1).reshape(-1, z_lookup.shape[1]).float()
+        return F.normalize(flat, dim=1) if self.normalized else flat
+
+    @torch.no_grad()
+    def indices_for(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, z_channels, h, w) -> codes (B, h, w) int64, the ones forward() picks; no statistics."""
+        z_lookup = self.project_in(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            indices = self.nearest_codes(self._lookup_space(z_lookup))
+        return indices.view(z_lookup.shape[0], *z_lookup.shape[2:])
+
     def forward(self, z: torch.Tensor):
         """z (B, z_channels, h, w) -> z_q (same shape), loss, indices (B, h, w), stats."""
         z_lookup = self.project_in(z)
         batch, dim, height, width = z_lookup.shape
         # fp32 and no autocast: under bf16 nearby distances tie or swap and argmin picks wrong codes
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = z_lookup.permute(0, 2, 3, 1).reshape(-1, dim).float()
-            if self.normalized:
-                flat = F.normalize(flat, dim=1)
+            flat = self._lookup_space(z_lookup)
             indices = self.nearest_codes(flat)
             quantized = self.lookup_vectors()[indices]
-            commitment = F.mse_loss(flat, quantized.detach())
+            commitment = F.mse_loss(flat, quantized.detach())   # pulls the encoder towards its codes
             if self.ema_decay > 0:
                 loss = self.beta * commitment
-            else:
+            elif self.taming_loss:   # taming's released models (legacy=True): beta on the codebook term
+                loss = commitment + self.beta * F.mse_loss(quantized, flat.detach())
+            else:                    # VQ-VAE (van den Oord et al.): beta on the commitment term
                 loss = F.mse_loss(quantized, flat.detach()) + self.beta * commitment
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
             restarted = counts.new_zeros(())   # a device tensor: logging it costs no host-device copy
@@ -89,8 +124,11 @@ class VectorQuantizer(nn.Module):
                 if self.dead_code_steps > 0:
                     encoder_vectors = z_lookup.detach().permute(0, 2, 3, 1).reshape(-1, dim).float()
                     restarted = restarted + self._restart_dead_codes(encoder_vectors, counts)
-            if flat.requires_grad:   # straight-through estimator; without a graph keep the exact code vectors
-                quantized = flat + (quantized - flat).detach()
+            if flat.requires_grad:   # without a graph keep the exact code vectors
+                if self.rotation_trick:
+                    quantized = rotate_onto(flat, quantized.detach())
+                else:                # straight-through estimator
+                    quantized = flat + (quantized - flat).detach()
         z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
         probs = counts / counts.sum()
         # 0 * log(tiny) = 0 for unused codes; a boolean mask here would cost a host sync per forward
@@ -144,3 +182,66 @@ class VectorQuantizer(nn.Module):
             self.ema_sum[dead] = replacements
         self.steps_unused[dead] = 0
         return int(len(dead))
+
+
+class FiniteScalarQuantizer(nn.Module):
+    """FSQ: project to len(levels) channels, bound each with tanh, round to its grid (straight-through)."""
+
+    def __init__(self, config):
+        super().__init__()
+        levels = torch.tensor(config.fsq_levels, dtype=torch.long)
+        self.codebook_size = int(levels.prod())
+        self.codebook_dim = len(levels)
+        self.project_in = nn.Conv2d(config.z_channels, self.codebook_dim, 1)
+        self.project_out = nn.Conv2d(self.codebook_dim, config.z_channels, 1)
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("radix", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0), persistent=False)
+
+    def _digits(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, d) fp32 -> (N, d) integers in [-(L//2), L - 1 - L//2] as floats, straight-through."""
+        levels = self.levels.float()
+        half_range = (levels - 1) * (1 + 1e-3) / 2          # just over (L-1)/2 so both ends round inwards
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)   # even L: a grid shifted by half a step
+        bounded = torch.tanh(flat + torch.atanh(offset / half_range)) * half_range - offset
+        return bounded + (bounded.round() - bounded).detach()
+
+    def _codes_from_digits(self, digits: torch.Tensor) -> torch.Tensor:
+        return ((digits.detach().round().long() + self.levels // 2) * self.radix).sum(1)
+
+    def _vectors(self, digits: torch.Tensor) -> torch.Tensor:
+        return digits / (self.levels // 2).float()          # every channel in [-1, 1]
+
+    @torch.no_grad()
+    def indices_for(self, z: torch.Tensor) -> torch.Tensor:
+        z_lookup = self.project_in(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = z_lookup.permute(0, 2, 3, 1).reshape(-1, self.codebook_dim).float()
+            indices = self._codes_from_digits(self._digits(flat))
+        return indices.view(z_lookup.shape[0], *z_lookup.shape[2:])
+
+    def forward(self, z: torch.Tensor):
+        """z (B, z_channels, h, w) -> z_q (same shape), loss (0), indices (B, h, w), stats."""
+        z_lookup = self.project_in(z)
+        batch, dim, height, width = z_lookup.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = z_lookup.permute(0, 2, 3, 1).reshape(-1, dim).float()
+            digits = self._digits(flat)
+            indices = self._codes_from_digits(digits)
+            quantized = self._vectors(digits)
+            counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            loss = flat.sum() * 0.0   # no auxiliary loss; a graph-carrying zero keeps the trainer's backward uniform
+        z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
+        probs = counts / counts.sum()
+        perplexity = torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum())
+        stats = {"perplexity": perplexity.detach(), "restarted": counts.new_zeros(())}
+        return self.project_out(z_q), loss, indices.view(batch, height, width), stats
+
+    def indices_to_embedding(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (B, h, w) -> z_q (B, z_channels, h, w), the vectors the forward pass uses."""
+        digits = (indices.unsqueeze(-1) // self.radix) % self.levels - self.levels // 2   # (B, h, w, d)
+        quantized = self._vectors(digits.float())
+        return self.project_out(quantized.permute(0, 3, 1, 2).to(self.project_out.weight.dtype))
+
+
+def build_quantizer(config) -> nn.Module:
+    return FiniteScalarQuantizer(config) if config.quantizer == "fsq" else VectorQuantizer(config)

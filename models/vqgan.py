@@ -1,6 +1,7 @@
 """The VQGAN autoencoder: encoder -> vector quantizer -> decoder, with its config and presets."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -8,9 +9,10 @@ import torch.nn as nn
 
 from models.decoder import Decoder
 from models.encoder import Encoder
-from models.quantizer import VectorQuantizer
+from models.quantizer import build_quantizer
 
-QUANTIZERS = ("vq", "l2")
+QUANTIZERS = ("vq", "l2", "fsq")
+VQ_LOSSES = ("vqvae", "taming")
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,13 @@ class VQGANConfig:
     dropout: float = 0.0
     codebook_size: int = 1024
     codebook_dim: int = 64
-    quantizer: str = "vq"
+    quantizer: str = "vq"         # vq | l2 (normalised, low-dim lookup) | fsq (finite scalar quantization)
     beta: float = 0.25
+    vq_loss: str = "vqvae"        # vqvae: beta weighs the commitment term; taming: beta weighs the codebook term
+    rotation_trick: bool = False  # gradients through the rotation onto the code instead of straight through
     ema_decay: float = 0.0
     dead_code_steps: int = 0
+    fsq_levels: tuple[int, ...] = ()   # fsq: values per channel; codebook_size = their product
     disc_layers: int = 3
     disc_ndf: int = 64
 
@@ -37,6 +42,17 @@ class VQGANConfig:
             raise ValueError(f"image_size {self.image_size} must be a multiple of {factor} (2**(len(ch_mult)-1))")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.vq_loss not in VQ_LOSSES:
+            raise ValueError(f"vq_loss must be one of {VQ_LOSSES}, got {self.vq_loss!r}")
+        if self.quantizer == "fsq":
+            size = math.prod(self.fsq_levels)
+            if not self.fsq_levels or min(self.fsq_levels) < 2:
+                raise ValueError(f"quantizer fsq needs --fsq-levels of at least 2 values each, e.g. 8,5,5,5; got {self.fsq_levels}")
+            if (size, len(self.fsq_levels)) != (self.codebook_size, self.codebook_dim):
+                raise ValueError(f"fsq levels {self.fsq_levels} give {size} codes of {len(self.fsq_levels)} channels: "
+                                 f"pass --codebook-size {size} --codebook-dim {len(self.fsq_levels)}")
+            if self.ema_decay or self.dead_code_steps or self.rotation_trick:
+                raise ValueError("fsq has no codebook: --ema-decay, --dead-code-steps and --rotation-trick do not apply")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if min(self.ch, self.z_channels, self.codebook_size, self.codebook_dim, self.num_res_blocks) < 1:
@@ -53,7 +69,7 @@ class VQGAN(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
-        self.quantizer = VectorQuantizer(config)
+        self.quantizer = build_quantizer(config)
         self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
         self.decoder = Decoder(config)
 
@@ -80,13 +96,7 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h*w) int64 codes in raster order; no decoder, no graph."""
-        z = self.quantizer.project_in(self.quant_conv(self.encoder(images)))
-        batch, dim = z.shape[:2]
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            flat = z.permute(0, 2, 3, 1).reshape(-1, dim).float()
-            if self.quantizer.normalized:
-                flat = nn.functional.normalize(flat, dim=1)
-            return self.quantizer.nearest_codes(flat).view(batch, -1)
+        return self.quantizer.indices_for(self.quant_conv(self.encoder(images))).flatten(1)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h*w) codes -> images (B, 3, H, W) in about [-1, 1]."""
