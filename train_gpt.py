@@ -46,10 +46,11 @@ def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, Shar
     if manifest.get("kind") != "tokens":
         raise RunError(f"{cfg.tokens}: holds {manifest.get('kind')} shards; the GPT trains on token shards "
                        "(make them with image_quantizer.py)")
-    if manifest["codebook_size"] > cfg.codebook_size:
-        raise RunError(f"{cfg.tokens}: codebook of {manifest['codebook_size']} codes exceeds the model's vocabulary "
-                       f"of {cfg.codebook_size}; pass --codebook-size {manifest['codebook_size']}")
-    cfg = dataclasses.replace(cfg, codebook_size=manifest["codebook_size"], n_classes=len(train_split.classes),
+    codebook_size = manifest["codebook_size"]
+    if 0 < cfg.codebook_size < codebook_size:
+        raise RunError(f"{cfg.tokens}: codebook of {codebook_size} codes exceeds --codebook-size {cfg.codebook_size}; "
+                       f"pass --codebook-size 0 to take the tokens' size")
+    cfg = dataclasses.replace(cfg, codebook_size=cfg.codebook_size or codebook_size, n_classes=len(train_split.classes),
                               tokens_per_image=train_split.item_shape[0])
     has_val = manifest["splits"].get("val", {}).get("count", 0) > 0
     return cfg, train_split, ShardSplit(cfg.tokens, "val") if has_val else None

@@ -57,9 +57,8 @@ def load_splits(cfg: VQGANTrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
     return train_split, ShardSplit(cfg.data, "val") if has_val else None
 
 
-def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    # betas (0.5, 0.9): the GAN setting of taming-transformers; fused kernels on CUDA
-    return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), fused=device.type == "cuda")
+def adam(params, lr: float, betas: tuple[float, ...], device: torch.device) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type == "cuda")   # fused kernels on CUDA
 
 
 def main(cfg: VQGANTrainConfig) -> int:
@@ -82,8 +81,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
     if cfg.channels_last:
         vqgan = vqgan.to(memory_format=torch.channels_last)
         discriminator = discriminator.to(memory_format=torch.channels_last)
-    opt_g = adam(vqgan.parameters(), cfg.lr, device)
-    opt_d = adam(discriminator.parameters(), cfg.disc_lr or cfg.lr, device)
+    opt_g = adam(vqgan.parameters(), cfg.lr, cfg.adam_betas, device)
+    opt_d = adam(discriminator.parameters(), cfg.disc_lr or cfg.lr, cfg.adam_betas, device)
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                          flip=cfg.flip, device=device, prefetch=cfg.prefetch)
     step = 0

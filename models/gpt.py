@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -28,10 +29,14 @@ class GPTConfig:
     bias: bool = False
     label_dropout: float = 0.1   # training only: chance a class token is replaced by the start token
 
+    min_codebook_size: ClassVar[int] = 1   # the trainer's config allows 0: "take it from the tokens"
+
     def __post_init__(self):
-        for name in ("codebook_size", "tokens_per_image", "n_layer", "n_head", "n_embd"):
+        for name in ("tokens_per_image", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.codebook_size < self.min_codebook_size:
+            raise ValueError(f"codebook_size must be at least {self.min_codebook_size}, got {self.codebook_size}")
         if self.n_classes < 0:
             raise ValueError(f"GPTConfig.n_classes must be >= 0, got {self.n_classes}")
         if self.n_embd % self.n_head:
@@ -50,11 +55,12 @@ class GPTConfig:
         return self.codebook_size + self.n_classes
 
 
-# The trainer replaces codebook_size, n_classes and tokens_per_image with the token manifest's.
+# The trainer replaces codebook_size, n_classes and tokens_per_image with the token manifest's;
+# the codebook sizes here are those of the VQGAN presets of the same name.
 GPT_PRESETS = {
     "tiny": GPTConfig(codebook_size=256, tokens_per_image=64, n_layer=4, n_head=4, n_embd=128, dropout=0.1),
     "g256": GPTConfig(codebook_size=1024, tokens_per_image=256, n_layer=8, n_head=8, n_embd=512),
-    "seed": GPTConfig(codebook_size=1024, tokens_per_image=256, n_layer=12, n_head=12, n_embd=768),
+    "seed": GPTConfig(codebook_size=8192, tokens_per_image=256, n_layer=12, n_head=12, n_embd=768),
 }
 
 
@@ -181,6 +187,13 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, 0.0, 0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "GPT":
+        """A GPT written by export.py (config.json + model.safetensors), in eval mode without grads."""
+        from vqgpt.export import load_exported   # late: models/ does not import the library
+
+        return load_exported(folder, "gpt").model
 
     def num_params(self) -> int:
         """Parameters counted once (the tied head adds none)."""

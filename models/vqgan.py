@@ -108,17 +108,22 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+_F16 = dict(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256)
+# Ours: l2-normalised 8-d codes with dead-code restarts (LlamaGen's lookup), which keeps the codebook
+# alive on real images (bench/quality.py). taming-*: taming-transformers' configurations as released
+# (plain VQ with 256-d or 64-d codes, uniform init, beta on the codebook term), for reproduction and imports.
 VQGAN_PRESETS = {
     "tiny": VQGANConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                         z_channels=32, codebook_size=256, codebook_dim=8, quantizer="l2", dead_code_steps=20,
                         disc_layers=2, disc_ndf=32),
     "b64": VQGANConfig(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(8,),
-                       z_channels=64, codebook_size=1024, codebook_dim=64, quantizer="vq", disc_layers=3,
-                       disc_ndf=64),
-    "seed": VQGANConfig(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-                        z_channels=256, codebook_size=8192, codebook_dim=256, quantizer="vq", disc_layers=3,
-                        disc_ndf=64),
-    "f16-16384": VQGANConfig(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                             attn_resolutions=(16,), z_channels=256, codebook_size=16384, codebook_dim=256,
-                             quantizer="vq", disc_layers=3, disc_ndf=64),
+                       z_channels=64, codebook_size=1024, codebook_dim=8, quantizer="l2", dead_code_steps=20,
+                       disc_layers=3, disc_ndf=64),
+    "seed": VQGANConfig(**_F16, codebook_size=8192, codebook_dim=8, quantizer="l2", dead_code_steps=20),
+    "f16-16384": VQGANConfig(**_F16, codebook_size=16384, codebook_dim=8, quantizer="l2", dead_code_steps=20),
+    "taming-b64": VQGANConfig(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(8,),
+                              z_channels=64, codebook_size=1024, codebook_dim=64, quantizer="vq", vq_loss="taming"),
+    "taming-f16-1024": VQGANConfig(**_F16, codebook_size=1024, codebook_dim=256, quantizer="vq", vq_loss="taming"),
+    "taming-f16-16384": VQGANConfig(**_F16, codebook_size=16384, codebook_dim=256, quantizer="vq", vq_loss="taming",
+                                    disc_layers=2),
 }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 
 import lpips
@@ -13,7 +14,7 @@ import torchvision
 
 from models.discriminator import NLayerDiscriminator
 from models.perceptual import VGG16_WEIGHTS_FILE, LPIPSWeightsMissing, build_lpips, find_vgg_weights
-from models.quantizer import VectorQuantizer
+from models.quantizer import FiniteScalarQuantizer, VectorQuantizer, build_quantizer, rotate_onto
 from models.vqgan import VQGAN, VQGAN_PRESETS, VQGANConfig, count_parameters
 
 SMALL_B64 = dataclasses.replace(VQGAN_PRESETS["b64"], ch=32, codebook_size=64, codebook_dim=16)
@@ -141,6 +142,102 @@ def test_a_non_finite_batch_leaves_the_codebook_alone():
         assert torch.equal(vq.codebook, before)   # EMA update and restart both skipped
 
 
+def test_taming_loss_form_puts_beta_on_the_codebook_term():
+    vq = quantizer(vq_loss="taming")
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [-1.0, 2.0]]))
+    flat = torch.tensor([[0.2, 0.1], [0.9, 1.3]])
+    z = flat.t().reshape(1, 2, 1, 2).clone().requires_grad_(True)
+    z_q, loss, _, _ = vq(z)
+    chosen = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    assert loss.item() == pytest.approx((1 + 0.25) * ((flat - chosen) ** 2).mean().item())   # same value...
+    loss.backward()
+    # ...but the encoder is pulled with weight 1 and the codebook with beta (taming's legacy=True)
+    torch.testing.assert_close(z.grad, (2 * (flat - chosen) / flat.numel()).t().reshape(1, 2, 1, 2))
+    expected = torch.zeros(3, 2)
+    expected[:2] = 0.25 * 2 * (chosen - flat) / flat.numel()
+    torch.testing.assert_close(vq.codebook.grad, expected)
+
+
+def test_rotation_trick_forwards_the_code_and_rotates_the_gradient():
+    vectors = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    target = torch.tensor([[0.0, 2.0]])
+    out = rotate_onto(vectors, target)
+    torch.testing.assert_close(out.detach(), target)
+    out.backward(torch.tensor([[1.0, 0.0]]))
+    # R maps (1, 0) onto (0, 1): a quarter turn, scaled by |target| / |vector| = 2; the gradient is 2 R^T g
+    torch.testing.assert_close(vectors.grad, torch.tensor([[0.0, -2.0]]))
+
+    vq = quantizer(rotation_trick=True, codebook_size=8)
+    z = torch.randn(2, 2, 3, 3, requires_grad=True)
+    z_q, _, indices, _ = vq(z)
+    torch.testing.assert_close(z_q, vq.indices_to_embedding(indices))
+    z_q.sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def fsq(levels=(8, 5, 5, 5), z_channels=6) -> FiniteScalarQuantizer:
+    config = dataclasses.replace(VQGANConfig(), z_channels=z_channels, quantizer="fsq", fsq_levels=levels,
+                                 codebook_size=math.prod(levels), codebook_dim=len(levels))
+    return build_quantizer(config)
+
+
+def test_fsq_reaches_every_code_once_and_round_trips():
+    vq = fsq()
+    levels = torch.tensor([8, 5, 5, 5])
+    digits = torch.cartesian_prod(*[torch.arange(n) - n // 2 for n in levels.tolist()]).float()
+    codes = vq._codes_from_digits(digits)
+    assert torch.equal(codes.sort().values, torch.arange(1000))   # a bijection onto 0..999
+    z = torch.randn(2, 6, 4, 4) * 4
+    z_q, loss, indices, stats = vq(z)
+    assert z_q.shape == z.shape and indices.shape == (2, 4, 4) and 0 <= indices.min() and indices.max() < 1000
+    assert loss.item() == 0 and 1 <= stats["perplexity"] <= 32
+    torch.testing.assert_close(vq.indices_to_embedding(indices), z_q)
+    assert torch.equal(vq.indices_for(z), indices)
+    with torch.no_grad():   # the grid is uniform in [-1, 1): even L has one value more below zero
+        grid = vq._vectors(digits)
+    assert grid.min() == -1 and grid[:, 0].max() == 0.75 and grid[:, 1:].max() == 1
+
+
+def test_fsq_straight_through_gradient_by_hand():
+    vq = fsq(levels=(5,), z_channels=1)
+    with torch.no_grad():
+        vq.project_in.weight.fill_(1.0)
+        vq.project_in.bias.zero_()
+    flat = torch.tensor([-0.7, 0.1, 0.4, 2.0])
+    digits = vq._digits(flat.view(-1, 1).requires_grad_(True))
+    half_range = 4 * (1 + 1e-3) / 2                      # odd L: no offset, tanh scaled to just over +-2
+    assert digits.flatten().tolist() == torch.round(torch.tanh(flat) * half_range).tolist()
+    z = flat.view(1, 1, 1, 4).clone().requires_grad_(True)
+    vectors = vq._vectors(vq._digits(vq.project_in(z).permute(0, 2, 3, 1).reshape(-1, 1)))
+    vectors.sum().backward()
+    # rounding passes the gradient straight through; tanh's derivative and the 1/(L//2) scale remain
+    expected = (1 - torch.tanh(flat) ** 2) * half_range / 2
+    torch.testing.assert_close(z.grad.flatten(), expected)
+
+
+def test_fsq_settings_are_checked():
+    with pytest.raises(ValueError, match="pass --codebook-size 1000 --codebook-dim 4"):
+        dataclasses.replace(VQGANConfig(), quantizer="fsq", fsq_levels=(8, 5, 5, 5))
+    with pytest.raises(ValueError, match="at least 2"):
+        dataclasses.replace(VQGANConfig(), quantizer="fsq", fsq_levels=(1, 5), codebook_size=5, codebook_dim=2)
+    with pytest.raises(ValueError, match="do not apply"):
+        dataclasses.replace(VQGANConfig(), quantizer="fsq", fsq_levels=(4, 4), codebook_size=16, codebook_dim=2,
+                            dead_code_steps=5)
+
+
+@pytest.mark.parametrize("name", sorted(VQGAN_PRESETS))
+def test_every_preset_quantizer_runs(name):
+    config = VQGAN_PRESETS[name]
+    vq = build_quantizer(config)
+    assert vq.codebook_size == config.codebook_size
+    z = torch.randn(2, config.z_channels, 4, 4, requires_grad=True)
+    z_q, loss, indices, _ = vq(z)
+    (z_q.square().mean() + loss).backward()
+    assert z_q.shape == z.shape and torch.isfinite(z.grad).all() and indices.max() < config.codebook_size
+    torch.testing.assert_close(vq.indices_to_embedding(indices), z_q.detach())
+
+
 def test_codebook_lookup_opts_out_of_tf32(monkeypatch):
     import models.quantizer as quantizer_module
 
@@ -181,6 +278,8 @@ def test_preset_sizes():
     print("VQGAN parameters (M):", counts)
     assert counts["tiny"] < 2 and 15 < counts["b64"] < 20 and 60 < counts["seed"] < 90
     assert VQGAN_PRESETS["b64"].codebook_size == 1024 and VQGAN_PRESETS["seed"].codebook_size == 8192
+    # taming's f16 with 16384 256-d codes: 29.3M encoder + 42.4M decoder + 4.2M codebook + 2 x 66k 1x1 convs
+    assert counts["taming-f16-16384"] == pytest.approx(76.0, abs=0.1)
     with pytest.raises(ValueError, match="multiple of 8"):
         dataclasses.replace(VQGAN_PRESETS["b64"], image_size=60)
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 import typing
-from typing import Any, Sequence, TypeVar
+from typing import Any, ClassVar, Sequence, TypeVar
 
 from models.gpt import GPT_PRESETS, GPTConfig
 from models.vqgan import VQGAN_PRESETS, VQGANConfig
@@ -65,7 +65,8 @@ def _field_parser(annotation: Any):
 
 
 def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+    # a trailing underscore only dodges a Python keyword: field `from_` is the flag --from
+    return "--" + field_name.rstrip("_").replace("_", "-")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,6 +181,8 @@ class TrainConfig:
     max_bad_steps: int = _help("stop after this many non-finite steps in a row", 20)
     prefetch: int = _help("batches prefetched by the reader thread", 4)
     stop_at_step: int = _help("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
+    eval_fid: bool = _help("add rFID (VQGAN) or gFID (GPT) to each eval; needs the Inception weights", False)
+    inception_weights: str = _help("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
 
     def __post_init__(self):
         # caught here, at parse time, not hours later at the first eval or checkpoint
@@ -208,26 +211,47 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     perceptual_weight: float = _help("weight of the LPIPS term (0: off, no VGG weights needed)", 1.0)
     lpips_weights: str = _help("path to vgg16-397923af.pth (default: the torch hub cache)", "")
     lpips_random_backbone: bool = _help("LPIPS with a RANDOM VGG backbone, for offline smoke runs only", False)
+    init_from: str = _help("start a new run from the weights of a VQGAN run, checkpoint or exported folder (and its "
+                           "discriminator when it has one): fresh optimizers, step 0, the architecture of the source", "")
     disc_start: int = _help("step at which the discriminator and the GAN term start", 2000)
     disc_weight: float = _help("scale of the GAN term", 0.8)
     adaptive_disc_weight: bool = _help("scale the GAN term by ||grad L_rec|| / ||grad L_G|| on the last layer", True)
     disc_weight_max: float = _help("clamp of the adaptive weight", 1e4)
     disc_lr: float = _help("discriminator learning rate (0: same as --lr)", 0.0)
+    adam_betas: tuple[float, ...] = _help("Adam betas of both optimizers (taming: 0.5,0.9)", (0.5, 0.9))
     channels_last: bool = _help("channels_last memory format (CUDA)", False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"--adam-betas must be two values in [0, 1), got {self.adam_betas}")
+
+def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:
+    return VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS[name]), **settings)
+
+
+def _taming_preset(name: str, batch_size: int, **settings) -> VQGANTrainConfig:
+    """taming-transformers' schedule: lr 4.5e-6 x batch size (one GPU), constant, no warmup."""
+    return _vqgan_preset(name, batch_size=batch_size, lr=4.5e-6 * batch_size, warmup_steps=0, min_lr_ratio=1.0,
+                         **settings)
+
 
 VQGAN_TRAIN_PRESETS = {
     # disc_weight 0.1: at this scale (and with the offline random LPIPS backbone) 0.8 lets GAN noise win
-    "tiny": VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS["tiny"]), batch_size=16, lr=5e-4,
-                             warmup_steps=100, max_steps=2000, disc_start=1000, disc_weight=0.1, eval_every=500,
-                             ckpt_every=500, eval_batch_size=100, out="runs/vqgan-tiny"),
-    "b64": VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS["b64"]), batch_size=8, lr=1e-4,
-                            disc_start=10000, out="runs/vqgan-b64"),
-    "seed": VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS["seed"]), batch_size=8, lr=4.5e-5,
-                             disc_start=30000, max_steps=300000, eval_every=5000, ckpt_every=5000,
-                             out="runs/vqgan-seed"),
-    "f16-16384": VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS["f16-16384"]), batch_size=12,
-                                  lr=4.5e-5, disc_start=250001, max_steps=1000000, eval_every=5000,
-                                  ckpt_every=5000, out="runs/vqgan-f16-16384"),
+    "tiny": _vqgan_preset("tiny", batch_size=16, lr=5e-4, warmup_steps=100, max_steps=2000, disc_start=1000,
+                          disc_weight=0.1, eval_every=500, ckpt_every=500, eval_batch_size=100, out="runs/vqgan-tiny"),
+    "b64": _vqgan_preset("b64", batch_size=8, lr=2e-4, warmup_steps=20, disc_start=10000, out="runs/vqgan-b64"),
+    "seed": _vqgan_preset("seed", batch_size=8, lr=1e-4, warmup_steps=100, disc_start=30000, max_steps=300000,
+                          eval_every=5000, ckpt_every=5000, out="runs/vqgan-seed"),
+    "f16-16384": _vqgan_preset("f16-16384", batch_size=12, lr=1e-4, warmup_steps=100, disc_start=250001,
+                               max_steps=1000000, eval_every=5000, ckpt_every=5000, out="runs/vqgan-f16-16384"),
+    # taming's configs: custom_vqgan.yaml, vqgan_imagenet_f16_1024.yaml, vqgan_imagenet_f16_16384.yaml
+    "taming-b64": _taming_preset("taming-b64", batch_size=8, disc_start=10000, out="runs/vqgan-taming-b64"),
+    "taming-f16-1024": _taming_preset("taming-f16-1024", batch_size=12, disc_start=250001, max_steps=1000000,
+                                      eval_every=5000, ckpt_every=5000, out="runs/vqgan-taming-f16-1024"),
+    "taming-f16-16384": _taming_preset("taming-f16-16384", batch_size=12, disc_start=0, disc_weight=0.75,
+                                       max_steps=1000000, eval_every=5000, ckpt_every=5000,
+                                       out="runs/vqgan-taming-f16-16384"),
 }
 
 
@@ -252,6 +276,30 @@ class QuantizeConfig:
 QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportConfig:
+    """import_vqgan.py: a published VQ tokenizer -> a VQGAN run folder of this project."""
+    from_: str = _help("the source: taming (taming-transformers VQGAN) or llamagen (LlamaGen VQ-8 / VQ-16)", "")
+    ckpt: str = _help("the published checkpoint: taming's last.ckpt or LlamaGen's vq_ds16_c2i.pt", "")
+    config: str = _help("taming's model.yaml (--from taming)", "")
+    out: str = _help("run folder to create; must not exist or be empty", "")
+    image_size: int = _help("--from llamagen: the training and evaluation resolution (its weights fit any)", 256)
+    l2_norm: bool = _help("--from llamagen: the codebook is l2-normalised (codebook_l2_norm, true for VQ-8 / VQ-16)", True)
+
+
+IMPORT_PRESETS: dict[str, ImportConfig] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """export.py: a VQGAN or GPT run (or checkpoint) -> config.json + model.safetensors + model card."""
+    run: str = _help("VQGAN or GPT run folder (its latest checkpoint) or checkpoint file", "")
+    out: str = _help("folder to create; must not exist or be empty", "")
+
+
+EXPORT_PRESETS: dict[str, ExportConfig] = {}
+
+
 def subconfig_from_dict(target_cls: type[C], data: dict) -> C:
     """Build `target_cls` from the same-named entries of a saved flat config dict."""
     names = {f.name for f in dataclasses.fields(target_cls)}
@@ -260,28 +308,76 @@ def subconfig_from_dict(target_cls: type[C], data: dict) -> C:
 
 @dataclasses.dataclass(frozen=True)
 class GPTTrainConfig(TrainConfig, GPTConfig):
-    """Stage 2: the GPT over token grids. codebook_size is a maximum: the model takes the tokens' own
-    codebook size, grid length and classes from their manifest."""
+    """Stage 2: the GPT over token grids. The model takes the tokens' codebook size (unless
+    --codebook-size says otherwise), grid length and classes from their manifest."""
+    min_codebook_size: ClassVar[int] = 0
+    codebook_size: int = _help("codes in the vocabulary (0: the token manifest's codebook size)", 0)
     tokens: str = _help("token shard folder made by image_quantizer.py", "")
     vqgan: str = _help("VQGAN checkpoint for sample grids (default: the one the token manifest names; sha256 checked)", "")
     sample_count: int = _help("images in the sample grid at each eval (0: no samples, no VQGAN needed)", 16)
     sample_temperature: float = _help("temperature of the eval samples", 1.0)
     sample_top_k: int = _help("top-k of the eval samples (0: off)", 0)
     beta2: float = _help("AdamW beta2", 0.95)
+    eval_fid_samples: int = _help("class-balanced samples scored by --eval-fid against the train images", 1000)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.eval_fid_samples < 2:   # a covariance needs two samples
+            raise ValueError(f"--eval-fid-samples must be at least 2, got {self.eval_fid_samples}")
         if self.sample_count < 0 or self.sample_top_k < 0 or self.sample_temperature <= 0:
             raise ValueError("--sample-count and --sample-top-k must not be negative, --sample-temperature must be "
                              f"positive; got {self.sample_count}, {self.sample_top_k}, {self.sample_temperature}")
 
 
+def _gpt_preset(name: str, **settings) -> GPTTrainConfig:
+    """The network of GPT_PRESETS[name], its codebook size taken from the tokens at start."""
+    return GPTTrainConfig(**{**dataclasses.asdict(GPT_PRESETS[name]), "codebook_size": 0}, **settings)
+
+
 GPT_TRAIN_PRESETS = {
-    "tiny": GPTTrainConfig(**dataclasses.asdict(GPT_PRESETS["tiny"]), batch_size=32, lr=1e-3, warmup_steps=100,
-                           max_steps=3000, eval_every=1000, ckpt_every=1000, weight_decay=0.01, eval_batch_size=100,
-                           sample_count=16, out="runs/gpt-tiny"),
-    "g256": GPTTrainConfig(**dataclasses.asdict(GPT_PRESETS["g256"]), batch_size=8, lr=3e-4, warmup_steps=1000,
-                           max_steps=100000, weight_decay=0.01, eval_every=2000, ckpt_every=2000, out="runs/gpt-g256"),
-    "seed": GPTTrainConfig(**dataclasses.asdict(GPT_PRESETS["seed"]), batch_size=16, lr=3e-4, warmup_steps=2000,
-                           max_steps=300000, weight_decay=0.01, eval_every=5000, ckpt_every=5000, out="runs/gpt-seed"),
+    "tiny": _gpt_preset("tiny", batch_size=32, lr=1e-3, warmup_steps=100, max_steps=3000, eval_every=1000,
+                        ckpt_every=1000, weight_decay=0.01, eval_batch_size=100, sample_count=16, out="runs/gpt-tiny"),
+    "g256": _gpt_preset("g256", batch_size=8, lr=3e-4, warmup_steps=1000, max_steps=100000, weight_decay=0.01,
+                        eval_every=2000, ckpt_every=2000, out="runs/gpt-g256"),
+    "seed": _gpt_preset("seed", batch_size=16, lr=3e-4, warmup_steps=2000, max_steps=300000, weight_decay=0.01,
+                        eval_every=5000, ckpt_every=5000, out="runs/gpt-seed"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """evaluate.py: one of --vqgan (reconstructions), --gpt (samples) or --images, scored with FID."""
+    vqgan: str = _help("VQGAN run or checkpoint to score on --data (with --gpt: a copy of the VQGAN its tokens name)", "")
+    gpt: str = _help("GPT run or checkpoint: gFID and IS of --n class-balanced samples against --ref", "")
+    images: str = _help("image folder or image shard folder to score against --ref", "")
+    data: str = _help("image shard folder whose --split the VQGAN reconstructs", "")
+    split: str = _help("split of --data, and of --images when that is a shard folder", "val")
+    ref: str = _help("reference: image shard folder, image folder, or ADM-style .npz (arr_0 images or mu/sigma)", "")
+    ref_split: str = _help("split of --ref when it is a shard folder", "train")
+    n: int = _help("samples to generate with --gpt (a multiple of the number of classes)", 50000)
+    cfg: float = _help("classifier-free guidance scale of the samples (1: plain conditional)", 1.0)
+    temperature: float = _help("sampling temperature (0: greedy)", 1.0)
+    top_k: int = _help("sample among the k most likely codes (0: off)", 0)
+    top_p: float = _help("nucleus sampling mass (1: off)", 1.0)
+    batch_size: int = _help("images per generation, reconstruction and Inception batch", 50)
+    seed: int = _help("seed of the samples (the same on any number of ranks)", 0)
+    save_samples: str = _help("folder to keep the --gpt samples as PNGs", "")
+    inception_weights: str = _help("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
+    lpips_weights: str = _help("path to vgg16-397923af.pth for LPIPS with --vqgan (default: the torch hub cache; "
+                               "without it LPIPS is left out)", "")
+    cache: bool = _help("reuse and write reference statistics beside the reference shards", True)
+    out: str = _help("also write the JSON result to this file", "")
+    device: str = _help("auto, cpu or cuda", "auto")
+    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16; Inception always runs in fp32", "auto")
+    progress: bool = _help("show progress bars", True)
+
+    def __post_init__(self):
+        if self.n < 2 or self.batch_size < 1:   # a covariance needs two samples
+            raise ValueError(f"--n must be at least 2 and --batch-size at least 1, got {self.n}, {self.batch_size}")
+        if self.temperature < 0 or self.top_k < 0 or self.cfg < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"--temperature, --top-k and --cfg must not be negative and --top-p must be in (0, 1]; "
+                             f"got {self.temperature}, {self.top_k}, {self.cfg}, {self.top_p}")
+        _check_precision(self.precision)
+
+
+EVALUATE_PRESETS: dict[str, EvaluateConfig] = {}
