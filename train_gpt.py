@@ -23,6 +23,7 @@ from models.gpt import GPT, GPTConfig
 from vqgpt import distributed
 from vqgpt.config import GPT_TRAIN_PRESETS, ConfigError, GPTTrainConfig, parse_config, subconfig
 from vqgpt.errors import RunError, exit_on_user_error
+from vqgpt.fid import load_inception, reference_statistics, sample_fid
 from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss
 from vqgpt.images import save_png
 from vqgpt.pretrained import load_bound_vqgan
@@ -65,10 +66,16 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
     configure_backends(device)
     dtype = resolve_precision(cfg.precision, device)
     cfg, train_split, val_split = fit_to_tokens(cfg)
+    inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
+    image_shards = train_split.manifest.get("source_shards", "")
+    if cfg.eval_fid and not Path(image_shards).is_dir():
+        raise RunError(f"--eval-fid compares samples with the images the tokens were made from, but {image_shards!r} "
+                       f"(named in {cfg.tokens}) is missing")
+    fid_reference = None   # FID statistics of those train images, made at the first eval (and cached beside them)
     run = TrainingRun(cfg, dist, "gpt", ARCHITECTURE_FIELDS)
     resume = run.load_resume_state(CHECKPOINT_KEYS)
     vqgan = None
-    if cfg.sample_count > 0 and dist.is_main:
+    if (cfg.sample_count > 0 or cfg.eval_fid) and dist.is_main:
         vqgan = load_bound_vqgan(train_split.manifest, cfg.vqgan, device, tokens_name=cfg.tokens)
 
     seed_everything(cfg.seed)   # identical init on every rank
@@ -135,7 +142,13 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
                 metrics = {}
                 if val_split is not None:
                     metrics["val_loss"] = validation_loss(model, val_split, cfg.eval_batch_size, device, dtype)
-                if vqgan is not None:
+                if inception is not None:
+                    if fid_reference is None:
+                        fid_reference = reference_statistics(image_shards, "train", inception, cfg.eval_batch_size).stats
+                    metrics.update(sample_fid(model, vqgan.model, cfg.eval_fid_samples, fid_reference, inception,
+                                              seed=cfg.seed, batch_size=cfg.eval_batch_size, dtype=dtype,
+                                              temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None))
+                if vqgan is not None and cfg.sample_count > 0:
                     grid = sample_grid(model, vqgan.model, cfg.sample_count, tuple(train_split.manifest["latent_grid"]),
                                        seed=cfg.seed + step, temperature=cfg.sample_temperature,
                                        top_k=cfg.sample_top_k, device=device)

@@ -24,6 +24,7 @@ from models.vqgan import VQGAN, VQGANConfig, count_parameters
 from vqgpt import distributed
 from vqgpt.config import VQGAN_TRAIN_PRESETS, ConfigError, VQGANTrainConfig, parse_config, subconfig
 from vqgpt.errors import RunError, exit_on_user_error
+from vqgpt.fid import load_inception, reference_statistics
 from vqgpt.images import image_grid, save_png, to_unit_range
 from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
@@ -70,6 +71,10 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
     configure_backends(device)
     dtype = resolve_precision(cfg.precision, device)
     train_split, val_split = load_splits(cfg)
+    if cfg.eval_fid and val_split is None:
+        raise RunError(f"{cfg.data}: --eval-fid measures rFID on the val split, and there is none; re-shard with --val-count")
+    inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
+    val_reference = None   # FID statistics of the val originals, made at the first eval (and cached beside the shards)
     run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS)
     resume = run.load_resume_state(CHECKPOINT_KEYS)
     seed_everything(cfg.seed)   # identical init on every rank (a random LPIPS backbone too)
@@ -167,8 +172,11 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
             images_seen, clock = 0, time.perf_counter()
         if val_split is not None and run.is_due(step, cfg.eval_every):
             if dist.is_main:
+                if inception is not None and val_reference is None:
+                    val_reference = reference_statistics(cfg.data, "val", inception, cfg.eval_batch_size).stats
                 metrics, grid_rows = evaluate(vqgan, perceptual if lpips_backbone == "pretrained" else None,
-                                              val_split, cfg.eval_batch_size, cfg.codebook_size, device, dtype)
+                                              val_split, cfg.eval_batch_size, cfg.codebook_size, device, dtype,
+                                              inception=inception, reference_stats=val_reference)
                 log.log(step, "eval", metrics)
                 log.print(f"step {step} eval {summary_line(metrics)}")
                 grid_path = Path(cfg.out) / "samples" / f"recon_{step:08d}.png"
