@@ -62,9 +62,10 @@ VQGAN_PANELS = [("train", "l1", "L1 (train)"), ("train", "lpips", "LPIPS (train)
                 ("train", "quant_loss", "quantizer loss"), ("train", "g_loss", "generator GAN loss"),
                 ("train", "d_loss", "discriminator loss"), ("train", "disc_weight", "adaptive GAN weight"),
                 ("eval", "psnr", "val PSNR (dB)"), ("eval", "ssim", "val SSIM"),
-                ("eval", "codebook_usage", "val codebook usage (share of codes)")]
+                ("eval", "codebook_usage", "val codebook usage (share of codes)"), ("eval", "rfid", "val rFID")]
 GPT_PANELS = [("train", "loss", "train loss (nats/token)"), ("eval", "val_loss", "val loss (nats/token)"),
-              ("train", "lr", "learning rate")]
+              ("train", "lr", "learning rate"), ("eval", "gfid", "gFID (--eval-fid-samples)"),
+              ("eval", "isc_mean", "Inception Score")]
 
 
 def vqgan_figures(records: list[dict], path) -> list[str]:

@@ -102,6 +102,15 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
+def gather_to_main(obj: Any) -> list | None:
+    """Every rank's object, in rank order, on rank 0; None on the other ranks ([obj] when not distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

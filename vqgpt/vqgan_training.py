@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
+from vqgpt import distributed
 from vqgpt.images import to_unit_range, to_uint8
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
 from vqgpt.metrics import codebook_usage, psnr, ssim
@@ -88,32 +91,54 @@ def no_sync(module: torch.nn.Module, skip: bool):
 
 @torch.no_grad()
 def evaluate(vqgan: torch.nn.Module, perceptual: torch.nn.Module | None, val_split, batch_size: int,
-             codebook_size: int, device: torch.device, dtype: torch.dtype, grid_images: int = 8) -> tuple[dict, list]:
-    """Metrics over the whole val split; codebook usage counts every code hit in the pass."""
+             codebook_size: int, device: torch.device, dtype: torch.dtype, grid_images: int = 8, *,
+             inception=None, reference_stats: dict | None = None, rank: int = 0, world_size: int = 1,
+             progress: bool = False) -> tuple[dict | None, list]:
+    """Metrics over the whole val split; codebook usage counts every code hit in the pass.
+
+    With an `inception` (vqgpt.fid.Inception) and the originals' `reference_stats`, also rFID.
+    Batch k runs on rank k % world_size and rank 0 adds the batches up in order, so every world
+    size gives the one-process numbers; the other ranks get (None, []).
+    """
     was_training = vqgan.training
     vqgan.eval()
-    totals = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-    histogram = torch.zeros(codebook_size, dtype=torch.long, device=device)
+    per_batch: dict[int, tuple] = {}   # start -> (metric sums, code histogram, reconstructions' features)
     grid_rows: list = []
-    seen = 0
-    for items, _ in val_split.iter_batches(batch_size):
+    starts = range(rank * batch_size, len(val_split), world_size * batch_size)
+    for start in tqdm(starts, desc="reconstruct", unit="batch", dynamic_ncols=True, disable=not progress or rank != 0):
+        items, _ = val_split.read(np.arange(start, min(start + batch_size, len(val_split))))
         images = to_unit_range(torch.from_numpy(items).to(device))
         with autocast(device, dtype):
             recon, _, indices, _ = vqgan(images)
         recon = recon.float().clamp(-1, 1)
-        totals["l1"] += (images - recon).abs().flatten(1).mean(1).sum().item()
-        totals["psnr"] += psnr(recon, images).sum().item()
-        totals["ssim"] += ssim(recon, images).sum().item()
+        sums = {"l1": (images - recon).abs().flatten(1).mean(1).sum().item(),
+                "psnr": psnr(recon, images).sum().item(), "ssim": ssim(recon, images).sum().item()}
         if perceptual is not None:
-            totals["lpips"] += perceptual(images, recon).sum().item()
-        histogram += torch.bincount(indices.flatten(), minlength=len(histogram))
-        if not grid_rows:
+            sums["lpips"] = perceptual(images, recon).sum().item()
+        histogram = torch.bincount(indices.flatten(), minlength=codebook_size).cpu()
+        features = inception.features(to_uint8(recon)).pool if inception is not None else None
+        if start == 0:
             grid_rows = [items[:grid_images], to_uint8(recon[:grid_images])]
-        seen += len(items)
-    metrics = {key: value / max(seen, 1) for key, value in totals.items()}
-    if perceptual is None:
-        metrics.pop("lpips")
-    metrics.update(codebook_usage(histogram.cpu()))
-    metrics["val_images"] = seen
+        per_batch[start] = (sums, histogram, features, len(items))
     vqgan.train(was_training)
+    # the trainers evaluate on rank 0 alone (world_size 1): no collective then
+    gathered = distributed.gather_to_main(per_batch) if world_size > 1 else [per_batch]
+    if gathered is None:
+        return None, []
+    batches = {start: part for parts in gathered for start, part in parts.items()}
+    ordered = [batches[start] for start in sorted(batches)]
+    totals = {key: 0.0 for key in ordered[0][0]} if ordered else {}
+    histogram = torch.zeros(codebook_size, dtype=torch.long)
+    for sums, batch_histogram, _, _ in ordered:
+        for key, value in sums.items():
+            totals[key] += value
+        histogram += batch_histogram
+    seen = sum(count for *_, count in ordered)
+    metrics = {key: value / max(seen, 1) for key, value in totals.items()}
+    metrics.update(codebook_usage(histogram))
+    metrics["val_images"] = seen
+    if inception is not None:
+        from vqgpt.fid import fid_statistics, frechet_distance
+
+        metrics["rfid"] = frechet_distance(fid_statistics(np.concatenate([b[2] for b in ordered])), reference_stats)
     return metrics, grid_rows

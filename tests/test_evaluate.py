@@ -1,0 +1,263 @@
+"""evaluate.py and vqgpt/fid.py: FID equals torch-fidelity's, bad weights refused, balanced classes, ranks, cache.
+
+The real Inception weights cannot be downloaded here, so a random InceptionV3 in torch-fidelity's
+layout stands in, its BatchNorm statistics calibrated so that its features do not collapse.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from tests.conftest import gradient_image
+from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, run_script
+from vqgpt import fid
+from vqgpt.config import EVALUATE_PRESETS, EvaluateConfig, parse_config
+from vqgpt.dataprep import builtin_source, scan_folder, write_shards
+from vqgpt.errors import exit_on_user_error
+from vqgpt.files import sha256_file
+from vqgpt.images import to_uint8, to_unit_range
+from vqgpt.pretrained import load_vqgan
+from vqgpt.runlog import read_metrics
+from vqgpt.shards import ShardSplit
+
+SET_SIZE = 12
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return fid.save_random_inception(tmp_path_factory.mktemp("inception") / fid.INCEPTION_WEIGHTS_FILE, seed=0)
+
+
+def save_pngs(folder: Path, images) -> Path:
+    folder.mkdir(parents=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"img_{index:03d}.png")
+    return folder
+
+
+def shardify(folder: Path, dest: Path) -> Path:
+    write_shards(scan_folder(folder, labels="none"), dest, size=32, val_count=0, workers=1, progress=False)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def image_sets(shapes_shards, tmp_path_factory) -> dict[str, Path]:
+    """Two different 32 px PNG folders (shapes, gradients), the shard folders made from them, and 4-image sets."""
+    root = tmp_path_factory.mktemp("image_sets")
+    shapes = ShardSplit(shapes_shards, "val").read(np.arange(SET_SIZE))[0]
+    gradients = [gradient_image(32, 32, seed) for seed in range(SET_SIZE)]
+    sets = {"a_png": save_pngs(root / "a_png", shapes), "b_png": save_pngs(root / "b_png", gradients),
+            "few_png": save_pngs(root / "few_png", [gradient_image(32, 32, seed) for seed in range(100, 104)])}
+    sets["a_shards"] = shardify(sets["a_png"], root / "a_shards")
+    sets["b_shards"] = shardify(sets["b_png"], root / "b_shards")
+    sets["few_shards"] = shardify(save_pngs(root / "few_shapes_png", shapes[:4]), root / "few_shards")
+    return sets
+
+
+def score(tmp_path: Path, *flags: str) -> dict:
+    """evaluate.py in this process; its JSON result."""
+    out = tmp_path / f"result_{len(list(tmp_path.glob('result_*')))}.json"
+    cfg = parse_config(EvaluateConfig, EVALUATE_PRESETS, [*flags, f"--out={out}", "--device=cpu", "--progress=false",
+                                                          "--batch-size=5"])
+    assert evaluate.main(cfg) == 0
+    return json.loads(out.read_text())
+
+
+def refused(capsys, *flags: str) -> str:
+    """Run evaluate.py as its __main__ would; it must exit 2 with one line on stderr, which is returned."""
+    cfg = parse_config(EvaluateConfig, EVALUATE_PRESETS, [*flags, "--device=cpu", "--progress=false"])
+    assert exit_on_user_error(lambda: evaluate.main(cfg), "evaluate") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate: error: "), lines
+    return lines[0]
+
+
+def test_fid_equals_torch_fidelity_and_separates_different_images(image_sets, weights, tmp_path):
+    from torch_fidelity import calculate_metrics
+
+    pngs = np.stack([np.asarray(Image.open(p)) for p in sorted(image_sets["b_png"].glob("*.png"))])
+    shards = ShardSplit(image_sets["b_shards"], "train")
+    assert sorted(map(bytes, pngs)) == sorted(map(bytes, shards.read(np.arange(len(shards)))[0]))   # same pixels
+
+    ours = score(tmp_path, f"--images={image_sets['a_png']}", f"--ref={image_sets['b_shards']}",
+                 f"--inception-weights={weights}", "--cache=false")
+    theirs = calculate_metrics(input1=str(image_sets["a_png"]), input2=str(image_sets["b_png"]), fid=True, isc=True,
+                               cuda=False, cache=False, verbose=False, save_cpu_ram=True,
+                               feature_extractor_weights_path=str(weights))
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
+    assert ours["isc_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
+    assert ours["isc_std"] == pytest.approx(theirs["inception_score_std"], rel=1e-4, abs=1e-9)
+    assert ours["images"] == ours["ref_images"] == SET_SIZE and ours["ref_split"] == "train"
+
+    same = score(tmp_path, f"--images={image_sets['a_png']}", f"--ref={image_sets['a_shards']}",
+                 f"--inception-weights={weights}", "--cache=false")
+    assert ours["fid"] > 1.0 and abs(same["fid"]) < 1e-3 * ours["fid"]
+    assert ours["inception_weights_sha256"] == same["inception_weights_sha256"] == sha256_file(weights)
+
+
+def test_npz_references_arr0_and_statistics(image_sets, weights, tmp_path):
+    images = ShardSplit(image_sets["b_shards"], "train").read(np.arange(4))[0]
+    np.savez(tmp_path / "batch.npz", arr_0=images)
+    from_images = score(tmp_path, f"--images={image_sets['few_png']}",
+                        f"--ref={tmp_path / 'batch.npz'}", f"--inception-weights={weights}")
+    inception = fid.load_inception(str(weights))
+    stats = fid.fid_statistics(inception.features(images).pool)
+    np.savez(tmp_path / "stats.npz", mu=stats["mu"], sigma=stats["sigma"])
+    from_stats = score(tmp_path, f"--images={image_sets['few_png']}",
+                       f"--ref={tmp_path / 'stats.npz'}", f"--inception-weights={weights}")
+    assert from_stats["fid"] == pytest.approx(from_images["fid"], rel=1e-9)
+    assert from_stats["ref_statistics"] == "npz mu/sigma" and from_images["ref_images"] == 4
+
+
+def test_cached_statistics_are_reused_and_recomputed_for_other_weights(image_sets, weights, tmp_path, monkeypatch):
+    reference = shutil.copytree(image_sets["few_shards"], tmp_path / "ref")
+    my_weights = shutil.copy(weights, tmp_path / "inception.pth")
+    extractions = []
+    real_extract = fid.extract_features
+    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: extractions.append(a[0]) or real_extract(*a, **k))
+    flags = (f"--images={image_sets['few_png']}", f"--ref={reference}", f"--inception-weights={my_weights}")
+
+    first = score(tmp_path, *flags)
+    assert extractions == [4] and first["ref_statistics"].startswith("extracted, cached")
+    assert [p.name for p in reference.glob("fid_stats_*")] == [f"fid_stats_train_{first['inception_weights_sha256'][:16]}.npz"]
+    second = score(tmp_path, *flags)
+    assert extractions == [4] and second["ref_statistics"].startswith("cached")
+    assert second["fid"] == first["fid"]
+
+    fid.save_random_inception(my_weights, seed=1, calibration_batches=1)   # same path, other weights: another sha256
+    third = score(tmp_path, *flags)
+    assert extractions == [4, 4] and third["ref_statistics"].startswith("extracted")
+    assert third["inception_weights_sha256"] != first["inception_weights_sha256"] and third["fid"] != first["fid"]
+    assert len(list(reference.glob("fid_stats_*"))) == 2
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_bad_weights_are_refused_in_one_line_before_any_work(image_sets, tmp_path, capsys, monkeypatch):
+    reference = shutil.copytree(image_sets["a_shards"], tmp_path / "ref")
+    out = tmp_path / "result.json"
+    flags = (f"--images={image_sets['few_png']}", f"--ref={reference}", f"--out={out}")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    line = refused(capsys, *flags)
+    assert fid.INCEPTION_WEIGHTS_FILE in line and str(tmp_path / "torch_home" / "hub" / "checkpoints") in line
+    assert "--inception-weights" in refused(capsys, *flags, f"--inception-weights={tmp_path / 'nowhere.pth'}")
+
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    assert "is not torch-fidelity's InceptionV3 state dict" in refused(
+        capsys, *flags, f"--inception-weights={tmp_path / 'other.pth'}")
+    (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
+    assert "weights_only=True" in refused(capsys, *flags, f"--inception-weights={tmp_path / 'garbage.pth'}")
+    marker = tmp_path / "code_ran"
+    torch.save(RunsCode(marker), tmp_path / "evil.pth")
+    assert "weights_only=True" in refused(capsys, *flags, f"--inception-weights={tmp_path / 'evil.pth'}")
+    assert not marker.exists()
+
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    shutil.copy(tmp_path / "evil.pth", hub / fid.INCEPTION_WEIGHTS_FILE)
+    assert "weights_only=True" in refused(capsys, *flags)
+    assert not marker.exists() and not out.exists() and not list(reference.glob("fid_stats_*"))
+
+
+def test_bad_flags_are_refused(image_sets, weights, capsys):
+    assert "--ref" in refused(capsys, f"--images={image_sets['a_png']}", f"--inception-weights={weights}")
+    assert "one of" in refused(capsys, f"--inception-weights={weights}")
+    assert "--data" in refused(capsys, "--vqgan=runs/x", f"--inception-weights={weights}")
+
+
+def test_vqgan_mode_rfid_is_the_fid_of_the_reconstructions(tiny_vqgan_run, image_sets, weights, tmp_path):
+    result = score(tmp_path, f"--vqgan={tiny_vqgan_run}", f"--data={image_sets['a_shards']}", "--split=train",
+                   f"--inception-weights={weights}")
+    assert result["mode"] == "vqgan" and result["images"] == SET_SIZE and result["split"] == "train"
+    assert {"psnr", "ssim", "l1", "codebook_usage", "perplexity"} <= result.keys() and result["fid"] > 0
+    originals = ShardSplit(image_sets["a_shards"], "train").read(np.arange(SET_SIZE))[0]
+    vqgan = load_vqgan(tiny_vqgan_run)
+    with torch.no_grad():
+        reconstructions = to_uint8(vqgan.model(to_unit_range(torch.from_numpy(originals)))[0])
+    recon_folder = save_pngs(tmp_path / "recon", reconstructions)
+    direct = score(tmp_path, f"--images={recon_folder}", f"--ref={image_sets['a_shards']}",
+                   f"--inception-weights={weights}")
+    assert result["fid"] == pytest.approx(direct["fid"], rel=1e-4)
+    assert direct["ref_statistics"].startswith("cached")   # the --vqgan run cached the originals' statistics
+
+
+@pytest.fixture(scope="module")
+def gpt_run(shapes_tokens, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpt_eval")
+    run_script("train_gpt.py", f"--tokens={shapes_tokens}", f"--out={out}", "--max-steps=2", *GPT_TEST_FLAGS)
+    return out
+
+
+def test_gpt_mode_generates_balanced_classes(gpt_run, image_sets, weights, tmp_path, monkeypatch, capsys):
+    drawn = []
+    real_sample = fid.sample_tokens
+    monkeypatch.setattr(fid, "sample_tokens",
+                        lambda model, n, labels=None, **k: drawn.append(labels.tolist()) or real_sample(model, n, labels=labels, **k))
+    result = score(tmp_path, f"--gpt={gpt_run}", f"--ref={image_sets['a_shards']}", "--n=18", "--cfg=2",
+                   "--top-k=50", f"--inception-weights={weights}", f"--save-samples={tmp_path / 'samples'}")
+    labels = [label for batch in drawn for label in batch]
+    assert np.bincount(labels).tolist() == [3] * 6 and result["images_per_class"] == [3] * 6
+    assert result["images"] == 18 and result["fid"] > 0 and result["isc_mean"] >= 1
+    assert len(list((tmp_path / "samples").glob("*_class5.png"))) == 3
+    assert "multiple of the model's 6 classes" in refused(capsys, f"--gpt={gpt_run}", f"--ref={image_sets['a_shards']}",
+                                                          "--n=10", f"--inception-weights={weights}")
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_equal_one_process(gpt_run, image_sets, weights, tmp_path):
+    results = {}
+    for nproc in (0, 2):
+        out = tmp_path / f"result_{nproc}.json"
+        run_script("evaluate.py", f"--gpt={gpt_run}", f"--ref={image_sets['b_png']}", "--n=12", "--batch-size=4",
+                   f"--inception-weights={weights}", f"--save-samples={tmp_path / f'samples_{nproc}'}",
+                   f"--out={out}", "--device=cpu", "--progress=false", nproc=nproc)
+        results[nproc] = json.loads(out.read_text())
+    assert results[2]["world_size"] == 2
+    for key in ("fid", "isc_mean", "isc_std", "images", "ref_images"):
+        assert results[2][key] == results[0][key], key
+    one, two = sorted((tmp_path / "samples_0").glob("*.png")), sorted((tmp_path / "samples_2").glob("*.png"))
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 12
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+
+
+@pytest.mark.slow
+def test_trainers_log_fid_and_plot_it(weights, tmp_path, monkeypatch):
+    shards = tmp_path / "shapes"
+    write_shards(builtin_source("shapes", 36), shards, size=32, shard_size=100, val_count=6, workers=1, progress=False)
+    fid_flags = ["--eval-fid", f"--inception-weights={weights}"]
+    run_script("train_resnet_vqgan.py", f"--data={shards}", f"--out={tmp_path / 'vqgan'}", "--max-steps=2",
+               *VQGAN_TEST_FLAGS, *fid_flags)
+    evals = [r for r in read_metrics(tmp_path / "vqgan") if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["rfid"] > 0 and len(list(shards.glob("fid_stats_val_*.npz"))) == 1
+
+    tokens = tmp_path / "tokens"
+    run_script("image_quantizer.py", f"--vqgan={tmp_path / 'vqgan'}", f"--data={shards}", f"--out={tokens}",
+               "--progress=false")
+    run_script("train_gpt.py", f"--tokens={tokens}", f"--out={tmp_path / 'gpt'}", "--max-steps=2", *GPT_TEST_FLAGS,
+               "--sample-count=0", "--eval-fid-samples=6", "--eval-batch-size=6", *fid_flags)
+    evals = [r for r in read_metrics(tmp_path / "gpt") if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["gfid"] > 0 and evals[0]["isc_mean"] >= 1
+    assert len(list(shards.glob("fid_stats_train_*.npz"))) == 1
+
+    drawn = run_script("-m", "plots", str(tmp_path / "vqgan"), str(tmp_path / "gpt"), f"--out={tmp_path / 'figures'}")
+    assert "val rFID" in drawn.stdout and "gFID" in drawn.stdout
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    missing = run_script("train_resnet_vqgan.py", f"--data={shards}", f"--out={tmp_path / 'nofid'}", "--max-steps=2",
+                         *VQGAN_TEST_FLAGS, "--eval-fid", check=False)
+    assert missing.returncode == 2 and fid.INCEPTION_WEIGHTS_FILE in missing.stderr
+    assert not (tmp_path / "nofid").exists()
