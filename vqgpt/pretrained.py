@@ -11,6 +11,7 @@ from models.vqgan import VQGAN, VQGANConfig
 from vqgpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from vqgpt.errors import RunError
 from vqgpt.config import subconfig_from_dict
+from vqgpt.export import is_exported, load_exported
 from vqgpt.files import sha256_file
 
 
@@ -37,7 +38,12 @@ def _load_model(path_or_run: str | Path, stage: str, config_cls, model_cls, devi
 
 
 def load_vqgan(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedVQGAN:
-    """The VQGAN of a checkpoint (or a run's latest), in eval mode, with the file's sha256."""
+    """The VQGAN of a checkpoint, a run's latest or an exported folder, in eval mode, with the file's sha256
+    (an export's is that of the checkpoint it was made from: the same weights, the same tokens)."""
+    if is_exported(path_or_run):
+        exported = load_exported(path_or_run, "vqgan")
+        return LoadedVQGAN(exported.model.to(device), exported.config, exported.path, exported.source_sha256,
+                           int(exported.info["source"]["step"]))
     model, config, path, state = _load_model(path_or_run, "vqgan", VQGANConfig, VQGAN, device)
     return LoadedVQGAN(model, config, path, sha256_file(path), int(state["step"]))
 
@@ -66,6 +72,10 @@ class LoadedGPT:
 
 
 def load_gpt(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedGPT:
-    """The GPT of a checkpoint (or a run's latest), in eval mode, with the manifest of its tokens."""
+    """The GPT of a checkpoint, a run's latest or an exported folder, in eval mode, with the manifest of its tokens."""
+    if is_exported(path_or_run):
+        exported = load_exported(path_or_run, "gpt")
+        return LoadedGPT(exported.model.to(device), exported.config, exported.info.get("token_manifest", {}),
+                         exported.path, int(exported.info["source"]["step"]))
     model, config, path, state = _load_model(path_or_run, "gpt", GPTConfig, GPT, device)
     return LoadedGPT(model, config, state.get("token_manifest", {}), path, int(state["step"]))

@@ -1,0 +1,33 @@
+"""Export a VQGAN or GPT as config.json + model.safetensors (weights only, no pickle) + a model card.
+
+    python export.py runs/vqgan --out exports/vqgan
+    python export.py runs/gpt/step_00003000.pt --out exports/gpt
+    python image_quantizer.py --vqgan exports/vqgan --data data/shapes --out data/shapes-tokens
+
+`VQGAN.from_pretrained(DIR)` / `GPT.from_pretrained(DIR)` load the folder, and every --vqgan /
+--gpt option takes it. `--help` lists every setting.
+"""
+from __future__ import annotations
+
+import sys
+
+from vqgpt.config import EXPORT_PRESETS, ConfigError, ExportConfig, parse_config
+from vqgpt.errors import exit_on_user_error
+from vqgpt.export import export_run
+
+
+def main(cfg: ExportConfig) -> int:
+    missing = [flag for flag, value in (("RUN", cfg.run), ("--out", cfg.out)) if not value]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required: export.py RUN --out DIR")
+    out = export_run(cfg.run, cfg.out)
+    print(f"{out}: config.json, model.safetensors, README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if argv and not argv[0].startswith("-"):   # `export.py RUN --out DIR`: the run may come first, unnamed
+        argv = ["--run", *argv]
+    sys.exit(exit_on_user_error(
+        lambda: main(parse_config(ExportConfig, EXPORT_PRESETS, argv, description=__doc__)), "export"))
