@@ -1,8 +1,10 @@
 """The VQGAN autoencoder: encoder -> vector quantizer -> decoder, with its config and presets."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,9 @@ class VQGANConfig:
     ema_decay: float = 0.0
     dead_code_steps: int = 0
     fsq_levels: tuple[int, ...] = ()   # fsq: values per channel; codebook_size = their product
+    # quant_conv / post_quant_conv map z_channels <-> codebook_dim themselves (taming's and LlamaGen's layout)
+    # instead of the quantizer's project_in / project_out
+    quant_conv_to_codebook: bool = False
     disc_layers: int = 3
     disc_ndf: int = 64
 
@@ -68,9 +73,10 @@ class VQGAN(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
-        self.quantizer = build_quantizer(config)
-        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        latent = config.codebook_dim if config.quant_conv_to_codebook else config.z_channels
+        self.quant_conv = nn.Conv2d(config.z_channels, latent, 1)
+        self.quantizer = build_quantizer(dataclasses.replace(config, z_channels=latent))
+        self.post_quant_conv = nn.Conv2d(latent, config.z_channels, 1)
         self.decoder = Decoder(config)
 
     @property
@@ -97,6 +103,13 @@ class VQGAN(nn.Module):
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h*w) int64 codes in raster order; no decoder, no graph."""
         return self.quantizer.indices_for(self.quant_conv(self.encoder(images))).flatten(1)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "VQGAN":
+        """A VQGAN written by export.py (config.json + model.safetensors), in eval mode without grads."""
+        from vqgpt.export import load_exported   # late: models/ does not import the library
+
+        return load_exported(folder, "vqgan").model
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h*w) codes -> images (B, 3, H, W) in about [-1, 1]."""
