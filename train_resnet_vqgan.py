@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=8 train_resnet_vqgan.py --data data/imgs --out runs/vq --preset seed
     torchrun --nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --nproc_per_node=8 \
         train_resnet_vqgan.py --data data/imgs --out runs/vq --preset seed       # (node_rank=1 on the other)
+    python train_resnet_vqgan.py --data data/imgs --out runs/vq-ft --init-from runs/taming-f16   # fine-tune
 
 Rerunning the same command continues from the latest checkpoint (--resume auto). SIGTERM or
 Ctrl-C writes a checkpoint and exits 0. `--help` lists every setting.
@@ -11,6 +12,7 @@ Ctrl-C writes a checkpoint and exits 0. `--help` lists every setting.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -25,6 +27,7 @@ from vqgpt import distributed
 from vqgpt.config import VQGAN_TRAIN_PRESETS, ConfigError, VQGANTrainConfig, parse_config, subconfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics
+from vqgpt.finetune import InitSource, adopt_architecture, load_init_source
 from vqgpt.images import image_grid, save_png, to_unit_range
 from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
@@ -63,10 +66,13 @@ def adam(params, lr: float, betas: tuple[float, ...], device: torch.device) -> t
 
 
 def main(cfg: VQGANTrainConfig) -> int:
-    return distributed.launch(train, cfg)
+    init = load_init_source(cfg.init_from) if cfg.init_from else None   # tensors memory-mapped until loaded
+    if init is not None:
+        cfg = adopt_architecture(cfg, init)
+    return distributed.launch(functools.partial(train, init=init), cfg)
 
 
-def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
+def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | None = None) -> int:
     device = dist.device
     configure_backends(device)
     dtype = resolve_precision(cfg.precision, device)
@@ -100,6 +106,10 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
         loader.load_state_dict(resume["loader"])
         run.restore_rng(resume)
         step = resume["step"]
+    elif init is not None:   # a fine-tune: the source's weights, fresh optimizers, step 0
+        vqgan.load_state_dict(init.vqgan)
+        if init.discriminator is not None:
+            discriminator.load_state_dict(init.discriminator)
 
     models = VQGANModels(vqgan=vqgan, discriminator=discriminator, raw_vqgan=vqgan,
                          raw_discriminator=discriminator, perceptual=perceptual)
@@ -120,6 +130,9 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo) -> int:
               + (f"; resumed from {resume['path']} at step {step}" if resume else ""))
     if lpips_backbone == "random":
         log.print("WARNING: --lpips-random-backbone: the perceptual term uses an untrained VGG (smoke runs only)")
+    if init is not None and resume is None:
+        log.print(f"initialised from {init.path}: networks"
+                  + (" and discriminator" if init.discriminator is not None else " (fresh discriminator)"))
     run.install_signal_handlers()
 
     stop = False

@@ -73,11 +73,14 @@ def resolve_checkpoint(path_or_run: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, required_keys: tuple[str, ...] = ()) -> dict:
-    """torch.load with weights_only=True, turned into one clear error for any bad file."""
+def load_checkpoint(path: str | Path, required_keys: tuple[str, ...] = (), mmap: bool = False) -> dict:
+    """torch.load with weights_only=True, turned into one clear error for any bad file.
+
+    mmap: tensors stay in the file (paged in when read), so holding the state costs no memory.
+    """
     path = resolve_checkpoint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many kinds for truncated / foreign / malicious files
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
