@@ -3,12 +3,13 @@
     python evaluate.py --vqgan runs/vqgan --data data/shapes                        # whole val split: rFID, PSNR, SSIM, ...
     python evaluate.py --gpt runs/gpt --ref data/shapes --n 50000 --cfg 1.5 --top-k 100 --save-samples samples/50k
     python evaluate.py --images samples/50k --ref VIRTUAL_imagenet256_labeled.npz   # any folder vs an ADM reference batch
-    torchrun --standalone --nproc_per_node=8 evaluate.py --gpt runs/gpt --ref data/imgs --n 50000
+    torchrun --standalone --nproc_per_node=8 evaluate.py --gpt runs/gpt --ref data/imgs --num-samples 50000
 
 The Inception weights (weights-inception-2015-12-05-6726825d.pth) come from --inception-weights
 or the torch hub cache, never from the internet. Reference statistics of shard folders are cached
 beside the shards, keyed by split and weights sha256. Under torchrun the batches are split over
-the ranks and gathered on rank 0; the numbers equal one process's. The last line printed is one
+the ranks and gathered on rank 0; the numbers equal one process's (spell --n as --num-samples
+there: torchrun takes --n for an abbreviation of its own flags). The last line printed is one
 JSON object (`--out FILE` writes it too). `--help` lists every setting.
 """
 from __future__ import annotations
@@ -94,15 +95,15 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
     gpt = load_gpt(cfg.gpt, dist.device)
     vqgan = load_bound_vqgan(gpt.token_manifest, cfg.vqgan, dist.device, tokens_name=f"the tokens of {gpt.path}")
     n_classes = gpt.config.n_classes
-    if n_classes and cfg.n % n_classes:
-        lower = cfg.n - cfg.n % n_classes
-        raise ConfigError(f"--n {cfg.n} is not a multiple of the model's {n_classes} classes; use {lower or n_classes} "
+    if n_classes and cfg.num_samples % n_classes:
+        lower = cfg.num_samples - cfg.num_samples % n_classes
+        raise ConfigError(f"--num-samples {cfg.num_samples} is not a multiple of the model's {n_classes} classes; use {lower or n_classes} "
                           f"or {lower + n_classes} so that every class gets the same number of samples")
     if cfg.cfg != 1 and not n_classes:
         raise ConfigError("--cfg guides towards classes, but this GPT was trained without classes; leave it at 1")
     reference = reference_statistics(cfg.ref, cfg.ref_split, inception, cfg.batch_size, rank=dist.rank,
                                      world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress)
-    labels = balanced_labels(cfg.n, n_classes)
+    labels = balanced_labels(cfg.num_samples, n_classes)
     sampling = dict(cfg_scale=cfg.cfg if n_classes else 1.0, temperature=cfg.temperature, top_k=cfg.top_k or None,
                     top_p=cfg.top_p if cfg.top_p < 1 else None)
     save_dir = Path(cfg.save_samples) if cfg.save_samples else None
@@ -117,7 +118,7 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
                 save_png(save_dir / f"{index:06d}{label}.png", image)
         return images
 
-    features = extract_features(cfg.n, cfg.batch_size, make_batch, inception, rank=dist.rank,
+    features = extract_features(cfg.num_samples, cfg.batch_size, make_batch, inception, rank=dist.rank,
                                 world_size=dist.world_size, progress=cfg.progress, desc="sample + inception")
     if features is None:
         return {}

@@ -222,7 +222,7 @@ def test_two_ranks_under_torchrun_equal_one_process(gpt_run, image_sets, weights
     results = {}
     for nproc in (0, 2):
         out = tmp_path / f"result_{nproc}.json"
-        run_script("evaluate.py", f"--gpt={gpt_run}", f"--ref={image_sets['b_png']}", "--n=12", "--batch-size=4",
+        run_script("evaluate.py", f"--gpt={gpt_run}", f"--ref={image_sets['b_png']}", "--num-samples=12", "--batch-size=4",
                    f"--inception-weights={weights}", f"--save-samples={tmp_path / f'samples_{nproc}'}",
                    f"--out={out}", "--device=cpu", "--progress=false", nproc=nproc)
         results[nproc] = json.loads(out.read_text())

@@ -97,7 +97,8 @@ def build_parser(cls: type, presets: dict[str, Any], description: str) -> argpar
             shown = default
         # a bare boolean flag (`--flip`) means true; `--flip false` / `--flip=false` still work
         bare = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
-        parser.add_argument(flag_name(f.name), dest=f.name, type=parse, metavar=metavar,
+        aliases = (f.metadata or {}).get("aliases", ())
+        parser.add_argument(flag_name(f.name), *aliases, dest=f.name, type=parse, metavar=metavar,
                             default=argparse.SUPPRESS, help=f"{doc} (default: {shown})".strip(), **bare)
     return parser
 
@@ -152,8 +153,8 @@ def _check_precision(precision: str) -> None:
                          f"got {precision!r}")
 
 
-def _help(text: str, default):
-    return dataclasses.field(default=default, metadata={"help": text})
+def _help(text: str, default, aliases: tuple[str, ...] = ()):
+    return dataclasses.field(default=default, metadata={"help": text, "aliases": aliases})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +355,9 @@ class EvaluateConfig:
     split: str = _help("split of --data, and of --images when that is a shard folder", "val")
     ref: str = _help("reference: image shard folder, image folder, or ADM-style .npz (arr_0 images or mu/sigma)", "")
     ref_split: str = _help("split of --ref when it is a shard folder", "train")
-    n: int = _help("samples to generate with --gpt (a multiple of the number of classes)", 50000)
+    # --n is what sample.py takes, but torchrun's own parser finds it ambiguous: under torchrun, --num-samples
+    num_samples: int = _help("samples to generate with --gpt (a multiple of the number of classes)", 50000,
+                             aliases=("--n",))
     cfg: float = _help("classifier-free guidance scale of the samples (1: plain conditional)", 1.0)
     temperature: float = _help("sampling temperature (0: greedy)", 1.0)
     top_k: int = _help("sample among the k most likely codes (0: off)", 0)
@@ -372,8 +375,9 @@ class EvaluateConfig:
     progress: bool = _help("show progress bars", True)
 
     def __post_init__(self):
-        if self.n < 2 or self.batch_size < 1:   # a covariance needs two samples
-            raise ValueError(f"--n must be at least 2 and --batch-size at least 1, got {self.n}, {self.batch_size}")
+        if self.num_samples < 2 or self.batch_size < 1:   # a covariance needs two samples
+            raise ValueError(f"--num-samples must be at least 2 and --batch-size at least 1, got {self.num_samples}, "
+                             f"{self.batch_size}")
         if self.temperature < 0 or self.top_k < 0 or self.cfg < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"--temperature, --top-k and --cfg must not be negative and --top-p must be in (0, 1]; "
                              f"got {self.temperature}, {self.top_k}, {self.cfg}, {self.top_p}")
