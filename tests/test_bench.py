@@ -16,6 +16,8 @@ BENCHES = [
     ("bench/gpt.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "2"],   # + torchrun ranks
      ["train_tokens_per_s", "mfu", "sample_tokens_per_s_kv", "sample_tokens_per_s_recompute", "scaling_2_ranks",
       "scaling_2_ranks_without_allreduce"]),
+    ("bench/evaluate.py", ["--images", "4", "--samples", "2", "--batch-size", "2", "--ranks", "0"],
+     ["extract_images_per_s", "generate_decode_images_per_s"]),
 ]
 
 
