@@ -52,10 +52,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST_NAME
-    if pointer.is_file():
-        candidate = run_dir / pointer.read_text().strip()
-        if CHECKPOINT_PATTERN.match(candidate.name) and candidate.is_file():
-            return candidate
+    if pointer.is_file() and not pointer.is_symlink():
+        try:
+            name = pointer.read_text(errors="replace").strip()
+        except OSError:
+            name = ""
+        # only a plain checkpoint name inside this folder: `latest` must not lead anywhere else
+        if CHECKPOINT_PATTERN.match(name) and (run_dir / name).is_file():
+            return run_dir / name
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -89,7 +93,20 @@ def load_checkpoint(path: str | Path, required_keys: tuple[str, ...] = (), mmap:
     missing = [k for k in required_keys if k not in state]
     if missing:
         raise CheckpointError(f"{path}: not the right kind of checkpoint (missing {', '.join(missing)})")
+    check_field_types(path, state)
     return state
+
+
+_FIELD_TYPES = {"stage": str, "step": int, "config": dict, "world_size": int, "rng": list}
+
+
+def check_field_types(path: Path, state: dict) -> None:
+    """A crafted file may hold a list where the config goes: refuse it here, not as a traceback later."""
+    for key, expected in _FIELD_TYPES.items():
+        value = state.get(key, expected())
+        if not isinstance(value, expected) or isinstance(value, bool) or (expected is int and value < 0):
+            raise CheckpointError(f"{path}: field {key!r} holds {type(value).__name__} {str(value)[:40]!r}, "
+                                  f"expected a {'non-negative ' if expected is int else ''}{expected.__name__}")
 
 
 def capture_rng_state() -> dict:

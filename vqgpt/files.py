@@ -5,6 +5,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -13,15 +15,42 @@ from typing import Iterator
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final_path`; rename it into place only if the block succeeds."""
     final_path = Path(final_path)
-    tmp_path = final_path.with_name(f".{final_path.name}.{os.getpid()}.tmp")
+    tmp_path = _create_exclusive(final_path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, final_path)
+        _fsync_folder(final_path.parent)
     finally:
-        if tmp_path.exists():
+        if os.path.lexists(tmp_path):
             tmp_path.unlink()
+
+
+def _create_exclusive(final_path: Path) -> Path:
+    """A new empty file `.name.PID.RANDOM.tmp` beside `final_path`: never an existing file or a planted link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp_path = final_path.with_name(f".{final_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp_path, flags, 0o666))   # 0o666 & ~umask, like a plain open()
+            return tmp_path
+        except FileExistsError:
+            continue
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -41,7 +70,24 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+_TEMPORARY = re.compile(r"^\..+\.(\d+)(\.[0-9a-f]{8})?\.tmp$")
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Delete `.name.PID.tmp` leftovers of an interrupted writer."""
+    """Delete `.name.PID[.RANDOM].tmp` leftovers of writers that died (kill -9); a live writer's are kept."""
     for leftover in Path(folder).glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+        match = _TEMPORARY.match(leftover.name)
+        if match and not _process_alive(int(match.group(1))):
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False   # ours from an earlier call that died mid-write: nothing of ours is writing now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
