@@ -47,6 +47,9 @@ def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, Shar
     if manifest.get("kind") != "tokens":
         raise RunError(f"{cfg.tokens}: holds {manifest.get('kind')} shards; the GPT trains on token shards "
                        "(make them with image_quantizer.py)")
+    missing = [key for key in ("codebook_size", "latent_grid") if key not in manifest]
+    if missing:   # checked now, not at the first eval hours later
+        raise RunError(f"{cfg.tokens}: token manifest lacks {', '.join(missing)}; re-make it with image_quantizer.py")
     codebook_size = manifest["codebook_size"]
     if 0 < cfg.codebook_size < codebook_size:
         raise RunError(f"{cfg.tokens}: codebook of {codebook_size} codes exceeds --codebook-size {cfg.codebook_size}; "
@@ -137,6 +140,11 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
                                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "epoch": loader.epoch,
                                     "skipped_steps": run.skipped_steps})
             tokens_seen, clock = 0, time.perf_counter()
+        # saved before the eval: an eval that fails must not cost the steps since the last checkpoint
+        run.checkpoint_if_due(step, stop, lambda: (
+            {"gpt": model.state_dict()},
+            {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "skipped_steps": run.skipped_steps,
+             "token_manifest": train_split.manifest}), log)
         if run.is_due(step, cfg.eval_every):
             if dist.is_main:
                 metrics = {}
@@ -159,10 +167,6 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
                     log.log(step, "eval", metrics)
                     log.print(f"step {step} eval {summary_line(metrics)}")
             distributed.barrier()
-        run.checkpoint_if_due(step, stop, lambda: (
-            {"gpt": model.state_dict()},
-            {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "skipped_steps": run.skipped_steps,
-             "token_manifest": train_split.manifest}), log)
     return run.finish(loader, log)
 
 

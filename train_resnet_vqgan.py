@@ -183,6 +183,11 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
                                     "images_per_s": images_seen / max(elapsed, 1e-9),
                                     "epoch": loader.epoch, "skipped_steps": run.skipped_steps})
             images_seen, clock = 0, time.perf_counter()
+        # saved before the eval: an eval that fails must not cost the steps since the last checkpoint
+        run.checkpoint_if_due(step, stop, lambda: (
+            {"vqgan": vqgan.state_dict(), "discriminator": discriminator.state_dict()},
+            {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "loader": loader.state_dict(),
+             "skipped_steps": run.skipped_steps}), log)
         if val_split is not None and run.is_due(step, cfg.eval_every):
             if dist.is_main:
                 if inception is not None and val_reference is None:
@@ -196,10 +201,6 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
                 grid_path.parent.mkdir(parents=True, exist_ok=True)
                 save_png(grid_path, image_grid(grid_rows), upscale=max(1, 128 // cfg.image_size))
             distributed.barrier()
-        run.checkpoint_if_due(step, stop, lambda: (
-            {"vqgan": vqgan.state_dict(), "discriminator": discriminator.state_dict()},
-            {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "loader": loader.state_dict(),
-             "skipped_steps": run.skipped_steps}), log)
     return run.finish(loader, log)
 
 

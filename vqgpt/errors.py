@@ -16,7 +16,8 @@ class RunError(RuntimeError):
 def user_errors() -> tuple[type[BaseException], ...]:
     from models.perceptual import LPIPSWeightsMissing  # late: keeps `import vqgpt` free of lpips
 
-    return (CheckpointError, ConfigError, ShardError, RunError, LPIPSWeightsMissing)
+    # OSError: a read-only run folder, a full disk, a file where a folder should be; its message names the path
+    return (CheckpointError, ConfigError, ShardError, RunError, LPIPSWeightsMissing, OSError)
 
 
 def exit_on_user_error(main: Callable[[], int | None], program: str) -> int:

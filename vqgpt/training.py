@@ -21,9 +21,11 @@ from vqgpt import distributed
 from vqgpt.config import config_to_dict, format_config
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError
-from vqgpt.files import atomic_write_json
+from vqgpt.files import atomic_write_json, remove_stale_temporaries
+from vqgpt.runlog import METRICS_NAME
 
 CONFIG_NAME = "config.json"
+SAMPLES_NAME = "samples"
 
 
 def seed_everything(seed: int) -> None:
@@ -79,6 +81,7 @@ class TrainingRun:
     def load_resume_state(self, required_keys: tuple[str, ...]) -> dict | None:
         """The checkpoint to continue from under `--resume` (auto | none | PATH), checked for compatibility."""
         resume = self.cfg.resume
+        self.check_run_folder()
         existing = ckpt.latest_checkpoint(self.run_dir)
         if resume == "none":
             if existing is not None:
@@ -91,7 +94,14 @@ class TrainingRun:
             path = existing
         else:
             path = ckpt.resolve_checkpoint(resume)
+            if path.parent.resolve() != self.run_dir.resolve() and self.holds_a_run():
+                # saving here would prune that run's checkpoints and overwrite its config and metrics
+                raise RunError(f"--resume {resume} continues the run in {path.parent}, but --out {self.run_dir} "
+                               "holds another run; pass --out to a new folder (or the checkpoint's own run folder)")
         state = ckpt.load_checkpoint(path, required_keys=("stage", "step", "config", *required_keys))
+        wrong = [k for k in required_keys if not isinstance(state[k], dict)]
+        if wrong:
+            raise ckpt.CheckpointError(f"{path}: {', '.join(wrong)} should hold state dicts; not a checkpoint of this project")
         if state["stage"] != self.stage:
             raise RunError(f"{path}: is a {state['stage']} checkpoint, this trainer continues {self.stage} runs")
         mine = config_to_dict(self.cfg)
@@ -102,6 +112,22 @@ class TrainingRun:
                            "use the run's settings or another --out")
         state["path"] = str(path)
         return state
+
+    def holds_a_run(self) -> bool:
+        return self.run_dir.is_dir() and (bool(ckpt.list_checkpoints(self.run_dir)) or any(
+            (self.run_dir / name).exists() for name in (CONFIG_NAME, METRICS_NAME, ckpt.LATEST_NAME)))
+
+    def check_run_folder(self) -> None:
+        """Refuse links planted inside the run folder (writes would land elsewhere); clear dead writers' temporaries."""
+        for name in (CONFIG_NAME, METRICS_NAME, ckpt.LATEST_NAME, SAMPLES_NAME, "tensorboard"):
+            if (self.run_dir / name).is_symlink():
+                raise RunError(f"{self.run_dir / name}: is a link; a run folder holds no links (remove it)")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunError(f"--out {self.run_dir}: is a file, not a run folder")
+        if self.dist.is_main and self.run_dir.is_dir():
+            remove_stale_temporaries(self.run_dir)   # a kill -9 mid-save leaves .step_XXXXXXXX.pt.PID.tmp
+            if (self.run_dir / SAMPLES_NAME).is_dir():
+                remove_stale_temporaries(self.run_dir / SAMPLES_NAME)
 
     def write_config(self, extra: dict | None = None) -> None:
         if self.dist.is_main:
