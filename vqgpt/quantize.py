@@ -100,6 +100,16 @@ def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: b
                        ) -> Iterator[torch.Tensor]:
     """Read (and flip, pin) the next batches in a thread while the current one is encoded."""
     out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():   # a consumer that failed sets `stop`: never block on a queue nobody reads
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce():
         try:
@@ -108,16 +118,22 @@ def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: b
                 if flipped:
                     batch = batch[:, :, ::-1]
                 tensor = torch.from_numpy(np.ascontiguousarray(batch))
-                out.put(tensor.pin_memory() if pin else tensor)
-            out.put(None)
+                if not put(tensor.pin_memory() if pin else tensor):
+                    return
+            put(None)
         except BaseException as err:
-            out.put(err)
+            put(err)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while (batch := out.get()) is not None:
-        if isinstance(batch, BaseException):
-            raise batch
-        yield batch
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (batch := out.get()) is not None:
+            if isinstance(batch, BaseException):
+                raise batch
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 @torch.inference_mode()

@@ -142,6 +142,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ShardError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ShardError(f"{path}: not a {FORMAT_NAME} manifest (JSON nested too deeply)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ShardError(f"{path}: not a {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
@@ -153,7 +155,46 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: item_shape {shape!r} is not a list of positive ints")
     if not isinstance(manifest.get("splits"), dict) or not isinstance(manifest.get("classes", []), list):
         raise ShardError(f"{path}: 'splits' or 'classes' malformed")
+    _check_splits(manifest, path)
+    if manifest.get("kind") == "tokens":
+        _check_token_fields(manifest, path)
     return manifest
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_splits(manifest: dict, path: Path) -> None:
+    """Each split an object with a shard list; no file listed twice, in one split or across two."""
+    listed: dict[str, str] = {}
+    for split, entry in manifest["splits"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list) or not _is_count(entry.get("count")):
+            raise ShardError(f"{path}: split {split!r} is not an object with a count and a shard list")
+        for record in entry["shards"]:
+            if not isinstance(record, dict):
+                raise ShardError(f"{path}: shard record {str(record)[:60]!r} in split {split!r} is not an object")
+            for key in ("file", "labels_file"):
+                name = record.get(key)
+                if name is None:
+                    continue
+                if not isinstance(name, str):
+                    raise ShardError(f"{path}: {key} {str(name)[:60]!r} in split {split!r} is not a file name")
+                if name in listed:
+                    where = "twice" if listed[name] == split else f"in both {listed[name]!r} and {split!r}"
+                    raise ShardError(f"{path}: {name} is listed {where}; every shard must appear once")
+                listed[name] = split
+
+
+def _check_token_fields(manifest: dict, path: Path) -> None:
+    codebook_size = manifest.get("codebook_size")
+    if codebook_size is not None and not (_is_count(codebook_size) and codebook_size > 0):
+        raise ShardError(f"{path}: codebook_size {codebook_size!r} is not a positive int")
+    grid = manifest.get("latent_grid")
+    if grid is not None and not (isinstance(grid, list) and len(grid) == 2 and all(_is_count(d) and d > 0 for d in grid)
+                                 and grid[0] * grid[1] == manifest["item_shape"][0]):
+        raise ShardError(f"{path}: latent_grid {grid!r} is not two positive ints whose product is the "
+                         f"{manifest['item_shape'][0]} tokens per image")
 
 
 def _resolve_inside(root: Path, name, manifest_path: Path) -> Path:
@@ -208,12 +249,19 @@ class ShardSplit:
             raise ShardError(f"{manifest_path}: shard record {record!r} is not an object")
         items_path = _resolve_inside(self.root, record.get("file"), manifest_path)
         count = record.get("count")
-        if not isinstance(count, int) or count <= 0:
+        if not _is_count(count) or count <= 0:
             raise ShardError(f"{manifest_path}: {items_path.name} has invalid count {count!r}")
         items = self._load(items_path)
         if items.shape != (count, *self.item_shape) or items.dtype != self.dtype:
             raise ShardError(f"{items_path}: holds {items.dtype}{list(items.shape)}, manifest says "
                              f"{self.dtype}{[count, *self.item_shape]}")
+        codebook_size = self.manifest.get("codebook_size") if self.manifest.get("kind") == "tokens" else None
+        if codebook_size is not None and count:
+            # ids equal to a class or start token, or beyond the vocabulary, would be trained on silently
+            low, high = int(items.min()), int(items.max())
+            if low < 0 or high >= codebook_size:
+                raise ShardError(f"{items_path}: token ids {low}..{high} outside the codebook [0, {codebook_size}); "
+                                 "re-quantize with the VQGAN named in the manifest")
         labels_path = None
         labels = None
         if self.classes:
@@ -234,9 +282,16 @@ class ShardSplit:
     @staticmethod
     def _load(path: Path) -> np.ndarray:
         try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except EOFError:
+            raise ShardError(f"{path}: not a readable .npy array (empty or truncated file)") from None
         except (OSError, ValueError) as err:
             raise ShardError(f"{path}: not a readable .npy array ({err})") from None
+        if not isinstance(array, np.ndarray):   # an .npz archive renamed .npy
+            if hasattr(array, "close"):
+                array.close()
+            raise ShardError(f"{path}: not a .npy array (a {type(array).__name__}, e.g. an .npz archive)")
+        return array
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -377,7 +432,12 @@ class ShardLoader:
                 if stop.is_set():
                     return
         except BaseException as err:  # hand the failure to the consumer instead of hanging it
-            out.put(err)
+            while not stop.is_set():   # ... unless the consumer is gone: then the thread must still end
+                try:
+                    out.put(err, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     def __iter__(self) -> "ShardLoader":
         return self
