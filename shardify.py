@@ -39,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.size = 32 if args.builtin else 256
     if args.size < 8 or args.shard_size < 1:
         parser.error("--size must be >= 8 and --shard-size >= 1")
+    if args.seed < 0 or args.builtin_count < 1 or (args.workers is not None and args.workers < 1):
+        parser.error("--seed must not be negative, --builtin-count and --workers must be at least 1")
+    if not 0 <= args.val_fraction < 1 or (args.val_count is not None and args.val_count < 0):   # NaN fails too
+        parser.error("--val-fraction must be in [0, 1) and --val-count must not be negative")
     return args
 
 
@@ -52,9 +56,12 @@ def main(argv=None) -> int:
         manifest = write_shards(source, dest, size=args.size, shard_size=args.shard_size,
                                 val_fraction=args.val_fraction, val_count=args.val_count, seed=args.seed,
                                 workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
-    except DataPrepError as err:
+    except (DataPrepError, OSError) as err:   # OSError: DEST unwritable, disk full, ...
         print(f"shardify: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("shardify: interrupted; DEST is as it was before this run", file=sys.stderr)
+        return 130
     print(summarize(manifest, dest))
     return 0
 

@@ -9,6 +9,8 @@ import functools
 import multiprocessing
 import os
 import re
+import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,11 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from vqgpt import builtin
-from vqgpt.files import remove_stale_temporaries
 from vqgpt.images import IMAGE_SUFFIXES, SkipImage, load_square_image
-from vqgpt.shards import MANIFEST_NAME, ShardWriter, build_manifest, write_manifest
+from vqgpt.shards import MANIFEST_NAME, ShardError, ShardWriter, build_manifest, read_manifest, write_manifest
 
 _OUR_FILES = re.compile(r"^(train|val)_\d{5}(_labels)?\.npy$")
+STAGING_NAME = ".shardify-staging"   # the new set is built here and moved into DEST only once complete
 
 
 class DataPrepError(RuntimeError):
@@ -82,7 +84,7 @@ def _decode_file(task: tuple[str, int], root: str, size: int) -> tuple[np.ndarra
     try:
         return load_square_image(os.path.join(root, relative), size), ""
     except SkipImage as err:
-        return None, str(err)
+        return None, str(err).replace(root + os.sep, "")   # the manifest must not change when SRC moves
 
 
 def _draw_builtin(task: tuple[int, int], seed: int, size: int) -> tuple[np.ndarray | None, str]:
@@ -91,31 +93,94 @@ def _draw_builtin(task: tuple[int, int], seed: int, size: int) -> tuple[np.ndarr
     return image, ""
 
 
-def prepare_destination(dest: Path, overwrite: bool) -> None:
-    """Refuse a finished shard folder unless `overwrite`; clear our own files before writing."""
-    dest.mkdir(parents=True, exist_ok=True)
-    ours = [p for p in dest.iterdir() if _OUR_FILES.match(p.name)]
-    if (dest / MANIFEST_NAME).exists():
+def check_destination(dest: Path, overwrite: bool, source: Source) -> list[Path]:
+    """Refuse any DEST whose files could be lost; return the old shard set (manifest first) that the swap replaces."""
+    if not source.builtin_count and dest.resolve() == Path(source.root).resolve():
+        raise DataPrepError(f"{dest}: DEST is the source folder; write the shards to another folder")
+    if dest.exists() and not dest.is_dir():
+        raise DataPrepError(f"{dest}: is a file, not a folder")
+    if not dest.exists():
+        return []
+    replaced: list[Path] = []
+    manifest_path = dest / MANIFEST_NAME
+    if os.path.lexists(manifest_path):
+        try:
+            manifest = read_manifest(dest)
+        except ShardError as err:
+            raise DataPrepError(f"{err}; not replacing a manifest.json this tool did not write: "
+                                "move it or choose another DEST") from None
         if not overwrite:
             raise DataPrepError(f"{dest}: already holds shards (manifest.json); pass --overwrite to replace them")
-        (dest / MANIFEST_NAME).unlink()  # first, so a crash below leaves no readable folder
-    elif ours:
-        print(f"{dest}: found shards of an interrupted run (no manifest); writing them again")
-    for path in ours:
-        path.unlink()
-    remove_stale_temporaries(dest)
+        replaced = [manifest_path] + [dest / name for entry in manifest["splits"].values() for record in entry["shards"]
+                                      for name in (record.get("file"), record.get("labels_file"))
+                                      if isinstance(name, str) and _OUR_FILES.match(name)]
+    lookalikes = sorted(p.name for p in dest.iterdir() if _OUR_FILES.match(p.name) and p not in replaced)
+    if lookalikes:
+        raise DataPrepError(f"{dest}: holds {lookalikes[0]}{f' and {len(lookalikes) - 1} more' if len(lookalikes) > 1 else ''} "
+                            "named like shards but listed in no manifest.json; move them or choose another DEST "
+                            "(nothing was changed)")
+    return replaced
+
+
+def _fresh_staging(dest: Path) -> Path:
+    staging = dest / STAGING_NAME
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+    elif staging.exists():
+        shutil.rmtree(staging)   # an interrupted run's
+    staging.mkdir()
+    return staging
+
+
+def _swap_in(staging: Path, dest: Path, replaced: list[Path]) -> None:
+    """Old set out (manifest first), new set in, manifest last: a crash in between leaves no readable mixed set."""
+    for path in replaced:
+        path.unlink(missing_ok=True)
+    for path in sorted(staging.iterdir()):
+        if path.name != MANIFEST_NAME:
+            os.replace(path, dest / path.name)
+    os.replace(staging / MANIFEST_NAME, dest / MANIFEST_NAME)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle, once
+
+
+def _bounded_imap(pool, decode: Callable, tasks: list, window: int) -> Iterable:
+    """pool.imap over at most two windows of tasks at a time: decoded images cannot pile up when writing is slower."""
+    windows = (tasks[begin:begin + window] for begin in range(0, len(tasks), window))
+    pending = pool.imap(decode, next(windows, []), chunksize=16)
+    for upcoming in windows:
+        current, pending = pending, pool.imap(decode, upcoming, chunksize=16)
+        yield from current
+    yield from pending
 
 
 def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_size: int = 1000,
                  val_fraction: float = 0.01, val_count: int | None = None, seed: int = 0,
                  workers: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Decode, split and write every image of `source`; return the manifest written last."""
+    """Decode, split and write every image of `source` into a staging folder, then swap it into DEST.
+
+    DEST keeps its previous shard set (and every other file) until the new one is complete.
+    """
     dest = Path(dest)
     if len(source) == 0:
         raise DataPrepError(f"{source.root}: nothing to shard")
     n_val = resolve_val_count(len(source), val_fraction, val_count)
-    prepare_destination(dest, overwrite)
-    workers = workers or os.cpu_count() or 1
+    replaced = check_destination(dest, overwrite, source)
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = _fresh_staging(dest)
+    try:
+        manifest = _write_set(source, staging, dest.name, size, shard_size, n_val, seed, workers or os.cpu_count() or 1,
+                              progress)
+        _swap_in(staging, dest, replaced)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_set(source: Source, out: Path, title: str, size: int, shard_size: int, n_val: int, seed: int,
+               workers: int, progress: bool) -> dict:
     if source.builtin_count:
         decode: Callable = functools.partial(_draw_builtin, seed=seed, size=size)
         label_of: Callable[[int], int | None] = lambda i: builtin.shape_label(seed, i)
@@ -127,12 +192,12 @@ def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_si
     skipped: list[dict] = []
     records: dict[str, list[dict]] = {}
     context = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
-    with context.Pool(workers) if workers > 1 else _InlinePool() as pool, \
-            tqdm(total=len(source), desc=f"shardify {dest.name}", unit="img", disable=not progress) as bar:
+    with context.Pool(workers, initializer=_ignore_sigint) if workers > 1 else _InlinePool() as pool, \
+            tqdm(total=len(source), desc=f"shardify {title}", unit="img", disable=not progress) as bar:
         for split, order in split_order(len(source), seed, n_val).items():
-            writer = ShardWriter(dest, split, (size, size, 3), np.uint8, shard_size, len(source.classes))
+            writer = ShardWriter(out, split, (size, size, 3), np.uint8, shard_size, len(source.classes))
             tasks = [(int(i), 0) for i in order] if source.builtin_count else [(source.files[i], int(i)) for i in order]
-            for (image, reason), index in zip(pool.imap(decode, tasks, chunksize=16), order):
+            for (image, reason), index in zip(_bounded_imap(pool, decode, tasks, max(64, 32 * workers)), order):
                 bar.update(1)
                 if image is None:
                     skipped.append({"file": name_of(int(index)), "reason": reason})
@@ -142,10 +207,13 @@ def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_si
     if not any(r["count"] for split_records in records.values() for r in split_records):
         raise DataPrepError(f"{source.root}: every one of {len(source)} files was skipped "
                             f"(first: {skipped[0]['file']}: {skipped[0]['reason']})")
+    if n_val and not records["val"]:
+        raise DataPrepError(f"{source.root}: all {n_val} validation images were skipped (first: "
+                            f"{skipped[0]['file']}: {skipped[0]['reason']}); fix or remove them, or pass --val-count 0")
     manifest = build_manifest("images", (size, size, 3), np.uint8, records, source.classes,
-                              image_size=size, source_root=source.root, seed=seed,
-                              skipped=sorted(skipped, key=lambda s: s["file"]))
-    write_manifest(dest, manifest)
+                              image_size=size, source_root=Path(source.root).name if not source.builtin_count
+                              else source.root, seed=seed, skipped=sorted(skipped, key=lambda s: s["file"]))
+    write_manifest(out, manifest)
     return manifest
 
 

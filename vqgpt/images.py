@@ -22,8 +22,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB; transparency is composited over white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16/32-bit grayscale: scale to 8 bits instead of letting Pillow clip at 255
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
+            peak = 1.0   # float images in [0, 1] (the usual convention), not 0..255 values that would come out black
+        else:
+            peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         image = Image.fromarray(np.clip(values * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -35,7 +38,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """EXIF-oriented RGB, short side resized to `size`, centre-cropped: uint8 (size, size, 3).
+    """EXIF-oriented RGB, its centre square resized to `size`: uint8 (size, size, 3).
 
     Raises SkipImage with a short reason for anything unusable.
     """
@@ -58,14 +61,18 @@ def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
         raise SkipImage(f"decompression bomb: {err}") from None
     except Image.UnidentifiedImageError:
         raise SkipImage("not a recognised image") from None
+    except MemoryError:
+        raise SkipImage("too large to decode in memory") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise SkipImage(f"unreadable: {err}") from None
+    except Exception as err:   # Pillow's parsers also raise struct.error, KeyError, IndexError, ...
+        raise SkipImage(f"unreadable: {type(err).__name__}: {err}") from None
+    # the centre square in source coordinates, resized once: a 1 x 60000 strip never becomes 256 x 15M pixels
     width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side),
+                         reducing_gap=3.0)
     return np.asarray(image, dtype=np.uint8)
 
 
