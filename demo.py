@@ -28,13 +28,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class StageFailed(Exception):
+    """A stage's own script said what went wrong; the demo adds one line, not a traceback."""
+
+
 def run_stage(title: str, command: list[str], done: bool) -> None:
     if done:
         print(f"== {title}: already done, skipped", flush=True)
         return
     print(f"== {title}\n   $ {' '.join(command)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    if code != 0:
+        raise StageFailed(f"stage '{title.strip()}' failed (exit status {code}); see its message above, "
+                          "then rerun `python demo.py` (finished stages are skipped)")
 
 
 def finished_run(run_dir: Path, max_steps: int | None) -> bool:
@@ -111,4 +118,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except StageFailed as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -10,6 +10,7 @@ originals, their reconstructions and the completions of their top --keep-rows to
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from vqgpt.errors import exit_on_user_error
 from vqgpt.images import image_grid, load_image_batch, save_png, to_uint8, to_unit_range
 from vqgpt.pretrained import load_bound_vqgan, load_gpt
 from vqgpt.sampling import sample_tokens
+from vqgpt.shards import read_manifest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +50,9 @@ def check_options(args: argparse.Namespace) -> None:
     """Refuse bad sampling options before any checkpoint is loaded."""
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
+    for flag, value in (("--temperature", args.temperature), ("--cfg", args.cfg), ("--top-p", args.top_p)):
+        if value is not None and not math.isfinite(value):   # NaN passes every comparison below
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
@@ -60,6 +65,14 @@ def check_options(args: argparse.Namespace) -> None:
         raise ConfigError("--cfg guides towards a class: give --class K (or --complete labelled shards)")
     if args.keep_rows is not None and args.keep_rows < 0:
         raise ConfigError(f"--keep-rows must not be negative, got {args.keep_rows}")
+
+
+def check_same_classes(shards: str, gpt_classes: list[str]) -> None:
+    """Label k must mean the same class to the shards and to the GPT, or the completions are conditioned wrongly."""
+    classes = read_manifest(shards).get("classes", [])
+    if classes != gpt_classes:
+        raise ConfigError(f"{shards}: its classes {classes[:6]}{'...' if len(classes) > 6 else ''} are not the GPT's "
+                          f"{gpt_classes[:6]}{'...' if len(gpt_classes) > 6 else ''}; complete images of the GPT's data")
 
 
 def main(argv=None) -> int:
@@ -77,9 +90,13 @@ def main(argv=None) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=generator, use_kv_cache=not args.no_kv_cache)
-    _, grid_width = gpt.token_manifest["latent_grid"]
+    grid_rows, grid_width = gpt.token_manifest["latent_grid"]
     if args.complete:
+        if args.keep_rows is not None and args.keep_rows > grid_rows:
+            raise ConfigError(f"--keep-rows {args.keep_rows} exceeds the {grid_rows} token rows of an image")
         originals, labels = load_image_batch(args.complete, args.n, vqgan.config.image_size)
+        if labels is not None and config.n_classes:
+            check_same_classes(args.complete, gpt.token_manifest.get("classes", []))
         images = to_unit_range(torch.from_numpy(originals).to(device))
         with torch.no_grad():
             tokens = vqgan.model.encode_to_indices(images)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 from typing import Any, ClassVar, Sequence, TypeVar
@@ -153,6 +154,21 @@ def _check_precision(precision: str) -> None:
                          f"got {precision!r}")
 
 
+def _check_finite(cfg: Any) -> None:
+    """NaN passes every `<` check: refuse NaN and inf in any float setting (`--lr nan`, `--beta inf`)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{flag_name(f.name)} must be a finite number, got {value}")
+
+
+def _check_not_negative(cfg: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{flag_name(name)} must not be negative, got {getattr(cfg, name)}")
+
+
 def _help(text: str, default, aliases: tuple[str, ...] = ()):
     return dataclasses.field(default=default, metadata={"help": text, "aliases": aliases})
 
@@ -187,6 +203,8 @@ class TrainConfig:
 
     def __post_init__(self):
         # caught here, at parse time, not hours later at the first eval or checkpoint
+        _check_finite(self)
+        _check_not_negative(self, ("seed",))
         positive = ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "ckpt_every", "keep_last", "log_every",
                     "max_bad_steps", "prefetch")
         for name in positive:
@@ -226,6 +244,8 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
         super().__post_init__()
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"--adam-betas must be two values in [0, 1), got {self.adam_betas}")
+        _check_not_negative(self, ("l1_weight", "perceptual_weight", "disc_weight", "disc_weight_max", "disc_lr",
+                                   "disc_start", "beta"))
 
 def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:
     return VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS[name]), **settings)
@@ -271,6 +291,7 @@ class QuantizeConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        _check_finite(self)
         _check_precision(self.precision)
 
 
@@ -328,6 +349,8 @@ class GPTTrainConfig(TrainConfig, GPTConfig):
         if self.sample_count < 0 or self.sample_top_k < 0 or self.sample_temperature <= 0:
             raise ValueError("--sample-count and --sample-top-k must not be negative, --sample-temperature must be "
                              f"positive; got {self.sample_count}, {self.sample_top_k}, {self.sample_temperature}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"--beta2 must be in [0, 1), got {self.beta2}")
 
 
 def _gpt_preset(name: str, **settings) -> GPTTrainConfig:
@@ -375,6 +398,8 @@ class EvaluateConfig:
     progress: bool = _help("show progress bars", True)
 
     def __post_init__(self):
+        _check_finite(self)
+        _check_not_negative(self, ("seed",))
         if self.num_samples < 2 or self.batch_size < 1:   # a covariance needs two samples
             raise ValueError(f"--num-samples must be at least 2 and --batch-size at least 1, got {self.num_samples}, "
                              f"{self.batch_size}")

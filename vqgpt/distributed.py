@@ -37,9 +37,12 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     if preference == "cuda":
         return torch.device("cuda", local_rank)
     try:
-        return torch.device(preference)
+        device = torch.device(preference)
     except RuntimeError:
-        raise RunError(f"--device must be auto, cpu, cuda or cuda:N, got {preference!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):   # meta, xla, ...: nothing here trains on them
+        raise RunError(f"--device must be auto, cpu, cuda or cuda:N, got {preference!r}")
+    return device
 
 
 def setup(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
