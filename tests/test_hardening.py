@@ -1,0 +1,486 @@
+"""Bad input and faults from an adversarial run: nothing lost, nothing outside its folder, one line each."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import shardify
+import train_gpt
+from tests.conftest import make_image_folder
+from tests.helpers import ROOT, script_env
+from vqgpt import dataprep, files
+from vqgpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from vqgpt.config import GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, VQGANTrainConfig, parse_config
+from vqgpt.dataprep import DataPrepError, scan_folder, write_shards
+from vqgpt.distributed import DistInfo, pick_device
+from vqgpt.errors import RunError
+from vqgpt.images import load_square_image
+from vqgpt.quantize import background_batches
+from vqgpt.shards import ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest, write_manifest
+from vqgpt.training import TrainingRun
+
+DEAD_PID = 4194399   # above any Linux pid_max: no process has it
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """A trainer that raises leaves its SIGINT/SIGTERM handlers installed; put pytest's back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def token_set(root: Path, codebook_size=16, grid=(2, 2), classes=("a", "b"), train=32, val=16, val_id=None,
+              dtype=np.uint16, **manifest_fields) -> Path:
+    """A small token shard folder as image_quantizer.py writes it (random ids, labelled)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = {}
+    for split, count in (("train", train), ("val", val)):
+        items = rng.integers(0, codebook_size, (count, grid[0] * grid[1])).astype(dtype)
+        if split == "val" and val_id is not None:
+            items[0, 0] = val_id
+        labels = (np.arange(count) % len(classes)).astype(np.int16)
+        records[split] = [ShardWriter.write_shard(root, f"{split}_00000", items, labels)]
+    fields = {"codebook_size": codebook_size, "latent_grid": list(grid), **manifest_fields}
+    write_manifest(root, build_manifest("tokens", (grid[0] * grid[1],), dtype, records, list(classes),
+                                        **{k: v for k, v in fields.items() if v is not None}))
+    return root
+
+
+def gpt_cfg(tokens: Path, out: Path, *extra: str) -> GPTTrainConfig:
+    return parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, [
+        "--preset=tiny", f"--tokens={tokens}", f"--out={out}", "--max-steps=2", "--batch-size=8", "--warmup-steps=1",
+        "--eval-every=0", "--ckpt-every=1", "--log-every=1", "--sample-count=0", "--n-layer=1", "--n-head=2",
+        "--n-embd=32", "--device=cpu", "--eval-batch-size=8", *extra])
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def edit_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---- data loss ---------------------------------------------------------------------------------------------------
+
+def test_an_eval_that_fails_keeps_the_checkpoint_of_its_step(tmp_path, monkeypatch):
+    def failing_eval(*args, **kwargs):
+        raise RuntimeError("eval failed")
+
+    monkeypatch.setattr(train_gpt, "validation_loss", failing_eval)
+    with pytest.raises(RuntimeError, match="eval failed"):
+        train_gpt.main(gpt_cfg(token_set(tmp_path / "tokens"), tmp_path / "run", "--eval-every=2", "--ckpt-every=2"))
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000002.pt"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(val_id=16), "outside the codebook"),            # the first class token: an eval-time crash before
+    (dict(latent_grid=None), "lacks latent_grid"),        # needed by the first sample grid
+])
+def test_what_eval_needs_is_checked_before_step_one(tmp_path, change, message):
+    run = tmp_path / "run"
+    with pytest.raises((ShardError, RunError), match=message):
+        train_gpt.main(gpt_cfg(token_set(tmp_path / "tokens", **change), run))
+    assert latest_checkpoint(run) is None and not (run / "metrics.jsonl").exists()
+
+
+def test_resume_from_another_run_never_touches_the_out_folder(tmp_path):
+    tokens = token_set(tmp_path / "tokens")
+    first, other = tmp_path / "first", tmp_path / "other"
+    train_gpt.main(gpt_cfg(tokens, first))
+    train_gpt.main(gpt_cfg(tokens, other, "--keep-last=1"))
+    before = tree_digest(other)
+    with pytest.raises(RunError, match="holds another run"):
+        train_gpt.main(gpt_cfg(tokens, other, f"--resume={first / 'step_00000001.pt'}", "--max-steps=3",
+                               "--keep-last=1"))
+    assert tree_digest(other) == before
+    # a new folder is a branch: allowed, and the source run is left as it was
+    first_before = tree_digest(first)
+    train_gpt.main(gpt_cfg(tokens, tmp_path / "branch", f"--resume={first / 'step_00000001.pt'}", "--max-steps=3"))
+    assert latest_checkpoint(tmp_path / "branch").name == "step_00000003.pt"
+    assert tree_digest(first) == first_before
+
+
+def shardify_args(src, dest, *extra):
+    return [str(src), str(dest), "--size=16", "--workers=1", "--quiet", "--val-count=2", *extra]
+
+
+def test_overwrite_keeps_the_finished_set_until_the_new_one_succeeds(tmp_path, capsys, monkeypatch):
+    src, dest = make_image_folder(tmp_path / "src"), tmp_path / "out"
+    assert shardify.main(shardify_args(src, dest)) == 0
+    (dest / "notes.txt").write_text("mine")
+    before = tree_digest(dest)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (bad / name).write_text("not a picture")
+    capsys.readouterr()
+    assert shardify.main(shardify_args(bad, dest, "--overwrite")) == 2
+    assert "skipped" in one_error_line(capsys)
+    assert tree_digest(dest) == before
+
+    real_write = ShardWriter.write_shard
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):   # Ctrl-C between two shards of the new set
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(interrupted))
+    assert shardify.main(shardify_args(src, dest, "--overwrite", "--seed=5")) == 130
+    assert "interrupted" in one_error_line(capsys)
+    assert tree_digest(dest) == before
+
+    monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(real_write))
+    few = make_image_folder(tmp_path / "few", per_class=2)
+    assert shardify.main(shardify_args(few, dest, "--overwrite")) == 0
+    assert (dest / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in dest.glob("*.npy")) == ["train_00000.npy", "train_00000_labels.npy",
+                                                          "val_00000.npy", "val_00000_labels.npy"]
+    assert len(ShardSplit(dest, "train", verify_hashes=True)) == 2
+
+
+def test_source_as_dest_and_lookalike_files_are_never_deleted(tmp_path, capsys):
+    src = make_image_folder(tmp_path / "src")
+    before = tree_digest(src)
+    assert shardify.main(shardify_args(src, src, "--overwrite")) == 2
+    assert "source folder" in one_error_line(capsys)
+    assert tree_digest(src) == before
+
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    np.save(dest / "train_00000.npy", np.arange(5))   # the user's own array, named like a shard
+    (dest / "val_00003_labels.npy").write_bytes(b"also mine")
+    before = tree_digest(dest)
+    assert shardify.main(shardify_args(src, dest, "--overwrite")) == 2
+    assert "named like shards" in one_error_line(capsys)
+    assert tree_digest(dest) == before
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "another tool"}')
+    assert shardify.main(shardify_args(src, foreign, "--overwrite")) == 2
+    assert "did not write" in one_error_line(capsys)
+    assert (foreign / "manifest.json").read_text() == '{"name": "another tool"}'
+
+
+# ---- outside the folders -----------------------------------------------------------------------------------------
+
+def test_latest_that_names_a_path_outside_the_run_is_ignored(tmp_path):
+    run = tmp_path / "run"
+    for folder in (tmp_path / "other", run):
+        folder.mkdir()
+    save_checkpoint(tmp_path / "other", 9, {"step": 9})
+    save_checkpoint(run, 1, {"step": 1})
+    for pointer in ("../other/step_00000009.pt", str(tmp_path / "other" / "step_00000009.pt")):
+        (run / "latest").write_text(pointer + "\n")
+        assert latest_checkpoint(run) == run / "step_00000001.pt"
+
+
+def test_a_link_planted_at_a_temporary_name_is_not_followed(tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    draws = iter(["aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(draws))
+    os.symlink(victim, run / f".latest.{os.getpid()}.tmp")            # the name the writer used to pick
+    os.symlink(victim, run / f".latest.{os.getpid()}.aaaaaaaa.tmp")   # the first name it draws now
+    files.atomic_write_bytes(run / "latest", b"step_00000001.pt\n")
+    assert victim.read_text() == "precious"
+    assert not (run / "latest").is_symlink() and (run / "latest").read_bytes() == b"step_00000001.pt\n"
+
+
+def test_old_predictable_temporary_name_is_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / f".config.json.{os.getpid()}.tmp")
+    files.atomic_write_json(tmp_path / "config.json", {"a": 1})
+    assert victim.read_text() == "precious" and json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "samples"])
+def test_links_inside_a_run_folder_are_refused(tmp_path, name):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    if name == "samples":
+        elsewhere.mkdir()
+    else:
+        elsewhere.write_text("")
+    os.symlink(elsewhere, run / name)
+    with pytest.raises(RunError, match="is a link"):
+        train_gpt.main(gpt_cfg(token_set(tmp_path / "tokens"), run))
+    assert (elsewhere.is_dir() and not any(elsewhere.iterdir())) or elsewhere.read_text() == ""
+
+
+def test_dead_writers_temporaries_are_cleared_at_start_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = run / f".step_00000002.pt.{DEAD_PID}.tmp"           # kill -9 mid-save
+    dead_new = run / f".step_00000004.pt.{DEAD_PID}.0123abcd.tmp"
+    live = run / f".step_00000003.pt.{os.getppid()}.abcdef12.tmp"   # a live writer's
+    users = run / ".notes.tmp"
+    for path in (dead, dead_new, live, users):
+        path.write_bytes(b"x")
+    cfg = SimpleNamespace(out=str(run), resume="auto")
+    assert TrainingRun(cfg, DistInfo(0, 0, 1, torch.device("cpu"), True), "gpt", ()).load_resume_state(()) is None
+    assert not dead.exists() and not dead_new.exists() and live.exists() and users.exists()
+
+
+# ---- silent wrong results ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_id, dtype", [(16, np.uint16), (18, np.uint16), (999, np.uint16), (-1, np.int32)])
+def test_token_ids_outside_the_codebook_are_refused_when_opened(tmp_path, bad_id, dtype):
+    folder = token_set(tmp_path / "t", val_id=bad_id, dtype=dtype)   # 16 = first class token, 18 = start token
+    ShardSplit(folder, "train")
+    with pytest.raises(ShardError, match=r"val_00000.npy: token ids .* outside the codebook \[0, 16\)"):
+        ShardSplit(folder, "val")
+
+
+@pytest.mark.parametrize("cls, presets, argv", [
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--lr=nan"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--lr=inf"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--beta2=nan"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--beta2=1.5"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--weight-decay=nan"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--grad-clip=nan"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--sample-temperature=nan"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--dropout=1.5"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--dropout=nan"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--seed=-1"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--beta=nan"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--l1-weight=nan"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--perceptual-weight=-1"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--disc-weight=inf"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--adam-betas=nan,0.9"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--min-lr-ratio=nan"]),
+])
+def test_non_finite_and_out_of_range_settings_are_refused_when_parsed(cls, presets, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, presets, ["--preset=tiny", *argv])
+    assert exit_info.value.code == 2
+    flag = argv[0].split("=")[0]
+    err = capsys.readouterr().err
+    assert flag in err or flag.lstrip("-").replace("-", "_") in err, err
+
+
+@pytest.mark.parametrize("argv", [["--val-fraction=-0.5"], ["--val-fraction=nan"], ["--val-fraction=1"],
+                                  ["--seed=-1"], ["--workers=-1"], ["--val-count=-3"]])
+def test_shardify_settings_are_refused_when_parsed(tmp_path, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        shardify.main([str(tmp_path), str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+
+
+def test_builtin_count_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        shardify.main(["--builtin", "shapes", str(tmp_path / "out"), "--builtin-count=-1"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", "nonsense"])
+def test_devices_nothing_trains_on_are_refused(device):
+    with pytest.raises(RunError, match="--device must be"):
+        pick_device(device)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["splits"]["train"]["shards"].append(dict(m["splits"]["train"]["shards"][0])), "listed twice"),
+    (lambda m: m["splits"]["val"]["shards"][0].update(file="train_00000.npy"), "in both 'train' and 'val'"),
+])
+def test_a_shard_listed_twice_is_refused(tmp_path, change, message):
+    folder = token_set(tmp_path / "t")
+    edit_manifest(folder, change)
+    with pytest.raises(ShardError, match=message):
+        ShardSplit(folder, "train")
+
+
+def test_a_val_split_emptied_by_skipped_files_is_refused(tmp_path):
+    src = make_image_folder(tmp_path / "src")
+    source = scan_folder(src)
+    val_index = int(dataprep.split_order(len(source), 0, 1)["val"][0])
+    (src / source.files[val_index]).write_bytes(b"broken")
+    with pytest.raises(DataPrepError, match="validation images were skipped"):
+        write_shards(source, tmp_path / "out", size=16, val_count=1, workers=1, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_float_images_in_unit_range_are_not_black(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), mode="F").save(tmp_path / "half.tif")
+    assert abs(int(load_square_image(tmp_path / "half.tif", 8)[4, 4, 0]) - 128) <= 1
+    Image.fromarray(np.full((8, 8), 200.0, np.float32), mode="F").save(tmp_path / "bytes.tif")
+    assert abs(int(load_square_image(tmp_path / "bytes.tif", 8)[4, 4, 0]) - 200) <= 1
+
+
+def test_a_thin_strip_is_cropped_before_resizing(tmp_path, monkeypatch):
+    strip = np.zeros((1, 60000, 3), np.uint8)
+    strip[:, 30000:] = 200
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    real_resize = Image.Image.resize
+
+    def bounded_resize(self, size, *args, **kwargs):
+        assert size[0] * size[1] <= 4 * 16 * 16, f"resize to {size} would allocate far more than the output"
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    image = load_square_image(tmp_path / "strip.png", 16)
+    assert image.shape == (16, 16, 3)
+
+
+# ---- tracebacks that should be one line --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["empty", "npz"])
+def test_zero_byte_and_npz_shards_are_a_shard_error(tmp_path, kind):
+    folder = token_set(tmp_path / "t")
+    path = folder / "train_00000.npy"
+    if kind == "empty":
+        path.write_bytes(b"")
+    else:
+        with open(path, "wb") as handle:
+            np.savez(handle, a=np.zeros(3))
+    with pytest.raises(ShardError, match="train_00000.npy: not a"):
+        ShardSplit(folder, "train")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    (None, "is not an object"),
+    ("bool", "invalid count"),
+])
+def test_malformed_manifests_are_a_shard_error(tmp_path, text, message):
+    folder = token_set(tmp_path / "t")
+    if text and text != "bool":
+        (folder / "manifest.json").write_text(text)
+    elif text == "bool":
+        edit_manifest(folder, lambda m: m["splits"]["train"]["shards"][0].update(count=True))
+    else:
+        edit_manifest(folder, lambda m: m["splits"].update(val=["not", "an", "object"]))
+    with pytest.raises(ShardError, match=message):
+        ShardSplit(folder, "train")
+
+
+@pytest.mark.parametrize("field, value", [("config", [1, 2]), ("step", "7"), ("stage", 3), ("step", -1)])
+def test_checkpoints_with_wrong_types_are_a_checkpoint_error(tmp_path, field, value):
+    state = {"stage": "gpt", "step": 1, "config": {}, field: value}
+    torch.save(state, tmp_path / "step_00000001.pt")
+    with pytest.raises(CheckpointError, match=f"field '{field}'"):
+        load_checkpoint(tmp_path / "step_00000001.pt")
+
+
+def test_resuming_a_checkpoint_whose_state_is_not_a_dict_is_one_error(tmp_path):
+    tokens, run = token_set(tmp_path / "tokens"), tmp_path / "run"
+    train_gpt.main(gpt_cfg(tokens, run))
+    state = torch.load(run / "step_00000002.pt", weights_only=True)
+    state["optimizer"] = [1, 2, 3]
+    torch.save(state, run / "step_00000002.pt")
+    with pytest.raises(CheckpointError, match="optimizer should hold state dicts"):
+        train_gpt.main(gpt_cfg(tokens, run, "--max-steps=3"))
+
+
+def test_any_pillow_parser_error_skips_the_file(tmp_path, monkeypatch):
+    src = make_image_folder(tmp_path / "src", per_class=3)
+    real_open = Image.open
+
+    def crashing_parser(path, *args, **kwargs):
+        if str(path).endswith("img_1.jpg"):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        if str(path).endswith("img_2.png"):
+            raise KeyError("broken tag")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", crashing_parser)
+    manifest = write_shards(scan_folder(src), tmp_path / "out", size=16, val_count=0, workers=1, progress=False)
+    reasons = {s["file"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"cats/img_1.jpg", "dogs/img_1.jpg", "cats/img_2.png", "dogs/img_2.png"}
+    assert "struct" in reasons["cats/img_1.jpg"] or "unpack" in reasons["cats/img_1.jpg"]
+
+
+def test_dest_that_is_a_file_is_one_line(tmp_path, capsys):
+    src = make_image_folder(tmp_path / "src")
+    (tmp_path / "dest").write_text("a file")
+    assert shardify.main(shardify_args(src, tmp_path / "dest")) == 2
+    assert "is a file" in one_error_line(capsys)
+    assert (tmp_path / "dest").read_text() == "a file"
+
+
+def test_manifest_does_not_change_when_the_source_moves(tmp_path, monkeypatch):
+    real_open = Image.open
+
+    def deny(path, *args, **kwargs):
+        if str(path).endswith("img_3.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", deny)
+    make_image_folder(tmp_path / "a" / "pets")
+    make_image_folder(tmp_path / "b" / "pets")
+    write_shards(scan_folder(tmp_path / "a" / "pets"), tmp_path / "one", size=16, val_count=2, workers=1, progress=False)
+    write_shards(scan_folder(tmp_path / "b" / "pets"), tmp_path / "two", size=16, val_count=2, workers=1, progress=False)
+    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "two")
+
+
+def test_reader_thread_ends_when_its_consumer_is_gone(tmp_path, monkeypatch):
+    split = ShardSplit(token_set(tmp_path / "t", train=64), "train")
+    loader = ShardLoader(split, 4, prefetch=1)
+    real_read = split.read
+    calls = {"n": 0}
+
+    def failing_read(indices):
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise OSError("disk went away")
+        return real_read(indices)
+
+    monkeypatch.setattr(split, "read", failing_read)
+    next(loader)
+    time.sleep(0.5)   # batch 2 waits in the queue; the error has nowhere to go
+    thread = loader._thread
+    loader.close()
+    thread.join(timeout=2)
+    assert not thread.is_alive()
+
+
+def test_quantizer_reader_thread_ends_when_encoding_fails():
+    before = set(threading.enumerate())
+    batches = background_batches(np.zeros((40, 4, 4, 3), np.uint8), 1, False, False, depth=1)
+    next(batches)
+    time.sleep(0.3)   # the producer now blocks on a full queue
+    batches.close()   # what a failing encoder does to the generator
+    time.sleep(0.5)
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]
+
+
+def test_demo_stage_failure_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "demo.py", "--out", str(tmp_path / "demo"), "--nproc", "1",
+                             "--images", "-5"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("demo: error: stage '1/6")
