@@ -89,9 +89,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
     step = 0
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams (label dropout) from here on
     if resume is not None:
-        model.load_state_dict(resume["gpt"])
-        optimizer.load_state_dict(resume["optimizer"])
-        loader.load_state_dict(resume["loader"])
+        run.restore(resume, {"gpt": model, "optimizer": optimizer, "loader": loader})
         run.restore_rng(resume)
         step = resume["step"]
     wrapped: torch.nn.Module = model

@@ -99,11 +99,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     step = 0
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams from here on
     if resume is not None:
-        vqgan.load_state_dict(resume["vqgan"])
-        discriminator.load_state_dict(resume["discriminator"])
-        opt_g.load_state_dict(resume["opt_g"])
-        opt_d.load_state_dict(resume["opt_d"])
-        loader.load_state_dict(resume["loader"])
+        run.restore(resume, {"vqgan": vqgan, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d,
+                             "loader": loader})
         run.restore_rng(resume)
         step = resume["step"]
     elif init is not None:   # a fine-tune: the source's weights, fresh optimizers, step 0

@@ -65,7 +65,8 @@ def test_resume_with_another_world_size_sees_the_same_samples(tmp_path, resume_w
     before = [sum((ids(next(l)) for l in saver), []) for _ in range(5)]
     assert before == uninterrupted[:5]
     state = saver[0].state_dict()
-    assert state == saver[1].state_dict() == {"epoch": 0, "cursor": 40, "seed": 3, "num_samples": 48}
+    assert state == saver[1].state_dict() == {"epoch": 0, "cursor": 40, "seed": 3, "num_samples": 48,
+                                               "shards_sha256": split.fingerprint}
     resumed = []
     for r in range(resume_world):
         loader = ShardLoader(split, global_batch // resume_world, rank=r, world_size=resume_world, seed=99)

@@ -75,18 +75,29 @@ def check_destination(out: Path, bound: dict, flip: bool) -> None:
             raise RunError(f"{out}: was made with flip={manifest.get('flip')}; rerun with the same --flip or another --out")
     receipts = out / RECEIPTS_DIR
     for receipt_path in sorted(receipts.glob("*.json")) if receipts.is_dir() else []:
-        receipt = json.loads(receipt_path.read_text())
-        if any(receipt.get(k) != v for k, v in bound.items()):
+        receipt = read_receipt(receipt_path)
+        if receipt is not None and any(receipt.get(k) != v for k, v in bound.items()):
             raise RunError(f"{out}: holds unfinished tokens from another checkpoint or data ({receipt_path.name}); "
                            "choose another --out or delete it")
 
 
-def receipt_matches(out: Path, job: Job, source_sha256: str, bound: dict) -> dict | None:
+def read_receipt(path: Path) -> dict | None:
+    """A receipt, or None when it is unreadable or edited into another shape (its shard is then redone)."""
+    try:
+        receipt = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return receipt if isinstance(receipt, dict) else None
+
+
+def receipt_matches(out: Path, job: Job, source_sha256: str, bound: dict, count: int) -> dict | None:
     path = out / RECEIPTS_DIR / (job.out_name + ".json")
     if not path.is_file() or not (out / job.out_name).is_file():
         return None
-    receipt = json.loads(path.read_text())
-    if receipt.get("source_sha256") != source_sha256 or any(receipt.get(k) != v for k, v in bound.items()):
+    receipt = read_receipt(path)
+    if receipt is None or receipt.get("source_sha256") != source_sha256 or any(receipt.get(k) != v for k, v in bound.items()):
+        return None
+    if receipt.get("file") != job.out_name or receipt.get("count") != count:   # edited by hand
         return None
     if sha256_file(out / job.out_name) != receipt.get("sha256"):
         return None
@@ -180,7 +191,7 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
               disable=not (progress and dist.is_main)) as bar:
         for job in mine:
             source = splits[job.split].shards[job.shard_index]
-            if receipt_matches(out, job, source.sha256, bound) is not None:
+            if receipt_matches(out, job, source.sha256, bound, source.count) is not None:
                 skipped += 1
                 bar.update(source.count)
                 continue

@@ -10,6 +10,7 @@ exactly the samples an uninterrupted run would have seen, whatever the world siz
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -304,6 +305,11 @@ class ShardSplit:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the shards' own sha256s, in order: other data of the same size differs here."""
+        return hashlib.sha256("\n".join(s.sha256 for s in self.shards).encode()).hexdigest()
+
     def shard_arrays(self, shard_index: int) -> tuple[np.ndarray, np.ndarray | None]:
         return self._items[shard_index], self._labels[shard_index]
 
@@ -388,12 +394,19 @@ class ShardLoader:
         return order, flips
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_samples": len(self.split)}
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_samples": len(self.split),
+                "shards_sha256": self.split.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool)
+                                                  for k in ("epoch", "cursor", "seed", "num_samples")):
+            raise ShardError(f"{self.split.root}: the checkpoint's reader state {str(state)[:80]!r} is malformed")
         if state["num_samples"] != len(self.split):
             raise ShardError(f"{self.split.root}: split {self.split.split!r} has {len(self.split)} samples but "
                              f"the checkpoint was made on {state['num_samples']}; resume on the same data")
+        if state.get("shards_sha256", self.split.fingerprint) != self.split.fingerprint:   # older checkpoints: no key
+            raise ShardError(f"{self.split.root}: split {self.split.split!r} holds other shards than the checkpoint "
+                             "was made on (same size, other content); resume on the same data or start a new --out")
         self.close()
         self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
 

@@ -23,6 +23,7 @@ from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError
 from vqgpt.files import atomic_write_json, remove_stale_temporaries
 from vqgpt.runlog import METRICS_NAME
+from vqgpt.shards import ShardError
 
 CONFIG_NAME = "config.json"
 SAMPLES_NAME = "samples"
@@ -203,6 +204,18 @@ class TrainingRun:
         log.close()
         self.restore_signal_handlers()
         return 0
+
+    def restore(self, resume: dict, objects: dict[str, Any]) -> None:
+        """load_state_dict of each object from resume[name]; a crafted or mismatched state is one CheckpointError."""
+        for name, obj in objects.items():
+            try:
+                obj.load_state_dict(resume[name])
+            except ShardError:   # the reader's own message (other data) is already one line
+                raise
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise ckpt.CheckpointError(f"{resume['path']}: its {name!r} state does not fit this run "
+                                           f"({first_line})") from None
 
     def restore_rng(self, state: dict) -> None:
         """Same world size: each rank continues its own streams exactly; otherwise derive fresh ones."""
