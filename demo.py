@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+ARGS_NAME = "demo_args.json"   # what the outputs in --out were made with: a rerun's skip checks rely on it
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,8 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class StageFailed(Exception):
-    """A stage's own script said what went wrong; the demo adds one line, not a traceback."""
+class DemoError(Exception):
+    """A stage failed (its own script said why) or --out was made with other arguments: one line, not a traceback."""
 
 
 def run_stage(title: str, command: list[str], done: bool) -> None:
@@ -40,7 +41,7 @@ def run_stage(title: str, command: list[str], done: bool) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     code = subprocess.run(command, cwd=ROOT, env=env).returncode
     if code != 0:
-        raise StageFailed(f"stage '{title.strip()}' failed (exit status {code}); see its message above, "
+        raise DemoError(f"stage '{title.strip()}' failed (exit status {code}); see its message above, "
                           "then rerun `python demo.py` (finished stages are skipped)")
 
 
@@ -59,12 +60,38 @@ def torchrun(nproc: int, script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
 
 
+def check_same_arguments(out: Path, args: argparse.Namespace) -> None:
+    """Finished stages are skipped on a rerun, so a rerun with other sizes would mix outputs: refuse it."""
+    from vqgpt.files import atomic_write_json
+
+    wanted = {"images": args.images, "vqgan_steps": args.vqgan_steps, "gpt_steps": args.gpt_steps}
+    stamp = out / ARGS_NAME
+    if stamp.is_file():
+        try:
+            made = json.loads(stamp.read_text())
+        except ValueError:
+            made = None
+        if made != wanted:
+            raise DemoError(f"{out} was made with {made}, this run asks for {wanted}; rerun with the same "
+                            "arguments, or pass another --out (or delete it)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, wanted)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return run_demo(parse_args(argv))
+    except DemoError as err:
+        print(f"demo: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run_demo(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
     from models.perceptual import find_vgg_weights
 
     out = Path(args.out)
+    check_same_arguments(out, args)
     shards, tokens = out / "data" / "shapes", out / "data" / "shapes-tokens"
     vqgan_run, gpt_run = out / "runs" / "vqgan", out / "runs" / "gpt"
     samples, figures = out / "samples", out / "plots"
@@ -118,8 +145,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except StageFailed as err:
-        print(f"demo: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -14,6 +14,16 @@ from vqgpt.files import atomic_write_bytes
 from vqgpt.runlog import METRICS_NAME, read_metrics
 
 
+def run_stage(config_path: Path) -> str | None:
+    """'vqgan' or 'gpt' from a run's config.json; None for anything else (a hand-edited or foreign file)."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    stage = config.get("stage") if isinstance(config, dict) else None
+    return stage if stage in ("vqgan", "gpt") else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (made by train_resnet_vqgan.py or train_gpt.py)")
@@ -25,7 +35,10 @@ def main(argv=None) -> int:
         if not (run / METRICS_NAME).is_file() or not (run / "config.json").is_file():
             print(f"plots: error: {run}: no {METRICS_NAME}/config.json; is it a run folder?", file=sys.stderr)
             return 2
-        stage = json.loads((run / "config.json").read_text())["stage"]
+        stage = run_stage(run / "config.json")
+        if stage is None:
+            print(f"plots: error: {run / 'config.json'}: not the config of a vqgan or gpt run", file=sys.stderr)
+            return 2
         records = read_metrics(run)
         draw = vqgan_figures if stage == "vqgan" else gpt_figures
         # "runs/vqgan" gives vqgan_curves.png, "runs/exp1" gives exp1_vqgan_curves.png

@@ -18,19 +18,27 @@ import pytest
 import torch
 from PIL import Image
 
+import demo
+import sample
 import shardify
 import train_gpt
+from models.gpt import GPT, GPT_PRESETS
+from models.vqgan import VQGAN, VQGAN_PRESETS
+from plots.__main__ import main as plots_main
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, script_env
 from vqgpt import dataprep, files
 from vqgpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from vqgpt.config import GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, VQGANTrainConfig, parse_config
-from vqgpt.dataprep import DataPrepError, scan_folder, write_shards
+from vqgpt.config import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, ConfigError, GPTTrainConfig, VQGANTrainConfig,
+                          config_to_dict, parse_config)
+from vqgpt.dataprep import DataPrepError, builtin_source, scan_folder, write_shards
 from vqgpt.distributed import DistInfo, pick_device
 from vqgpt.errors import RunError
 from vqgpt.images import load_square_image
-from vqgpt.quantize import background_batches
-from vqgpt.shards import ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest, write_manifest
+from vqgpt.pretrained import load_vqgan
+from vqgpt.quantize import RECEIPTS_DIR, background_batches, quantize
+from vqgpt.shards import (ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest, read_manifest,
+                          write_manifest)
 from vqgpt.training import TrainingRun
 
 DEAD_PID = 4194399   # above any Linux pid_max: no process has it
@@ -46,10 +54,10 @@ def keep_signal_handlers():
 
 
 def token_set(root: Path, codebook_size=16, grid=(2, 2), classes=("a", "b"), train=32, val=16, val_id=None,
-              dtype=np.uint16, **manifest_fields) -> Path:
+              dtype=np.uint16, seed=0, **manifest_fields) -> Path:
     """A small token shard folder as image_quantizer.py writes it (random ids, labelled)."""
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     records = {}
     for split, count in (("train", train), ("val", val)):
         items = rng.integers(0, codebook_size, (count, grid[0] * grid[1])).astype(dtype)
@@ -484,3 +492,96 @@ def test_demo_stage_failure_is_one_line(tmp_path):
                              "--images", "-5"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("demo: error: stage '1/6")
+
+
+def test_resuming_a_state_that_does_not_fit_is_one_error(tmp_path):
+    tokens, run = token_set(tmp_path / "tokens"), tmp_path / "run"
+    train_gpt.main(gpt_cfg(tokens, run))
+    state = torch.load(run / "step_00000002.pt", weights_only=True)
+    for key, value, error, message in (("gpt", {"nonsense": torch.zeros(1)}, CheckpointError, "'gpt' state does not fit"),
+                                       ("optimizer", {"state": {}}, CheckpointError, "'optimizer' state does not fit"),
+                                       ("loader", {"epoch": "x"}, ShardError, "reader state")):
+        torch.save({**state, key: value}, run / "step_00000002.pt")
+        with pytest.raises(error, match=message):
+            train_gpt.main(gpt_cfg(tokens, run, "--max-steps=3"))
+
+
+def test_resuming_on_other_data_of_the_same_size_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train_gpt.main(gpt_cfg(token_set(tmp_path / "tokens"), run))
+    with pytest.raises(ShardError, match="other shards than the checkpoint"):
+        train_gpt.main(gpt_cfg(token_set(tmp_path / "other", seed=1), run, "--max-steps=3"))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Image shards -> a random tiny VQGAN -> token shards -> a random one-layer GPT bound to them (no training)."""
+    root = tmp_path_factory.mktemp("chain")
+    write_shards(builtin_source("shapes", 48), root / "shards", size=32, shard_size=16, val_count=8, workers=1,
+                 progress=False)
+    torch.manual_seed(0)
+    vqgan_config = VQGAN_PRESETS["tiny"]
+    (root / "vqgan").mkdir()
+    save_checkpoint(root / "vqgan", 0, {"stage": "vqgan", "step": 0, "config": config_to_dict(vqgan_config),
+                                        "vqgan": VQGAN(vqgan_config).state_dict()})
+    dist = DistInfo(0, 0, 1, torch.device("cpu"), True)
+    quantize(load_vqgan(root / "vqgan"), root / "shards", root / "tokens", batch_size=16, flip=False, dist=dist,
+             dtype=torch.float32, progress=False)
+    manifest = read_manifest(root / "tokens")
+    gpt_config = GPT_PRESETS["tiny"].__class__(codebook_size=manifest["codebook_size"], n_classes=6,
+                                               tokens_per_image=manifest["item_shape"][0], n_layer=1, n_head=2,
+                                               n_embd=32)
+    (root / "gpt").mkdir()
+    save_checkpoint(root / "gpt", 1, {"stage": "gpt", "step": 1, "config": config_to_dict(gpt_config),
+                                      "gpt": GPT(gpt_config).state_dict(), "token_manifest": manifest})
+    return root
+
+
+def test_hand_edited_quantizer_receipts_are_redone_not_a_traceback(chain, tmp_path):
+    import shutil
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(chain / "tokens", tokens)
+    receipts = sorted((tokens / RECEIPTS_DIR).glob("*.json"))
+    receipts[0].write_text("{not json")
+    edited = json.loads(receipts[1].read_text())
+    receipts[1].write_text(json.dumps({**edited, "count": edited["count"] + 1}))
+    receipts[2].write_text("[1, 2]")
+    dist = DistInfo(0, 0, 1, torch.device("cpu"), True)
+    quantize(load_vqgan(chain / "vqgan"), chain / "shards", tokens, batch_size=16, flip=False, dist=dist,
+             dtype=torch.float32, progress=False)
+    assert len(ShardSplit(tokens, "train", verify_hashes=True)) == 40
+    assert json.loads(receipts[1].read_text())["count"] == edited["count"]
+
+
+def test_sample_completion_refuses_rows_beyond_the_grid_and_other_classes(chain, tmp_path):
+    base = ["--gpt", str(chain / "gpt"), "--out", str(tmp_path / "out"), "--n", "2", "--device", "cpu"]
+    with pytest.raises(ConfigError, match="--keep-rows 99 exceeds the 8 token rows"):
+        sample.main([*base, "--complete", str(chain / "shards"), "--keep-rows", "99"])
+    pets = tmp_path / "pets"
+    write_shards(scan_folder(make_image_folder(tmp_path / "pets_src", per_class=3)), pets, size=32, val_count=2,
+                 workers=1, progress=False)
+    with pytest.raises(ConfigError, match="are not the GPT's"):
+        sample.main([*base, "--complete", str(pets), "--keep-rows", "2"])
+    assert sample.main([*base, "--complete", str(chain / "shards"), "--keep-rows", "2"]) == 0
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"stage": "other"}', '{"config": {}}'])
+def test_plots_refuse_a_bad_config_json_in_one_line(tmp_path, text, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1.0}\n')
+    (run / "config.json").write_text(text)
+    assert plots_main([str(run), "--out", str(tmp_path / "figures")]) == 2
+    assert "not the config of a vqgan or gpt run" in one_error_line(capsys)
+
+
+def test_demo_refuses_to_mix_outputs_made_with_other_arguments(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(demo, "run_stage", lambda title, command, done: ran.append(title))
+    assert demo.main(["--out", str(tmp_path / "demo"), "--images", "100", "--vqgan-steps", "5"]) == 0
+    assert demo.main(["--out", str(tmp_path / "demo"), "--images", "100", "--vqgan-steps", "5"]) == 0
+    count = len(ran)
+    capsys.readouterr()
+    assert demo.main(["--out", str(tmp_path / "demo"), "--images", "200", "--vqgan-steps", "5"]) == 2
+    assert "was made with" in one_error_line(capsys) and len(ran) == count
