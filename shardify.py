@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vqgpt.dataprep import DataPrepError, builtin_source, scan_folder, summarize, write_shards
+from vqgpt.dataprep import builtin_source, scan_folder, summarize, write_shards
+from vqgpt.errors import exit_on_user_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,24 +47,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def shard(args: argparse.Namespace) -> int:
+    if args.builtin:
+        source, dest = builtin_source(args.builtin, args.builtin_count), args.paths[0]
+    else:
+        source, dest = scan_folder(args.paths[0], args.labels), args.paths[1]
+    manifest = write_shards(source, dest, size=args.size, shard_size=args.shard_size,
+                            val_fraction=args.val_fraction, val_count=args.val_count, seed=args.seed,
+                            workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    print(summarize(manifest, dest))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.builtin:
-            source, dest = builtin_source(args.builtin, args.builtin_count), args.paths[0]
-        else:
-            source, dest = scan_folder(args.paths[0], args.labels), args.paths[1]
-        manifest = write_shards(source, dest, size=args.size, shard_size=args.shard_size,
-                                val_fraction=args.val_fraction, val_count=args.val_count, seed=args.seed,
-                                workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
-    except (DataPrepError, OSError) as err:   # OSError: DEST unwritable, disk full, ...
-        print(f"shardify: error: {err}", file=sys.stderr)
-        return 2
+        return exit_on_user_error(lambda: shard(args), "shardify")
     except KeyboardInterrupt:
         print("shardify: interrupted; DEST is as it was before this run", file=sys.stderr)
         return 130
-    print(summarize(manifest, dest))
-    return 0
 
 
 if __name__ == "__main__":

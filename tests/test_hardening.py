@@ -585,3 +585,22 @@ def test_demo_refuses_to_mix_outputs_made_with_other_arguments(tmp_path, monkeyp
     capsys.readouterr()
     assert demo.main(["--out", str(tmp_path / "demo"), "--images", "200", "--vqgan-steps", "5"]) == 2
     assert "was made with" in one_error_line(capsys) and len(ran) == count
+
+
+def test_every_user_error_is_one_line_exit_2_and_errors_imports_nothing(capsys):
+    from vqgpt.errors import UserError, exit_on_user_error
+    from vqgpt.fid import InceptionWeightsError
+
+    def raising(error):
+        def main():
+            raise error
+        return main
+
+    for error in (RunError("a"), ConfigError("b"), ShardError("c"), CheckpointError("d"), DataPrepError("e"),
+                  InceptionWeightsError("f"), PermissionError(13, "Permission denied", "/run")):
+        assert isinstance(error, (UserError, OSError))
+        assert exit_on_user_error(raising(error), "prog") == 2
+        assert one_error_line(capsys).startswith("prog: error: ")
+    code = "import sys, vqgpt.errors; print(sorted(m for m in sys.modules if m.startswith(('vqgpt', 'models'))))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True)
+    assert result.stdout.strip() == "['vqgpt', 'vqgpt.errors']", result.stdout + result.stderr

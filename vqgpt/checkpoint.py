@@ -8,14 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqgpt.errors import CheckpointError
 from vqgpt.files import atomic_path, atomic_write_bytes
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 LATEST_NAME = "latest"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
 def checkpoint_name(step: int) -> str:

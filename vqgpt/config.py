@@ -16,12 +16,9 @@ from typing import Any, ClassVar, Sequence, TypeVar
 
 from models.gpt import GPT_PRESETS, GPTConfig
 from models.vqgan import VQGAN_PRESETS, VQGANConfig
+from vqgpt.errors import ConfigError
 
 C = TypeVar("C")
-
-
-class ConfigError(ValueError):
-    """A setting the user gave cannot be used; the message says which and why."""
 
 
 def _parse_bool(text: str) -> bool:

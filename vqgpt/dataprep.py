@@ -19,15 +19,12 @@ import numpy as np
 from tqdm import tqdm
 
 from vqgpt import builtin
+from vqgpt.errors import DataPrepError
 from vqgpt.images import IMAGE_SUFFIXES, SkipImage, load_square_image
 from vqgpt.shards import MANIFEST_NAME, ShardError, ShardWriter, build_manifest, read_manifest, write_manifest
 
 _OUR_FILES = re.compile(r"^(train|val)_\d{5}(_labels)?\.npy$")
 STAGING_NAME = ".shardify-staging"   # the new set is built here and moved into DEST only once complete
-
-
-class DataPrepError(RuntimeError):
-    """The whole run cannot go on (empty input, every file skipped, DEST in use)."""
 
 
 @dataclass(frozen=True)

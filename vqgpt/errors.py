@@ -1,23 +1,44 @@
-"""User-facing errors: one line, exit status 2, no traceback."""
+"""User-facing errors: one line, exit status 2, no traceback.
+
+Every error a user can fix derives from UserError. This module imports nothing of the project,
+so any module can raise these without an import cycle.
+"""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
-from vqgpt.checkpoint import CheckpointError
-from vqgpt.config import ConfigError
-from vqgpt.shards import ShardError
+
+class UserError(Exception):
+    """Input the user can fix; the message names the file or setting and what to do."""
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run folder, resume or data combination that cannot be used."""
 
 
+class ConfigError(UserError, ValueError):
+    """A setting the user gave cannot be used; the message says which and why."""
+
+
+class ShardError(UserError, ValueError):
+    """A shard folder or manifest that cannot be used; the message names the file."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class DataPrepError(UserError, RuntimeError):
+    """The whole shardify run cannot go on (empty input, every file skipped, DEST in use)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    from models.perceptual import LPIPSWeightsMissing  # late: keeps `import vqgpt` free of lpips
+    from models.perceptual import LPIPSWeightsMissing  # late: models/ holds modules only and imports no vqgpt
 
     # OSError: a read-only run folder, a full disk, a file where a folder should be; its message names the path
-    return (CheckpointError, ConfigError, ShardError, RunError, LPIPSWeightsMissing, OSError)
+    return (UserError, LPIPSWeightsMissing, OSError)
 
 
 def exit_on_user_error(main: Callable[[], int | None], program: str) -> int:
@@ -25,8 +46,6 @@ def exit_on_user_error(main: Callable[[], int | None], program: str) -> int:
     try:
         return main() or 0
     except user_errors() as err:
-        import os
-
         if os.environ.get("RANK", "0") == "0":
             print(f"{program}: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from vqgpt.errors import ShardError
 from vqgpt.files import atomic_path, atomic_write_json, sha256_file
 
 MANIFEST_NAME = "manifest.json"
@@ -31,10 +32,6 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 ALLOWED_DTYPES = ("uint8", "uint16", "int32")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.npy$")
-
-
-class ShardError(ValueError):
-    """A shard folder or manifest that cannot be used; the message names the file."""
 
 
 def shard_stem(split: str, index: int) -> str:
