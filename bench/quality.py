@@ -1,0 +1,188 @@
+"""Reconstruction quality on real images at a fixed budget: our preset beside taming's configuration.
+
+    python bench/realsets.py                 # once: builds data/real/{clipart,photos}
+    python bench/quality.py                  # about 25 minutes on 2 cores
+    python bench/quality.py --sets photos --ours-flags="--lr 3e-4" --out runs/quality-try
+
+Each VQGAN trains for `--steps` x `--batch-size` images on one pinned thread (runs go two at a time,
+one per core), then the trainer's own evaluation measures the WHOLE val split: PSNR, SSIM, L1,
+codebook usage and perplexity. The reference is the `taming-b64` preset (taming-transformers'
+configuration: plain VQ, uniform init, its loss form and learning-rate rule) trained in the same
+run on the same data. Then a GPT learns the clip-art tokens of our VQGAN for `--gpt-steps` steps
+(val loss in nats/token, class-conditional samples). Figures land in OUT/figures; the last line
+printed is one JSON object. Both sides train with L1 + LPIPS when vgg16-397923af.pth is in the torch
+hub cache, and with L1 alone offline (said in the JSON): LPIPS on a random VGG backbone measures no
+perception and cost our preset 0.9 dB val PSNR on the photographs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import emit  # noqa: E402
+from models.perceptual import find_vgg_weights  # noqa: E402
+from vqgpt.images import image_grid, save_png, to_uint8, to_unit_range  # noqa: E402
+from vqgpt.files import atomic_write_bytes  # noqa: E402
+from vqgpt.pretrained import load_vqgan  # noqa: E402
+from vqgpt.runlog import METRICS_NAME, read_metrics  # noqa: E402
+from vqgpt.shards import ShardSplit  # noqa: E402
+
+TARGETS = {"codebook_usage": 0.9, "clipart_psnr": 18.0, "clipart_ssim": 0.6,
+           "photos_psnr_gain": 2.5, "photos_ssim_gain": 0.1}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/real", help="folder made by bench/realsets.py (default: data/real)")
+    parser.add_argument("--out", default="runs/quality", help="runs and figures (default: runs/quality)")
+    parser.add_argument("--sets", nargs="+", default=["clipart", "photos"], choices=["clipart", "photos"])
+    parser.add_argument("--steps", type=int, default=271, help="VQGAN optimizer steps (default: 271)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--ours", default="b64", help="our preset (default: b64; 'none' skips)")
+    parser.add_argument("--ours-flags", default="", help="extra trainer flags for our runs, e.g. '--lr 3e-4'")
+    parser.add_argument("--reference", default="taming-b64", help="reference preset (default: taming-b64; 'none' skips)")
+    parser.add_argument("--gpt-steps", type=int, default=2000, help="GPT steps on the clip-art tokens (0: skip)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once, one core each")
+    return parser.parse_args(argv)
+
+
+def finished(run: Path, steps: int) -> bool:
+    latest = run / "latest"
+    return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}.pt"
+
+
+def final_eval(run: Path) -> dict:
+    return [record for record in read_metrics(run / METRICS_NAME) if record["kind"] == "eval"][-1]
+
+
+def run_pinned(commands: list[tuple[list[str], Path]], jobs: int) -> None:
+    """Run the commands `jobs` at a time, each pinned to its own core with one thread; logs beside each run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cores = sorted(os.sched_getaffinity(0))
+    pending = list(commands)
+    running: list[tuple[subprocess.Popen, Path, int]] = []
+    while pending or running:
+        free = [c for c in cores[:jobs] if c not in {core for _, _, core in running}]
+        while pending and free:
+            command, log_path = pending.pop(0)
+            core = free.pop(0)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[core {core}] {shlex.join(command)}", flush=True)
+            process = subprocess.Popen(["taskset", "-c", str(core), *command], cwd=ROOT, env=env,
+                                       stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+            running.append((process, log_path, core))
+        process, log_path, core = running.pop(0)
+        if process.wait() != 0:
+            raise SystemExit(f"failed ({process.returncode}); see {log_path}:\n"
+                             + "\n".join(log_path.read_text().splitlines()[-5:]))
+
+
+def vqgan_command(preset: str, data: Path, run: Path, args, extra: list[str], lpips_flags: list[str]) -> list[str]:
+    return [sys.executable, "train_resnet_vqgan.py", f"--preset={preset}", f"--data={data}", f"--out={run}",
+            f"--max-steps={args.steps}", f"--batch-size={args.batch_size}", "--eval-every=0",
+            f"--ckpt-every={args.steps}", "--eval-batch-size=100", *lpips_flags, *extra]
+
+
+@torch.no_grad()
+def comparison_grid(runs: dict[str, Path], data: Path, path: Path, count: int = 16) -> None:
+    """Val originals, then each run's reconstructions of them (rows in the order of `runs`)."""
+    split = ShardSplit(data, "val")
+    picks = np.linspace(0, len(split) - 1, count).astype(int)
+    originals, _ = split.read(picks)
+    rows = [originals]
+    for run in runs.values():
+        vqgan = load_vqgan(run).model
+        recon, _, _, _ = vqgan(to_unit_range(torch.from_numpy(originals)))
+        rows.append(to_uint8(recon.clamp(-1, 1)))
+    save_png(path, image_grid(rows), upscale=2)
+
+
+def gpt_stage(our_run: Path, data: Path, out: Path, steps: int, results: dict) -> None:
+    tokens, gpt_run, samples = out / "clipart-tokens", out / "clipart-gpt", out / "clipart-samples"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def call(*command: str) -> None:
+        print(f"$ {shlex.join(command)}", flush=True)
+        subprocess.run([sys.executable, *command], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    call("image_quantizer.py", f"--vqgan={our_run}", f"--data={data}", f"--out={tokens}", "--flip")
+    if not finished(gpt_run, steps):
+        call("train_gpt.py", "--preset=tiny", f"--tokens={tokens}", f"--out={gpt_run}", f"--max-steps={steps}",
+             f"--eval-every={steps}", f"--ckpt-every={steps}", "--sample-count=0")
+    call("sample.py", f"--gpt={gpt_run}", "--n=32", f"--out={samples}", "--top-k=100")
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    results["gpt_val_loss"] = final_eval(gpt_run)["val_loss"]
+    results["gpt_uniform_loss"] = math.log(manifest["codebook_size"])
+    results["gpt_steps"] = steps
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data, out = Path(args.data), Path(args.out)
+    missing = [s for s in args.sets if not (data / s / "manifest.json").is_file()]
+    if missing:
+        print(f"quality: {data}/{missing[0]} is missing: build the sets with python bench/realsets.py --out {data}",
+              file=sys.stderr)
+        return 2
+    lpips_flags = [] if find_vgg_weights(None) else ["--perceptual-weight=0"]
+    sides = {}
+    if args.ours != "none":
+        sides["ours"] = (args.ours, shlex.split(args.ours_flags))
+    if args.reference != "none":
+        sides["taming"] = (args.reference, [])
+    runs = {(s, side): out / f"{s}-{side}" for s in args.sets for side in sides}
+    commands = [(vqgan_command(sides[side][0], data / s, run, args, sides[side][1], lpips_flags), run / "train.log")
+                for (s, side), run in runs.items() if not finished(run, args.steps)]
+    run_pinned(commands, args.jobs)
+
+    results: dict = {"steps": args.steps, "batch_size": args.batch_size, "ours": args.ours,
+                     "ours_flags": args.ours_flags, "reference": args.reference,
+                     "perceptual_loss": "off (no VGG16 weights)" if lpips_flags else "LPIPS, pretrained VGG16"}
+    for (s, side), run in runs.items():
+        metrics = final_eval(run)
+        for key in ("psnr", "ssim", "l1", "codebook_usage", "perplexity", "codes_used"):
+            results[f"{s}_{side}_{key}"] = metrics[key]
+        results[f"{s}_val_images"] = metrics["val_images"]
+    figures = out / "figures"
+    for s in args.sets:
+        comparison_grid({side: runs[(s, side)] for side in ("taming", "ours") if (s, side) in runs},
+                        data / s, figures / f"{s}_recon.png")
+    if "taming" in sides:
+        for s in args.sets:
+            for key in ("psnr", "ssim"):
+                results[f"{s}_{key}_gain"] = results[f"{s}_ours_{key}"] - results[f"{s}_taming_{key}"]
+    if "ours" not in sides:
+        emit(results)
+        return 0
+    checks = {f"{s}_usage": results[f"{s}_ours_codebook_usage"] >= TARGETS["codebook_usage"] for s in args.sets}
+    if "clipart" in args.sets:
+        checks["clipart_psnr"] = results["clipart_ours_psnr"] >= TARGETS["clipart_psnr"]
+        checks["clipart_ssim"] = results["clipart_ours_ssim"] >= TARGETS["clipart_ssim"]
+    if "photos" in args.sets and "taming" in sides:
+        checks["photos_psnr_gain"] = results["photos_psnr_gain"] >= TARGETS["photos_psnr_gain"]
+        checks["photos_ssim_gain"] = results["photos_ssim_gain"] >= TARGETS["photos_ssim_gain"]
+    results["targets_met"] = all(checks.values())
+    results["targets_missed"] = sorted(k for k, ok in checks.items() if not ok)
+
+    if args.gpt_steps > 0 and "clipart" in args.sets:
+        gpt_stage(runs[("clipart", "ours")], data / "clipart", out, args.gpt_steps, results)
+        grid = out / "clipart-samples" / "grid.png"
+        atomic_write_bytes(figures / "clipart_gpt_samples.png", grid.read_bytes())
+    print(f"figures in {figures}")
+    emit(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
