@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: demo test venv bench clean-demo
+.PHONY: demo test test-fast venv bench clean-demo
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PY) -c "import sys" 2>/dev/null || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# without the tests marked slow (demo chain, bench scripts, notebooks, the 256 px chain, ...)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # CPU figures in BENCHMARKS.md: one pinned thread, plus 2 ranks under torchrun (about 10 minutes)
 bench: $(STAMP)

@@ -5,6 +5,8 @@ import pytest
 
 from tests.helpers import run_script
 
+pytestmark = pytest.mark.slow   # each bench script in its own interpreter, one under torchrun
+
 BENCHES = [
     ("bench/shards.py", ["--jpegs", "12", "--builtin", "64", "--reader-images", "256", "--batch-size", "16"],
      ["shardify_builtin32_images_per_s_w1", "bytes_per_image_256", "reader_images_per_s",

@@ -4,7 +4,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, script_env
+
+pytestmark = pytest.mark.slow   # every stage as a subprocess: `make test-fast` leaves it out
 
 
 def test_demo_chain_small_budget_and_skip_on_rerun(tmp_path):

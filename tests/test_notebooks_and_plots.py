@@ -35,6 +35,7 @@ def gpt_for_notebook(shapes_tokens, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_vqgan_notebook_runs(tiny_vqgan_run, shapes_shards, tmp_path):
     notebook = execute("vqgan_inference.ipynb", f'VQGAN_RUN = "{tiny_vqgan_run}"\nSHARDS = "{shapes_shards}"\n'
                        f'IMAGE_FILE = "{shapes_shards.parent}"\nDEVICE = "cpu"', tmp_path)
@@ -44,6 +45,7 @@ def test_vqgan_notebook_runs(tiny_vqgan_run, shapes_shards, tmp_path):
     assert len(images) >= 3
 
 
+@pytest.mark.slow
 def test_gpt_notebook_runs(gpt_for_notebook, shapes_shards, tmp_path):
     notebook = execute("gpt_inference.ipynb", f'GPT_RUN = "{gpt_for_notebook}"\nSHARDS = "{shapes_shards}"\n'
                        'DEVICE = "cpu"\nSEED = 0', tmp_path)
