@@ -604,3 +604,53 @@ def test_every_user_error_is_one_line_exit_2_and_errors_imports_nothing(capsys):
     code = "import sys, vqgpt.errors; print(sorted(m for m in sys.modules if m.startswith(('vqgpt', 'models'))))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True)
     assert result.stdout.strip() == "['vqgpt', 'vqgpt.errors']", result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def skipped_step(chain, tmp_path_factory):
+    """Checkpoints before and after a VQGAN step whose batch was all NaN (GAN active, BatchNorm in the forward)."""
+    import train_resnet_vqgan
+
+    real = train_resnet_vqgan.to_unit_range
+    calls = {"n": 0}
+
+    def poisoned_third_batch(images):
+        calls["n"] += 1
+        out = real(images)
+        return torch.full_like(out, float("nan")) if calls["n"] == 3 else out
+
+    run = tmp_path_factory.mktemp("skipped") / "run"
+    cfg = parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [
+        "--preset=tiny", f"--data={chain / 'shards'}", f"--out={run}", "--max-steps=3", "--batch-size=4",
+        "--warmup-steps=1", "--disc-start=0", "--eval-every=0", "--ckpt-every=1", "--log-every=1", "--keep-last=5",
+        "--perceptual-weight=0", "--device=cpu"])
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_resnet_vqgan, "to_unit_range", poisoned_third_batch)
+        train_resnet_vqgan.main(cfg)
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    return tuple(torch.load(run / f"step_0000000{k}.pt", weights_only=True) for k in (2, 3))
+
+
+def test_a_non_finite_batch_leaves_weights_optimizers_and_batchnorm_untouched(skipped_step):
+    before, after = skipped_step
+    assert after["skipped_steps"] == 1
+    for key in ("vqgan", "discriminator"):   # parameters and buffers: BatchNorm statistics, codebook
+        for name, tensor in before[key].items():
+            if name.endswith("steps_unused"):
+                continue   # see the next test
+            assert torch.equal(tensor, after[key][name]), f"{key}.{name} changed in a skipped step"
+    for key in ("opt_g", "opt_d"):
+        assert before[key]["state"].keys() == after[key]["state"].keys()
+        for index, state in before[key]["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, after[key]["state"][index][name]), f"{key} {index}.{name} changed"
+
+
+@pytest.mark.xfail(strict=True, reason="open: models/quantizer.py _restart_dead_codes counts a skipped NaN step "
+                                       "(every code one step older, code 0 'used'); that file is being edited "
+                                       "by the precision work, so it is left to it")
+def test_a_non_finite_batch_leaves_the_dead_code_counters_untouched(skipped_step):
+    before, after = skipped_step
+    assert torch.equal(before["vqgan"]["quantizer.steps_unused"], after["vqgan"]["quantizer.steps_unused"])
