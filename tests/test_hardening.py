@@ -654,3 +654,26 @@ def test_a_non_finite_batch_leaves_weights_optimizers_and_batchnorm_untouched(sk
 def test_a_non_finite_batch_leaves_the_dead_code_counters_untouched(skipped_step):
     before, after = skipped_step
     assert torch.equal(before["vqgan"]["quantizer.steps_unused"], after["vqgan"]["quantizer.steps_unused"])
+
+
+@pytest.mark.parametrize("field, value, message", [("vqgan_checkpoint", ["a"], "vqgan_checkpoint"),
+                                                   ("classes", [1, 2], "not all names"),
+                                                   ("codebook_size", "16", "codebook_size"),
+                                                   ("latent_grid", [3, 3], "latent_grid")])
+def test_bad_token_manifest_fields_are_a_shard_error(tmp_path, field, value, message):
+    folder = token_set(tmp_path / "t")
+    edit_manifest(folder, lambda m: m.update({field: value}))
+    with pytest.raises(ShardError, match=message):
+        ShardSplit(folder, "train")
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", "2"), ("n_layer", True), ("dropout", [0.1]), ("n_head", 3)])
+def test_a_saved_config_of_the_wrong_types_is_a_config_error(chain, tmp_path, field, value):
+    from vqgpt.pretrained import load_gpt
+
+    state = torch.load(latest_checkpoint(chain / "gpt"), weights_only=True)
+    state["config"][field] = value
+    (tmp_path / "gpt").mkdir()
+    save_checkpoint(tmp_path / "gpt", 1, state)
+    with pytest.raises(ConfigError, match="saved config"):
+        load_gpt(tmp_path / "gpt")

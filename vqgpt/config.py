@@ -129,8 +129,30 @@ def config_from_dict(cls: type[C], data: dict) -> C:
     for key, value in data.items():
         if typing.get_origin(hints[key]) is tuple and isinstance(value, list):
             value = tuple(value)
+        if not _fits(value, hints[key]):   # a crafted or hand-edited file: one line, not a traceback later
+            raise ConfigError(f"saved config: {key} holds {type(value).__name__} {str(value)[:40]!r}, "
+                              f"expected {getattr(hints[key], '__name__', hints[key])}")
         values[key] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"saved config does not make a {cls.__name__}: {err}") from None
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a value loaded from JSON has the type of a config field (ints pass for floats)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, tuple)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        return any(value is None if a is type(None) else _fits(value, a) for a in args)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):
+        return isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True
 
 
 def subconfig(target_cls: type[C], source: Any, **overrides) -> C:

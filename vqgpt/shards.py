@@ -185,6 +185,11 @@ def _check_splits(manifest: dict, path: Path) -> None:
 
 
 def _check_token_fields(manifest: dict, path: Path) -> None:
+    for key in ("vqgan_checkpoint", "vqgan_sha256", "source_shards"):   # opened and compared as strings later
+        if key in manifest and not isinstance(manifest[key], str):
+            raise ShardError(f"{path}: {key} {str(manifest[key])[:60]!r} is not a string")
+    if not all(isinstance(name, str) for name in manifest.get("classes", [])):
+        raise ShardError(f"{path}: classes {str(manifest['classes'])[:60]!r} are not all names")
     codebook_size = manifest.get("codebook_size")
     if codebook_size is not None and not (_is_count(codebook_size) and codebook_size > 0):
         raise ShardError(f"{path}: codebook_size {codebook_size!r} is not a positive int")
