@@ -11,7 +11,6 @@ import torch.nn as nn
 
 from models.decoder import Decoder
 from models.encoder import Encoder
-from models.layers import AttnBlock, ResnetBlock
 from models.quantizer import build_quantizer
 
 QUANTIZERS = ("vq", "l2", "fsq")
@@ -36,7 +35,6 @@ class VQGANConfig:
     ema_decay: float = 0.0
     dead_code_steps: int = 0
     fsq_levels: tuple[int, ...] = ()   # fsq: values per channel; codebook_size = their product
-    zero_init_residuals: bool = False  # init only: every residual and attention branch starts as the identity
     # quant_conv / post_quant_conv map z_channels <-> codebook_dim themselves (taming's and LlamaGen's layout)
     # instead of the quantizer's project_in / project_out
     quant_conv_to_codebook: bool = False
@@ -80,12 +78,6 @@ class VQGAN(nn.Module):
         self.quantizer = build_quantizer(dataclasses.replace(config, z_channels=latent))
         self.post_quant_conv = nn.Conv2d(latent, config.z_channels, 1)
         self.decoder = Decoder(config)
-        if config.zero_init_residuals:
-            for module in self.modules():
-                branch_end = {ResnetBlock: "conv2", AttnBlock: "proj_out"}.get(type(module))
-                if branch_end:
-                    nn.init.zeros_(getattr(module, branch_end).weight)
-                    nn.init.zeros_(getattr(module, branch_end).bias)
 
     @property
     def latent_grid(self) -> tuple[int, int]:
