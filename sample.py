@@ -23,6 +23,7 @@ from vqgpt.errors import exit_on_user_error
 from vqgpt.images import image_grid, load_image_batch, save_png, to_uint8, to_unit_range
 from vqgpt.pretrained import load_bound_vqgan, load_gpt
 from vqgpt.sampling import sample_tokens
+from vqgpt.training import autocast, resolve_precision
 from vqgpt.shards import read_manifest
 
 
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-rows", type=int, default=None, help="token rows kept with --complete (default: half)")
     parser.add_argument("--vqgan", default="", help="VQGAN checkpoint (default: the one named by the tokens; sha256 checked)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--precision", default="auto",
+                        help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16; tokens are drawn in fp32")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step (slow reference)")
     return parser.parse_args(argv)
 
@@ -65,6 +68,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise ConfigError("--cfg guides towards a class: give --class K (or --complete labelled shards)")
     if args.keep_rows is not None and args.keep_rows < 0:
         raise ConfigError(f"--keep-rows must not be negative, got {args.keep_rows}")
+    if args.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {args.precision!r}")
 
 
 def check_same_classes(shards: str, gpt_classes: list[str]) -> None:
@@ -79,6 +84,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_options(args)
     device = pick_device(args.device)
+    with autocast(device, resolve_precision(args.precision, device)):
+        return sample(args, device)
+
+
+def sample(args: argparse.Namespace, device: torch.device) -> int:
     gpt = load_gpt(args.gpt, device)
     vqgan = load_bound_vqgan(gpt.token_manifest, args.vqgan, device, tokens_name=f"the tokens of {gpt.path}")
     config = gpt.config

@@ -30,8 +30,8 @@ from vqgpt.pretrained import load_bound_vqgan
 from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
-from vqgpt.training import (TrainingRun, configure_backends, resolve_precision, seed_everything,
-                            summary_line)
+from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
+                            scalers_to_restore, seed_everything, summary_line)
 from vqgpt.vqgan_training import no_sync
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "label_dropout"))
@@ -84,12 +84,14 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
     seed_everything(cfg.seed)   # identical init on every rank
     model = GPT(subconfig(GPTConfig, cfg)).to(device)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (0.9, cfg.beta2), device.type)
+    scaler = grad_scaler(device, dtype)   # fp16 only
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                          device=device, prefetch=cfg.prefetch)
     step = 0
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams (label dropout) from here on
     if resume is not None:
-        run.restore(resume, {"gpt": model, "optimizer": optimizer, "loader": loader})
+        run.restore(resume, {"gpt": model, "optimizer": optimizer, "loader": loader,
+                             **scalers_to_restore(resume, scaler=scaler)})
         run.restore_rng(resume)
         step = resume["step"]
     wrapped: torch.nn.Module = model
@@ -120,14 +122,16 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
             tokens = batch.items.to(device, non_blocking=True).long()
             with no_sync(wrapped, micro < cfg.grad_accum - 1):
                 loss = gpt_loss(wrapped, model, tokens, batch.labels, cfg.label_dropout, dtype)
-                (loss / cfg.grad_accum).backward()
+                scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum
             tokens_seen += tokens.numel() * dist.world_size
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        scaler.unscale_(optimizer)   # a no-op unless fp16; an fp16 overflow makes the step non-finite: skipped
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         stop, skip = run.end_of_step_consensus(bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm)), step)
         if not skip:
-            optimizer.step()
+            scaler.step(optimizer)
+        scaler.update()   # after an overflow: a smaller scale
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
@@ -141,8 +145,8 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
         # saved before the eval: an eval that fails must not cost the steps since the last checkpoint
         run.checkpoint_if_due(step, stop, lambda: (
             {"gpt": model.state_dict()},
-            {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "skipped_steps": run.skipped_steps,
-             "token_manifest": train_split.manifest}), log)
+            {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "loader": loader.state_dict(),
+             "skipped_steps": run.skipped_steps, "token_manifest": train_split.manifest}), log)
         if run.is_due(step, cfg.eval_every):
             if dist.is_main:
                 metrics = {}

@@ -32,10 +32,10 @@ from vqgpt.images import image_grid, save_png, to_unit_range
 from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
-from vqgpt.training import (TrainingRun, configure_backends, resolve_precision, seed_everything,
-                            summary_line)
+from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
+                            scalers_to_restore, seed_everything, summary_line)
 from vqgpt.vqgan_training import (VQGANModels, discriminator_backward, evaluate, generator_backward,
-                                  no_sync)
+                                  mark_micro_step, no_sync)
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(VQGANConfig))
 CHECKPOINT_KEYS = ("vqgan", "discriminator", "opt_g", "opt_d", "loader")
@@ -94,13 +94,14 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         discriminator = discriminator.to(memory_format=torch.channels_last)
     opt_g = adam(vqgan.parameters(), cfg.lr, cfg.adam_betas, device)
     opt_d = adam(discriminator.parameters(), cfg.disc_lr or cfg.lr, cfg.adam_betas, device)
+    scaler_g, scaler_d = grad_scaler(device, dtype), grad_scaler(device, dtype)   # fp16: one per optimizer
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                          flip=cfg.flip, device=device, prefetch=cfg.prefetch)
     step = 0
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams from here on
     if resume is not None:
         run.restore(resume, {"vqgan": vqgan, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d,
-                             "loader": loader})
+                             "loader": loader, **scalers_to_restore(resume, scaler_g=scaler_g, scaler_d=scaler_d)})
         run.restore_rng(resume)
         step = resume["step"]
     elif init is not None:   # a fine-tune: the source's weights, fresh optimizers, step 0
@@ -147,28 +148,36 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             sync = micro == cfg.grad_accum - 1
+            mark_micro_step(vqgan, last=sync)
             with no_sync(models.vqgan, not sync):
-                recon, micro_terms = generator_backward(models, images, cfg, gan_active, 1 / cfg.grad_accum, dtype)
+                recon, micro_terms = generator_backward(models, images, cfg, gan_active, 1 / cfg.grad_accum, dtype,
+                                                        scaler_g)
             if gan_active:
                 with no_sync(models.discriminator, not sync):
-                    micro_terms.update(discriminator_backward(models, images, recon, 1 / cfg.grad_accum, dtype))
+                    micro_terms.update(discriminator_backward(models, images, recon, 1 / cfg.grad_accum, dtype,
+                                                              scaler_d))
             for key, value in micro_terms.items():
                 terms[key] = terms.get(key, 0) + value.float() / cfg.grad_accum
             images_seen += len(images) * dist.world_size
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        scaler_g.unscale_(opt_g)   # no-ops unless fp16; an fp16 overflow makes the step non-finite: skipped
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(vqgan.parameters(), clip)
         if gan_active:
+            scaler_d.unscale_(opt_d)
             terms["disc_grad_norm"] = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), clip)
         finite = bool(torch.isfinite(torch.stack([v.float() for v in terms.values()])).all())
         stop, skip = run.end_of_step_consensus(finite, step)
         if not skip:
-            opt_g.step()
+            scaler_g.step(opt_g)
             if gan_active:
-                opt_d.step()
+                scaler_d.step(opt_d)
         else:
             with torch.no_grad():
                 for saved, buffer in zip(disc_buffers, discriminator.buffers()):
                     buffer.copy_(saved)
+        scaler_g.update()   # after an overflow: a smaller scale
+        if gan_active:
+            scaler_d.update()
         opt_g.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
         step += 1
@@ -184,6 +193,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         run.checkpoint_if_due(step, stop, lambda: (
             {"vqgan": vqgan.state_dict(), "discriminator": discriminator.state_dict()},
             {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "loader": loader.state_dict(),
+             "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
              "skipped_steps": run.skipped_steps}), log)
         if val_split is not None and run.is_due(step, cfg.eval_every):
             if dist.is_main:

@@ -27,12 +27,12 @@ def _distributed() -> bool:
 def full_fp32_matmul():
     """IEEE fp32 matmuls inside, whatever the trainer chose for the networks (TF32 on CUDA)."""
     matmul = torch.backends.cuda.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "ieee"
+    previous = matmul.allow_tf32   # the legacy flag, as configure_backends sets it: mixing APIs makes getters raise
+    matmul.allow_tf32 = False
     try:
         yield
     finally:
-        matmul.fp32_precision = previous
+        matmul.allow_tf32 = previous
 
 
 def rotate_onto(vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -162,10 +162,25 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, encoder_vectors: torch.Tensor, counts: torch.Tensor) -> int:
-        """Re-seed codes unused for `dead_code_steps` steps with current encoder outputs (rank 0's)."""
-        used = counts.clone()
+        """Re-seed codes unused for `dead_code_steps` optimizer steps with current encoder outputs (rank 0's).
+
+        Under gradient accumulation the trainer sets `accumulating` on every micro-step but the
+        last: usage is summed over the step's micro-steps and the counter advances once per step.
+        """
+        # the last entry counts non-finite micro-batches: the trainer skips such a step, so no code ages
+        usage = torch.cat([counts, (~torch.isfinite(encoder_vectors).all()).float().view(1)])
+        pending = getattr(self, "_usage_this_step", None)
+        if pending is not None:
+            usage = usage + pending
+        if getattr(self, "accumulating", False):
+            self._usage_this_step = usage
+            return 0
+        self._usage_this_step = None
         if _distributed():
-            dist.all_reduce(used)
+            dist.all_reduce(usage)
+        used, non_finite = usage[:-1], usage[-1]
+        if non_finite > 0:
+            return 0
         self.steps_unused.add_(1).masked_fill_(used > 0, 0)
         dead = (self.steps_unused >= self.dead_code_steps).nonzero().flatten()
         if len(dead) == 0:
@@ -176,6 +191,8 @@ class VectorQuantizer(nn.Module):
             dist.broadcast(replacements, src=0)
         if not torch.isfinite(replacements).all():   # same on every rank after the broadcast
             return 0
+        if self.ema_decay > 0 and self.normalized:   # the EMA averages unit vectors: seed it with one
+            replacements = F.normalize(replacements, dim=1)
         self.codebook.data[dead] = replacements.to(self.codebook.dtype)
         if self.ema_decay > 0:
             self.ema_cluster_size[dead] = 1.0

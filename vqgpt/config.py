@@ -168,9 +168,8 @@ def format_config(cfg: Any) -> str:
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"--precision must be auto, fp32 or bf16 (no fp16: it would need a GradScaler), "
-                         f"got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
 
 
 def _check_finite(cfg: Any) -> None:
@@ -203,7 +202,7 @@ class TrainConfig:
     lr: float = _help("peak learning rate", 1e-4)
     min_lr_ratio: float = _help("cosine decays to lr x this", 0.1)
     warmup_steps: int = _help("linear warmup steps", 500)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
+    weight_decay: float = _help("AdamW weight decay of the GPT's matrices (the VQGAN trains without)", 0.0)
     grad_clip: float = _help("clip the global gradient norm to this (0: off)", 1.0)
     eval_every: int = _help("evaluate on the whole val split every N steps (0: only at the end)", 1000)
     eval_batch_size: int = _help("batch size for evaluation", 32)
@@ -212,8 +211,9 @@ class TrainConfig:
     log_every: int = _help("write training metrics every N steps", 10)
     seed: int = _help("seed of data order, init and sampling", 0)
     device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", "auto")
-    compile: bool = _help("torch.compile the model (CUDA)", False)
+    precision: str = _help("auto (bf16 autocast on CUDA, fp16 on GPUs without bf16, fp32 on CPU), fp32, bf16 or "
+                           "fp16 (autocast with a gradient scaler)", "auto")
+    compile: bool = _help("torch.compile the model (CUDA or CPU; the first steps compile for a minute or more)", False)
     max_bad_steps: int = _help("stop after this many non-finite steps in a row", 20)
     prefetch: int = _help("batches prefetched by the reader thread", 4)
     stop_at_step: int = _help("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
@@ -257,12 +257,15 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     disc_weight_max: float = _help("clamp of the adaptive weight", 1e4)
     disc_lr: float = _help("discriminator learning rate (0: same as --lr)", 0.0)
     adam_betas: tuple[float, ...] = _help("Adam betas of both optimizers (taming: 0.5,0.9)", (0.5, 0.9))
-    channels_last: bool = _help("channels_last memory format (CUDA)", False)
+    channels_last: bool = _help("channels_last memory format for the VQGAN and discriminator", False)
 
     def __post_init__(self):
         super().__post_init__()
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"--adam-betas must be two values in [0, 1), got {self.adam_betas}")
+        if self.weight_decay:   # accepted and ignored before; taming and LlamaGen train their VQGANs without
+            raise ValueError(f"--weight-decay {self.weight_decay}: the VQGAN trains with Adam without weight decay; "
+                             "it applies to the GPT only")
         _check_not_negative(self, ("l1_weight", "perceptual_weight", "disc_weight", "disc_weight_max", "disc_lr",
                                    "disc_start", "beta"))
 
@@ -304,7 +307,7 @@ class QuantizeConfig:
     batch_size: int = _help("images per encoder batch", 64)
     flip: bool = _help("also encode horizontally flipped training images (a second token shard set)", False)
     device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16; code lookup is always fp32", "auto")
+    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16; code lookup is always fp32", "auto")
     progress: bool = _help("show a progress bar", True)
 
     def __post_init__(self):
@@ -413,7 +416,7 @@ class EvaluateConfig:
     cache: bool = _help("reuse and write reference statistics beside the reference shards", True)
     out: str = _help("also write the JSON result to this file", "")
     device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16; Inception always runs in fp32", "auto")
+    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16; Inception always runs in fp32", "auto")
     progress: bool = _help("show progress bars", True)
 
     def __post_init__(self):

@@ -36,13 +36,14 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on CUDA and fp32 on CPU (bf16 matmuls on CPU are slower and less exact)."""
+    """'auto': bf16 on CUDA (fp16 on GPUs without bf16, V100/T4), fp32 on CPU. fp16 needs `grad_scaler`."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    # no fp16: without a GradScaler its gradients underflow, and bf16 needs none
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in table:
-        raise RunError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+        raise RunError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     return table[precision]
 
 
@@ -52,11 +53,22 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """A loss scaler under fp16 (its small gradients underflow without one); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def scalers_to_restore(resume: dict, **scalers: torch.amp.GradScaler) -> dict[str, torch.amp.GradScaler]:
+    """The scalers whose saved scale to load: a run resumed in another precision starts its own."""
+    return {name: scaler for name, scaler in scalers.items() if scaler.is_enabled() and resume.get(name)}
+
+
 def configure_backends(device: torch.device) -> None:
     if device.type == "cuda":
-        # TF32 for the networks' fp32 matmuls and convs (the codebook lookup opts out)
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        # TF32 for the networks' fp32 matmuls and convs (the codebook lookup opts out). The legacy
+        # flags only: after the new fp32_precision API these getters raise, and inductor reads them
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
 
@@ -233,7 +245,8 @@ def parameters_checksum(module_states: dict[str, dict]) -> str:
         for key, tensor in sorted(state_dict.items()):
             if torch.is_tensor(tensor) and tensor.is_floating_point() and "running_" not in key:
                 digest.update(key.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                # reshape(-1): logical order whatever the memory format (a channels_last 1x1 kernel has stride(-1) > 1)
+                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

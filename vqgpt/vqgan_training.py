@@ -2,8 +2,10 @@
 
 The step runs the autoencoder forward once. Gradients of the reconstruction loss and of the
 generator's GAN loss are taken with respect to the reconstruction, so LPIPS and the
-discriminator are back-propagated once each; the adaptive weight then only needs the decoder's
-last convolution. The discriminator sees `recon.detach()`: its loss cannot reach the VQGAN.
+discriminator are back-propagated once each; the adaptive weight then only needs the weight
+gradients of the decoder's last convolution, computed from its saved input without any backward
+pass (under torch.compile an autograd.grad would rerun the whole compiled backward). The
+discriminator sees `recon.detach()`: its loss cannot reach the VQGAN.
 """
 from __future__ import annotations
 
@@ -42,46 +44,84 @@ def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: t
     return loss, terms
 
 
+class _InputCapture:
+    """Forward pre-hook that keeps a module's latest input (one hook object, so compile guards stay stable)."""
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module, inputs):
+        self.value = inputs[0]
+
+
+def last_conv_input(vqgan: torch.nn.Module) -> _InputCapture:
+    """The capture on the decoder's last convolution, installed once."""
+    conv = vqgan.decoder.conv_out
+    if not hasattr(conv, "input_capture"):
+        conv.input_capture = _InputCapture()
+        conv.register_forward_pre_hook(conv.input_capture)
+    return conv.input_capture
+
+
+def conv_weight_grad(conv: torch.nn.Conv2d, inputs: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """dL/dW of `conv` from its input and dL/d(output), in fp32: the weight gradient alone."""
+    return torch.nn.grad.conv2d_weight(inputs.float(), conv.weight.shape, grad_output.float(), conv.stride,
+                                       conv.padding, conv.dilation, conv.groups)
+
+
 def generator_backward(models: VQGANModels, images: torch.Tensor, cfg, gan_active: bool, loss_scale: float,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+                       dtype: torch.dtype, scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, dict]:
     """Forward the VQGAN once and back-propagate L_rec + L_q + lambda * w * L_G into it.
 
-    Returns the detached reconstruction (for the discriminator) and the logged terms.
+    `scaler` (fp16) scales every gradient that passes through half-precision layers. Returns the
+    detached reconstruction (for the discriminator) and the logged terms.
     """
+    capture = last_conv_input(models.raw_vqgan)
     with autocast(images.device, dtype):
         recon, quant_loss, indices, stats = models.vqgan(images)
-        rec_loss, terms = reconstruction_loss(images, recon.float(), models.perceptual, cfg.l1_weight,
-                                              cfg.perceptual_weight)
-    grad_recon = torch.autograd.grad(rec_loss, recon, retain_graph=True)[0]
+    conv_input, capture.value = capture.value, None
+    # L1 and LPIPS in fp32, as in evaluation
+    rec_loss, terms = reconstruction_loss(images, recon.float(), models.perceptual, cfg.l1_weight,
+                                          cfg.perceptual_weight)
+    unit = scaler.scale(torch.ones((), device=images.device)) if scaler is not None else 1.0
+    # no retain_graph: this runs (and frees) only the loss graph above `recon`, never the autoencoder's
+    grad_recon = torch.autograd.grad(rec_loss * unit, recon)[0].float() / unit
     if gan_active:
         with autocast(images.device, dtype):
-            gan_loss = hinge_g_loss(models.raw_discriminator(recon))
-        grad_gan = torch.autograd.grad(gan_loss, recon, retain_graph=True)[0]
+            logits_fake = models.raw_discriminator(recon)
+        gan_loss = hinge_g_loss(logits_fake)
+        grad_gan = torch.autograd.grad(gan_loss * unit, recon)[0].float() / unit
         if cfg.adaptive_disc_weight:
-            last_layer = models.raw_vqgan.last_layer
-            rec_w = torch.autograd.grad(recon, last_layer, grad_outputs=grad_recon, retain_graph=True)[0]
-            gan_w = torch.autograd.grad(recon, last_layer, grad_outputs=grad_gan, retain_graph=True)[0]
-            weight = adaptive_weight(rec_w, gan_w, cfg.disc_weight_max) * cfg.disc_weight
+            conv = models.raw_vqgan.decoder.conv_out
+            weight = adaptive_weight(conv_weight_grad(conv, conv_input, grad_recon),
+                                     conv_weight_grad(conv, conv_input, grad_gan), cfg.disc_weight_max) * cfg.disc_weight
         else:
             weight = torch.tensor(cfg.disc_weight, device=images.device)
-        grad_recon = grad_recon + weight.to(grad_gan.dtype) * grad_gan
+        grad_recon = grad_recon + weight * grad_gan
         terms.update(g_loss=gan_loss.detach(), disc_weight=weight.detach())
-    torch.autograd.backward([recon, quant_loss], [grad_recon * loss_scale,
-                                                  torch.full_like(quant_loss, loss_scale)])
+    total_scale = loss_scale * unit
+    torch.autograd.backward([recon, quant_loss], [grad_recon * total_scale,
+                                                  torch.ones_like(quant_loss) * total_scale])
     terms.update(rec_loss=rec_loss.detach(), quant_loss=quant_loss.detach(),
                  batch_perplexity=stats["perplexity"].float(), codes_restarted=stats["restarted"])
     return recon.detach(), terms
 
 
 def discriminator_backward(models: VQGANModels, images: torch.Tensor, recon_detached: torch.Tensor,
-                           loss_scale: float, dtype: torch.dtype) -> dict:
+                           loss_scale: float, dtype: torch.dtype, scaler: torch.amp.GradScaler | None = None) -> dict:
     """Hinge loss on real vs. detached reconstructions, in one DDP forward of two batches."""
     with autocast(images.device, dtype):
         logits_real, logits_fake = models.discriminator(images, recon_detached)
         d_loss = hinge_d_loss(logits_real, logits_fake)
-    (d_loss * loss_scale).backward()
+    scaled = d_loss * loss_scale
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().float().mean(),
             "logits_fake": logits_fake.detach().float().mean()}
+
+
+def mark_micro_step(vqgan: torch.nn.Module, last: bool) -> None:
+    """Dead-code restarts count optimizer steps: the quantizer gathers usage until the last micro-step."""
+    vqgan.quantizer.accumulating = not last
 
 
 def no_sync(module: torch.nn.Module, skip: bool):
