@@ -22,7 +22,7 @@ from vqgpt.runlog import read_metrics
 from vqgpt.training import TrainingRun
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError
-from vqgpt.vqgan_training import VQGANModels, discriminator_backward, generator_backward
+from vqgpt.vqgan_training import VQGANModels, discriminator_backward, generator_backward, reconstruction_loss
 
 
 def test_hinge_losses_by_hand():
@@ -31,6 +31,15 @@ def test_hinge_losses_by_hand():
     # relu(1 - real) = [0, .5, 2] -> mean 5/6 ; relu(1 + fake) = [0, 1, 4] -> mean 5/3
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 5 / 3))
     assert hinge_g_loss(fake).item() == pytest.approx(-1 / 3)
+
+
+def test_reconstruction_loss_by_hand():
+    images, recon = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, 1.0]])
+    loss, terms = reconstruction_loss(images, recon, None, l1_weight=2.0, perceptual_weight=1.0, l2_weight=3.0)
+    # |error| = 0.5, 2 -> mean 1.25; error^2 = 0.25, 4 -> mean 2.125; no perceptual network, no LPIPS term
+    assert loss.item() == pytest.approx(2 * 1.25 + 3 * 2.125)
+    assert terms["l1"].item() == 1.25 and terms["mse"].item() == 2.125 and "lpips" not in terms
+    assert "mse" not in reconstruction_loss(images, recon, None, 1.0, 0.0)[1]   # off by default
 
 
 def test_adaptive_weight_by_hand_and_safe_in_half_precision():
@@ -53,7 +62,7 @@ def tiny_models(perceptual=None):
 def test_discriminator_loss_gives_the_vqgan_no_gradient():
     models = tiny_models()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
-    cfg = SimpleNamespace(l1_weight=1.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
+    cfg = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
                           disc_weight_max=1e4)
     recon, _ = generator_backward(models, images, cfg, gan_active=True, loss_scale=1.0, dtype=torch.float32)
     models.vqgan.zero_grad(set_to_none=True)
@@ -67,7 +76,7 @@ def test_generator_step_matches_the_textbook_formulation():
     """One forward + gradients w.r.t. the reconstruction == taming's loss.backward() with autograd.grad lambda."""
     torch.manual_seed(1)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
-    cfg = SimpleNamespace(l1_weight=1.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
+    cfg = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
                           disc_weight_max=1e4)
     models = tiny_models()
     generator_backward(models, images, cfg, gan_active=True, loss_scale=1.0, dtype=torch.float32)

@@ -245,7 +245,8 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     """Stage 1: the VQGAN, its discriminator, losses and schedule."""
     data: str = _help("image shard folder made by shardify.py", "")
     flip: bool = _help("random horizontal flips", True)
-    l1_weight: float = _help("weight of the L1 reconstruction term", 1.0)
+    l1_weight: float = _help("weight of the L1 reconstruction term (taming's)", 1.0)
+    l2_weight: float = _help("weight of the squared-error reconstruction term (LlamaGen's)", 0.0)
     perceptual_weight: float = _help("weight of the LPIPS term (0: off, no VGG weights needed)", 1.0)
     lpips_weights: str = _help("path to vgg16-397923af.pth (default: the torch hub cache)", "")
     lpips_random_backbone: bool = _help("LPIPS with a RANDOM VGG backbone, for offline smoke runs only", False)
@@ -266,11 +267,16 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
         if self.weight_decay:   # accepted and ignored before; taming and LlamaGen train their VQGANs without
             raise ValueError(f"--weight-decay {self.weight_decay}: the VQGAN trains with Adam without weight decay; "
                              "it applies to the GPT only")
-        _check_not_negative(self, ("l1_weight", "perceptual_weight", "disc_weight", "disc_weight_max", "disc_lr",
-                                   "disc_start", "beta"))
+        _check_not_negative(self, ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "disc_weight_max",
+                                   "disc_lr", "disc_start", "beta"))
 
 def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:
     return VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS[name]), **settings)
+
+
+# Ours (bench/quality.py on real images): squared error added to L1 (LlamaGen trains on it), a short warmup so a
+# short run reaches its learning rate, and LlamaGen's Adam betas.
+_OURS = dict(l1_weight=1.0, l2_weight=1.0, warmup_steps=20, adam_betas=(0.9, 0.95))
 
 
 def _taming_preset(name: str, batch_size: int, **settings) -> VQGANTrainConfig:
@@ -283,11 +289,12 @@ VQGAN_TRAIN_PRESETS = {
     # disc_weight 0.1: at this scale (and with the offline random LPIPS backbone) 0.8 lets GAN noise win
     "tiny": _vqgan_preset("tiny", batch_size=16, lr=5e-4, warmup_steps=100, max_steps=2000, disc_start=1000,
                           disc_weight=0.1, eval_every=500, ckpt_every=500, eval_batch_size=100, out="runs/vqgan-tiny"),
-    "b64": _vqgan_preset("b64", batch_size=8, lr=2e-4, warmup_steps=20, disc_start=10000, out="runs/vqgan-b64"),
-    "seed": _vqgan_preset("seed", batch_size=8, lr=1e-4, warmup_steps=100, disc_start=30000, max_steps=300000,
-                          eval_every=5000, ckpt_every=5000, out="runs/vqgan-seed"),
-    "f16-16384": _vqgan_preset("f16-16384", batch_size=12, lr=1e-4, warmup_steps=100, disc_start=250001,
-                               max_steps=1000000, eval_every=5000, ckpt_every=5000, out="runs/vqgan-f16-16384"),
+    "b64": _vqgan_preset("b64", **_OURS, batch_size=8, lr=2e-4, disc_start=10000, out="runs/vqgan-b64"),
+    "seed": _vqgan_preset("seed", **{**_OURS, "warmup_steps": 100}, batch_size=8, lr=1e-4, disc_start=30000,
+                          max_steps=300000, eval_every=5000, ckpt_every=5000, out="runs/vqgan-seed"),
+    "f16-16384": _vqgan_preset("f16-16384", **{**_OURS, "warmup_steps": 100}, batch_size=12, lr=1e-4,
+                               disc_start=250001, max_steps=1000000, eval_every=5000, ckpt_every=5000,
+                               out="runs/vqgan-f16-16384"),
     # taming's configs: custom_vqgan.yaml, vqgan_imagenet_f16_1024.yaml, vqgan_imagenet_f16_16384.yaml
     "taming-b64": _taming_preset("taming-b64", batch_size=8, disc_start=10000, out="runs/vqgan-taming-b64"),
     "taming-f16-1024": _taming_preset("taming-f16-1024", batch_size=12, disc_start=250001, max_steps=1000000,

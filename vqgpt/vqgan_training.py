@@ -33,10 +33,16 @@ class VQGANModels:
 
 
 def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: torch.nn.Module | None,
-                        l1_weight: float, perceptual_weight: float) -> tuple[torch.Tensor, dict]:
-    l1 = (images - recon).abs().mean()
-    loss = l1_weight * l1
+                        l1_weight: float, perceptual_weight: float, l2_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """l1_weight * |x - y| + l2_weight * (x - y)^2 + perceptual_weight * LPIPS, means over the batch."""
+    error = images - recon
+    l1 = error.abs().mean()
     terms = {"l1": l1.detach()}
+    loss = l1_weight * l1
+    if l2_weight > 0:
+        mse = error.square().mean()
+        loss = loss + l2_weight * mse
+        terms["mse"] = mse.detach()
     if perceptual is not None and perceptual_weight > 0:
         lpips_value = perceptual(images, recon).mean()
         loss = loss + perceptual_weight * lpips_value
@@ -82,7 +88,7 @@ def generator_backward(models: VQGANModels, images: torch.Tensor, cfg, gan_activ
     conv_input, capture.value = capture.value, None
     # L1 and LPIPS in fp32, as in evaluation
     rec_loss, terms = reconstruction_loss(images, recon.float(), models.perceptual, cfg.l1_weight,
-                                          cfg.perceptual_weight)
+                                          cfg.perceptual_weight, cfg.l2_weight)
     unit = scaler.scale(torch.ones((), device=images.device)) if scaler is not None else 1.0
     # no retain_graph: this runs (and frees) only the loss graph above `recon`, never the autoencoder's
     grad_recon = torch.autograd.grad(rec_loss * unit, recon)[0].float() / unit
