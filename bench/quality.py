@@ -155,6 +155,7 @@ def main(argv=None) -> int:
             results[f"{s}_{side}_{key}"] = metrics[key]
         results[f"{s}_val_images"] = metrics["val_images"]
     figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
     for s in args.sets:
         comparison_grid({side: runs[(s, side)] for side in ("taming", "ours") if (s, side) in runs},
                         data / s, figures / f"{s}_recon.png")
