@@ -81,9 +81,28 @@ def training_bench_parser(doc: str, presets, default_preset: str, default_steps:
     parser.add_argument("--steps", type=int, default=default_steps)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ranks", type=int, default=2, help="also time this many ranks under torchrun (0: skip)")
+    parser.add_argument("--variants", default="bf16",
+                        help=f"comma-separated rows beside fp32 eager (CPU) or bf16 eager (CUDA): {', '.join(VARIANTS)}; "
+                             "compile rows take a minute or more to compile on a CPU")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)   # worker without DDP
     return parser
+
+
+VARIANTS = ("compile", "bf16", "bf16-compile", "fp16")
+
+
+def parse_variants(text: str) -> list[str]:
+    """--variants: rows timed beside the single-process figure, each on fresh models with the same seed."""
+    variants = [v for v in text.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    return variants
+
+
+def variant_dtype(variant: str, base: torch.dtype) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant.split("-")[0], base)
 
 
 def single_process_device(device_name: str) -> tuple[torch.device, torch.dtype]:

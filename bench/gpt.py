@@ -2,10 +2,13 @@
 
     taskset -c 0 python bench/gpt.py --preset g256 --batch-size 8      # one pinned thread + 2 ranks
     python bench/gpt.py --preset seed --batch-size 32 --device cuda      # bf16 on a GPU
+    taskset -c 1 python bench/gpt.py --preset g256 --batch-size 8 --ranks 0 --skip-recompute \
+        --variants bf16,compile,bf16-compile                            # precision and compile rows
 
 MFU is against the machine's GEMM peak measured in the same run; the recompute sampler (the whole
-prefix every step, as taming's and nanoGPT's samplers do) is the reference for the KV cache.
-Last line: one JSON object.
+prefix every step, as taming's and nanoGPT's samplers do) is the reference for the KV cache. The
+--variants rows (bf16 autocast, torch.compile) time training on fresh models, with their speedup
+over the first figure (fp32 eager on CPU). Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import (add_rank_scaling, emit, gemm_peak_gflops, setup_worker, single_process_device,  # noqa: E402
-                          training_bench_parser)
+from bench.common import (add_rank_scaling, emit, gemm_peak_gflops, parse_variants, setup_worker,  # noqa: E402
+                          single_process_device, training_bench_parser, variant_dtype)
 from models.gpt import GPT, GPT_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
 from vqgpt.sampling import sample_tokens  # noqa: E402
-from vqgpt.training import autocast  # noqa: E402
+from vqgpt.training import autocast, grad_scaler  # noqa: E402
 
 
 def build(preset: str, device: torch.device, n_classes: int):
@@ -34,19 +37,23 @@ def build(preset: str, device: torch.device, n_classes: int):
     return model, optimizer
 
 
-def train_tokens_per_s(model, wrapped, optimizer, batch_size: int, steps: int, dtype) -> float:
+def train_tokens_per_s(model, wrapped, optimizer, batch_size: int, steps: int, dtype, warmup: int = 1) -> float:
     config = model.config
     device = next(model.parameters()).device
     tokens = torch.randint(0, config.codebook_size, (batch_size, config.tokens_per_image), device=device)
     inputs = torch.cat([torch.full((batch_size, 1), config.start_token, device=device), tokens[:, :-1]], 1)
 
+    scaler = grad_scaler(device, dtype)   # fp16 only
+
     def step():
         with autocast(device, dtype):
             _, loss = wrapped(inputs, tokens)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    step()
+    for _ in range(warmup):   # (and compilation)
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -90,6 +97,14 @@ def main() -> None:
                "parameters_M": model.num_params() / 1e6, "device": str(device),
                "dtype": str(dtype).replace("torch.", "")}
     results["train_tokens_per_s"] = train_tokens_per_s(model, model, optimizer, args.batch_size, args.steps, dtype)
+    for variant in parse_variants(args.variants):
+        fresh, fresh_optimizer = build(args.preset, device, 0)
+        compiled = variant.endswith("compile")
+        rate = train_tokens_per_s(fresh, torch.compile(fresh) if compiled else fresh, fresh_optimizer, args.batch_size,
+                                  args.steps, variant_dtype(variant, dtype), warmup=3 if compiled else 1)
+        name = variant.replace("-", "_")
+        results[f"train_tokens_per_s_{name}"] = rate
+        results[f"{name}_speedup"] = rate / results["train_tokens_per_s"]
     flops_per_token = model.estimate_flops_per_token()
     results["gflops_per_token"] = flops_per_token / 1e9
     peak_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32

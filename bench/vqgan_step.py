@@ -2,15 +2,19 @@
 
     taskset -c 0 python bench/vqgan_step.py --preset b64 --batch-size 8      # one pinned thread + 2 ranks
     python bench/vqgan_step.py --preset seed --batch-size 8 --device cuda     # bf16 on a GPU
+    taskset -c 1 python bench/vqgan_step.py --preset b64 --batch-size 8 --ranks 0 --skip-reference \
+        --variants bf16,compile,bf16-compile                                  # precision and compile rows
 
 Measured in the same run: this project's step; a reference step built the way taming-transformers
 runs it (the autoencoder forward again for the discriminator pass, L1 + LPIPS recomputed there,
 the adaptive weight by back-propagating both losses to the last layer); FLOPs per step from
-torch.utils.flop_counter; the machine's fp32 GEMM and 3x3-conv peaks; 2 ranks under torchrun.
-Last line: one JSON object.
+torch.utils.flop_counter; the machine's fp32 GEMM and 3x3-conv peaks; 2 ranks under torchrun;
+the --variants rows (bf16 autocast, torch.compile) on fresh models, with their speedup over the
+first figure (fp32 eager on CPU). Last line: one JSON object.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -21,16 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import (add_rank_scaling, conv3x3_peak_gflops, count_flops, emit, gemm_peak_gflops,  # noqa: E402
-                          setup_worker, single_process_device, training_bench_parser)
+                          parse_variants, setup_worker, single_process_device, training_bench_parser, variant_dtype)
 from models.discriminator import NLayerDiscriminator  # noqa: E402
 from models.perceptual import build_lpips  # noqa: E402
 from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
-from vqgpt.training import autocast  # noqa: E402
+from vqgpt.training import autocast, grad_scaler  # noqa: E402
 from vqgpt.vqgan_training import VQGANModels, discriminator_backward, generator_backward  # noqa: E402
 
-LOSS_CFG = SimpleNamespace(l1_weight=1.0, perceptual_weight=1.0, adaptive_disc_weight=True, disc_weight=0.8,
+LOSS_CFG = SimpleNamespace(l1_weight=1.0, l2_weight=0.0,
+                           perceptual_weight=1.0, adaptive_disc_weight=True, disc_weight=0.8,
                            disc_weight_max=1e4)
 
 
@@ -49,11 +54,16 @@ def build(preset: str, device: torch.device, ddp: bool) -> tuple[VQGANModels, li
     return models, optimizers
 
 
-def our_step(models: VQGANModels, optimizers, images, dtype):
-    recon, _ = generator_backward(models, images, LOSS_CFG, gan_active=True, loss_scale=1.0, dtype=dtype)
-    discriminator_backward(models, images, recon, 1.0, dtype)
-    for optimizer in optimizers:
-        optimizer.step()
+def our_step(models: VQGANModels, optimizers, images, dtype, scalers=(None, None)):
+    recon, _ = generator_backward(models, images, LOSS_CFG, gan_active=True, loss_scale=1.0, dtype=dtype,
+                                  scaler=scalers[0])
+    discriminator_backward(models, images, recon, 1.0, dtype, scalers[1])
+    for optimizer, scaler in zip(optimizers, scalers):
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
 
@@ -79,8 +89,9 @@ def taming_style_step(models: VQGANModels, optimizers, images, dtype):
     optimizers[1].zero_grad(set_to_none=True)
 
 
-def images_per_s(step_fn, models, optimizers, images, dtype, steps: int) -> float:
-    step_fn(models, optimizers, images, dtype)   # warm-up: allocator, oneDNN primitive caches
+def images_per_s(step_fn, models, optimizers, images, dtype, steps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):   # allocator, oneDNN primitive caches (and compilation)
+        step_fn(models, optimizers, images, dtype)
     if images.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -101,6 +112,24 @@ def worker(args) -> None:
     if dist.is_main:
         print('{"images_per_s": %f}' % rate)
     distributed.cleanup()
+
+
+def variant_rows(args, device: torch.device, base_dtype: torch.dtype, images: torch.Tensor, base_rate: float) -> dict:
+    """images/s of each --variants row on fresh models, and its speedup over the first figure."""
+    rows = {}
+    for variant in parse_variants(args.variants):
+        dtype = variant_dtype(variant, base_dtype)
+        models, optimizers = build(args.preset, device, ddp=False)
+        compiled = variant.endswith("compile")
+        if compiled:
+            models.vqgan = torch.compile(models.raw_vqgan)
+        scalers = tuple(grad_scaler(device, dtype) for _ in optimizers) if dtype == torch.float16 else (None, None)
+        rate = images_per_s(functools.partial(our_step, scalers=scalers), models, optimizers, images, dtype, args.steps,
+                            warmup=3 if compiled else 1)
+        name = variant.replace("-", "_")
+        rows[f"images_per_s_{name}"] = rate
+        rows[f"{name}_speedup"] = rate / base_rate
+    return rows
 
 
 def main() -> None:
@@ -124,6 +153,7 @@ def main() -> None:
         results["reference_images_per_s"] = images_per_s(taming_style_step, models, optimizers, images, dtype,
                                                          args.steps)
         results["speedup_vs_reference"] = results["images_per_s"] / results["reference_images_per_s"]
+    results.update(variant_rows(args, device, dtype, images, results["images_per_s"]))
     achieved = flops / 1e9 * results["images_per_s"] / args.batch_size
     results["achieved_gflops"] = achieved
     peak_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
