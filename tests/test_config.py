@@ -36,7 +36,7 @@ def test_saved_config_round_trips():
 
 @pytest.mark.parametrize("argv, message", [(["--grad-accum=0"], "--grad-accum must be at least 1"),
                                            (["--lr=0"], "--lr must be positive"),
-                                           (["--precision=fp16"], "no fp16"),
+                                           (["--precision=fp8"], "--precision must be auto, fp32, bf16 or fp16"),
                                            (["--eval-batch-size=0"], "--eval-batch-size"),
                                            (["--sample-temperature=0"], "--sample-temperature must be positive"),
                                            (["--n-layer=0"], "n_layer must be positive")])
