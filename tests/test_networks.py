@@ -242,24 +242,24 @@ def test_codebook_lookup_opts_out_of_tf32(monkeypatch):
     import models.quantizer as quantizer_module
 
     matmul = torch.backends.cuda.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"   # what the trainers set on CUDA
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = True   # what the trainers set on CUDA (the legacy flag: see configure_backends)
     try:
         with quantizer_module.full_fp32_matmul():
-            assert matmul.fp32_precision == "ieee"
-        assert matmul.fp32_precision == "tf32"
+            assert matmul.allow_tf32 is False
+        assert matmul.allow_tf32 is True
         inside = []
         real_context = quantizer_module.full_fp32_matmul
 
         @contextlib.contextmanager
         def recording():
             with real_context():
-                yield inside.append(matmul.fp32_precision)
+                yield inside.append(matmul.allow_tf32)
         monkeypatch.setattr(quantizer_module, "full_fp32_matmul", recording)
         quantizer().nearest_codes(torch.randn(4, 2))
-        assert inside == ["ieee"]
+        assert inside == [False]
     finally:
-        matmul.fp32_precision = previous
+        matmul.allow_tf32 = previous
 
 
 def test_patchgan_gives_patch_logits_and_normalises_real_and_fake_apart():
