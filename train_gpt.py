@@ -51,9 +51,9 @@ def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, Shar
     if missing:   # checked now, not at the first eval hours later
         raise RunError(f"{cfg.tokens}: token manifest lacks {', '.join(missing)}; re-make it with image_quantizer.py")
     codebook_size = manifest["codebook_size"]
-    if 0 < cfg.codebook_size < codebook_size:
-        raise RunError(f"{cfg.tokens}: codebook of {codebook_size} codes exceeds --codebook-size {cfg.codebook_size}; "
-                       f"pass --codebook-size 0 to take the tokens' size")
+    if cfg.codebook_size not in (0, codebook_size):   # a larger vocabulary could sample ids the VQGAN cannot decode
+        raise RunError(f"{cfg.tokens}: the tokens have {codebook_size} codes but --codebook-size is {cfg.codebook_size}; "
+                       f"pass --codebook-size 0 (the default: the tokens' size)")
     cfg = dataclasses.replace(cfg, codebook_size=cfg.codebook_size or codebook_size, n_classes=len(train_split.classes),
                               tokens_per_image=train_split.item_shape[0])
     has_val = manifest["splits"].get("val", {}).get("count", 0) > 0
@@ -71,7 +71,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
     cfg, train_split, val_split = fit_to_tokens(cfg)
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
     image_shards = train_split.manifest.get("source_shards", "")
-    if cfg.eval_fid and not Path(image_shards).is_dir():
+    if cfg.eval_fid and not (image_shards and Path(image_shards).is_dir()):   # Path("") is the current folder
         raise RunError(f"--eval-fid compares samples with the images the tokens were made from, but {image_shards!r} "
                        f"(named in {cfg.tokens}) is missing")
     fid_reference = None   # FID statistics of those train images, made at the first eval (and cached beside them)

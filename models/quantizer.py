@@ -35,6 +35,18 @@ def full_fp32_matmul():
         matmul.allow_tf32 = previous
 
 
+def flatten_positions(latents: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) -> (B*h*w, D) fp32 vectors in raster order."""
+    return latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float()
+
+
+def usage_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code histogram `counts` (codebook_size,), detached."""
+    probs = counts / counts.sum()
+    # 0 * log(tiny) = 0 for unused codes; a boolean mask here would cost a host sync per forward
+    return torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum()).detach()
+
+
 def rotate_onto(vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The rotation trick (Fifty et al. 2024): `targets` in the forward pass, while the gradient
     reaches `vectors` through the (constant) rotation and scaling that maps each onto its target,
@@ -46,8 +58,8 @@ def rotate_onto(vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mirror = F.normalize(unit_v + unit_t, dim=1)
         scale = targets.norm(dim=1, keepdim=True) / norms
     # R v = v - 2 (v.r) r + 2 (v.unit_v) unit_t, with v.unit_v = |v|
-    rotated = vectors - 2 * (vectors * mirror).sum(1, keepdim=True) * mirror + 2 * norms * unit_t
-    return scale * rotated
+    rotated = scale * (vectors - 2 * (vectors * mirror).sum(1, keepdim=True) * mirror + 2 * norms * unit_t)
+    return rotated + (targets - rotated).detach()   # the exact code forward, even for a zero vector
 
 
 class VectorQuantizer(nn.Module):
@@ -89,7 +101,7 @@ class VectorQuantizer(nn.Module):
 
     def _lookup_space(self, z_lookup: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) projected latents -> (B*h*w, D) fp32 vectors, normalised for the l2 variant."""
-        flat = z_lookup.permute(0, 2, 3, 1).reshape(-1, z_lookup.shape[1]).float()
+        flat = flatten_positions(z_lookup)
         return F.normalize(flat, dim=1) if self.normalized else flat
 
     @torch.no_grad()
@@ -122,7 +134,7 @@ class VectorQuantizer(nn.Module):
                 if self.ema_decay > 0:
                     self._ema_update(flat.detach(), indices, counts)
                 if self.dead_code_steps > 0:
-                    encoder_vectors = z_lookup.detach().permute(0, 2, 3, 1).reshape(-1, dim).float()
+                    encoder_vectors = flatten_positions(z_lookup.detach())
                     restarted = restarted + self._restart_dead_codes(encoder_vectors, counts)
             if flat.requires_grad:   # without a graph keep the exact code vectors
                 if self.rotation_trick:
@@ -130,10 +142,7 @@ class VectorQuantizer(nn.Module):
                 else:                # straight-through estimator
                     quantized = flat + (quantized - flat).detach()
         z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
-        probs = counts / counts.sum()
-        # 0 * log(tiny) = 0 for unused codes; a boolean mask here would cost a host sync per forward
-        perplexity = torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum())
-        stats = {"perplexity": perplexity.detach(), "restarted": restarted}
+        stats = {"perplexity": usage_perplexity(counts), "restarted": restarted}
         return self.project_out(z_q), loss, indices.view(batch, height, width), stats
 
     def indices_to_embedding(self, indices: torch.Tensor) -> torch.Tensor:
@@ -168,6 +177,7 @@ class VectorQuantizer(nn.Module):
         last: usage is summed over the step's micro-steps and the counter advances once per step.
         """
         # the last entry counts non-finite micro-batches: the trainer skips such a step, so no code ages
+        # (a step skipped for another reason, an fp16 overflow or a NaN GAN term, still ages them)
         usage = torch.cat([counts, (~torch.isfinite(encoder_vectors).all()).float().view(1)])
         pending = getattr(self, "_usage_this_step", None)
         if pending is not None:
@@ -232,7 +242,7 @@ class FiniteScalarQuantizer(nn.Module):
     def indices_for(self, z: torch.Tensor) -> torch.Tensor:
         z_lookup = self.project_in(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = z_lookup.permute(0, 2, 3, 1).reshape(-1, self.codebook_dim).float()
+            flat = flatten_positions(z_lookup)
             indices = self._codes_from_digits(self._digits(flat))
         return indices.view(z_lookup.shape[0], *z_lookup.shape[2:])
 
@@ -241,16 +251,14 @@ class FiniteScalarQuantizer(nn.Module):
         z_lookup = self.project_in(z)
         batch, dim, height, width = z_lookup.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = z_lookup.permute(0, 2, 3, 1).reshape(-1, dim).float()
+            flat = flatten_positions(z_lookup)
             digits = self._digits(flat)
             indices = self._codes_from_digits(digits)
             quantized = self._vectors(digits)
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
             loss = flat.sum() * 0.0   # no auxiliary loss; a graph-carrying zero keeps the trainer's backward uniform
         z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
-        probs = counts / counts.sum()
-        perplexity = torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum())
-        stats = {"perplexity": perplexity.detach(), "restarted": counts.new_zeros(())}
+        stats = {"perplexity": usage_perplexity(counts), "restarted": counts.new_zeros(())}
         return self.project_out(z_q), loss, indices.view(batch, height, width), stats
 
     def indices_to_embedding(self, indices: torch.Tensor) -> torch.Tensor:

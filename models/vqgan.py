@@ -123,8 +123,9 @@ def count_parameters(module: nn.Module) -> int:
 
 _F16 = dict(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256)
 # Ours: l2-normalised 8-d codes with dead-code restarts (LlamaGen's lookup), which keeps the codebook
-# alive on real images (bench/quality.py). taming-*: taming-transformers' configurations as released
-# (plain VQ with 256-d or 64-d codes, uniform init, beta on the codebook term), for reproduction and imports.
+# alive on real images (bench/quality.py). taming-*: taming-transformers' quantizer (plain VQ with 256-d
+# or 64-d codes, uniform init, beta on the codebook term) on its released f16 networks, and on our 64 px
+# network as taming-b64; for reproduction and imports.
 VQGAN_PRESETS = {
     "tiny": VQGANConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                         z_channels=32, codebook_size=256, codebook_dim=8, quantizer="l2", dead_code_steps=20,
