@@ -67,7 +67,8 @@ def run(command: list[str], cwd: Path) -> None:
     except FileNotFoundError:
         raise BuildError(f"{command[0]} not found: this builder needs Debian's apt-get and dpkg-deb, and pip") from None
     except subprocess.CalledProcessError as err:
-        raise BuildError(f"{' '.join(command)} failed: {err.stderr.strip().splitlines()[-1:]}") from None
+        last_line = (err.stderr or "").strip().splitlines()[-1:] or ["no message"]
+        raise BuildError(f"{' '.join(command)} failed: {last_line[0]}") from None
 
 
 def fetch_sources(cache: Path) -> Path:
