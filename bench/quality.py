@@ -10,7 +10,8 @@ codebook usage and perplexity. The reference is the `taming-b64` preset (taming-
 configuration: plain VQ, uniform init, its loss form and learning-rate rule) trained in the same
 run on the same data. Then a GPT learns the clip-art tokens of our VQGAN for `--gpt-steps` steps
 (val loss in nats/token, class-conditional samples). Figures land in OUT/figures; the last line
-printed is one JSON object. Both sides train with L1 + LPIPS when vgg16-397923af.pth is in the torch
+printed is one JSON object. A rerun reuses the finished runs in OUT (give another --out for
+another configuration). Both sides train with L1 + LPIPS when vgg16-397923af.pth is in the torch
 hub cache, and with L1 alone offline (said in the JSON): LPIPS on a random VGG backbone measures no
 perception and cost our preset 0.9 dB val PSNR on the photographs.
 """
