@@ -86,6 +86,8 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_cluster_size", torch.ones(config.codebook_size))
             self.register_buffer("ema_sum", codebook.clone())
         self.register_buffer("steps_unused", torch.zeros(config.codebook_size, dtype=torch.long))
+        self.accumulating = False     # set by the trainer on the micro-steps before an optimizer step
+        self._usage_this_step = None  # code usage summed over those micro-steps
 
     def lookup_vectors(self) -> torch.Tensor:
         """Codebook in the lookup space, fp32 (normalised for the l2 variant)."""
@@ -179,10 +181,9 @@ class VectorQuantizer(nn.Module):
         # the last entry counts non-finite micro-batches: the trainer skips such a step, so no code ages
         # (a step skipped for another reason, an fp16 overflow or a NaN GAN term, still ages them)
         usage = torch.cat([counts, (~torch.isfinite(encoder_vectors).all()).float().view(1)])
-        pending = getattr(self, "_usage_this_step", None)
-        if pending is not None:
-            usage = usage + pending
-        if getattr(self, "accumulating", False):
+        if self._usage_this_step is not None:
+            usage = usage + self._usage_this_step
+        if self.accumulating:
             self._usage_this_step = usage
             return 0
         self._usage_this_step = None
