@@ -71,6 +71,7 @@ def worker(args) -> None:
     rate = train_tokens_per_s(model, trained, optimizer, args.batch_size, args.steps, torch.float32)
     if dist.is_main:
         print('{"train_tokens_per_s": %f}' % (rate * dist.world_size))
+    distributed.barrier()   # every rank done before gloo closes: a rank once aborted at exit under load
     distributed.cleanup()
 
 

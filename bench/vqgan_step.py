@@ -111,6 +111,7 @@ def worker(args) -> None:
     rate = images_per_s(our_step, models, optimizers, images, torch.float32, args.steps) * dist.world_size
     if dist.is_main:
         print('{"images_per_s": %f}' % rate)
+    distributed.barrier()   # every rank done before gloo closes: a rank once aborted at exit under load
     distributed.cleanup()
 
 
