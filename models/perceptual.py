@@ -25,15 +25,18 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def find_weights_file(user_path: str | None, file_name: str) -> Path | None:
+    """The user's file (None if it does not exist), else the torch hub cache's `file_name`, else None."""
+    path = Path(user_path).expanduser() if user_path else hub_checkpoint_dir() / file_name
+    return path if path.is_file() else None
+
+
 def find_vgg_weights(user_path: str | None) -> Path | None:
     """The user's file (which must exist), else the torch hub cache's copy, else None."""
-    if user_path:
-        path = Path(user_path).expanduser()
-        if not path.is_file():
-            raise LPIPSWeightsMissing(f"--lpips-weights {path}: no such file")
-        return path
-    cached = hub_checkpoint_dir() / VGG16_WEIGHTS_FILE
-    return cached if cached.is_file() else None
+    path = find_weights_file(user_path, VGG16_WEIGHTS_FILE)
+    if user_path and path is None:
+        raise LPIPSWeightsMissing(f"--lpips-weights {user_path}: no such file")
+    return path
 
 
 def missing_weights_message() -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.perceptual import hub_checkpoint_dir
+from models.perceptual import find_weights_file, hub_checkpoint_dir
 from vqgpt import distributed
 from vqgpt.errors import RunError
 from vqgpt.files import atomic_path, sha256_file
@@ -47,15 +47,11 @@ def missing_weights_message() -> str:
 
 def find_inception_weights(user_path: str = "") -> Path:
     """The user's file (which must exist), else the torch hub cache's copy; never the internet."""
-    if user_path:
-        path = Path(user_path).expanduser()
-        if not path.is_file():
-            raise InceptionWeightsError(f"--inception-weights {path}: no such file; {missing_weights_message()}")
-        return path
-    cached = hub_checkpoint_dir() / INCEPTION_WEIGHTS_FILE
-    if not cached.is_file():
-        raise InceptionWeightsError(missing_weights_message())
-    return cached
+    path = find_weights_file(user_path, INCEPTION_WEIGHTS_FILE)
+    if path is None:
+        given = f"--inception-weights {user_path}: no such file; " if user_path else ""
+        raise InceptionWeightsError(given + missing_weights_message())
+    return path
 
 
 @dataclass

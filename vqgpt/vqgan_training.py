@@ -51,13 +51,15 @@ def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: t
 
 
 class _InputCapture:
-    """Forward pre-hook that keeps a module's latest input (one hook object, so compile guards stay stable)."""
+    """Forward pre-hook that keeps a module's latest training input (one hook object, so compile guards
+    stay stable); evaluation and sampling forwards keep nothing alive."""
 
     def __init__(self):
         self.value: torch.Tensor | None = None
 
     def __call__(self, module, inputs):
-        self.value = inputs[0]
+        if module.training:
+            self.value = inputs[0]
 
 
 def last_conv_input(vqgan: torch.nn.Module) -> _InputCapture:
