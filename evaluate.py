@@ -27,10 +27,10 @@ from vqgpt.fid import (Inception, ImageSource, balanced_labels, extract_features
                        generate_images, inception_score, load_inception, open_images, reference_statistics)
 from vqgpt.files import atomic_write_json
 from vqgpt.images import save_png
-from vqgpt.pretrained import load_bound_vqgan, load_gpt, load_vqgan
 from vqgpt.shards import ShardSplit
+from vqgpt.trained_models import load_bound_vqgan, load_gpt, load_vqgan
 from vqgpt.training import configure_backends, resolve_precision
-from vqgpt.vqgan_training import evaluate
+from vqgpt.vqgan_step import evaluate
 
 
 def mode_of(cfg: EvaluateConfig) -> str:

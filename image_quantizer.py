@@ -10,13 +10,15 @@ with the checkpoint's sha256). A rerun skips finished shards; `--help` lists eve
 """
 from __future__ import annotations
 
+import functools
 import sys
 
+from plots.figures import codebook_histogram
 from vqgpt import distributed
 from vqgpt.config import QUANTIZE_PRESETS, ConfigError, QuantizeConfig, parse_config
 from vqgpt.errors import exit_on_user_error
-from vqgpt.pretrained import load_vqgan
 from vqgpt.quantize import quantize
+from vqgpt.trained_models import load_vqgan
 from vqgpt.training import resolve_precision
 
 
@@ -28,7 +30,8 @@ def main(cfg: QuantizeConfig) -> int:
     try:
         vqgan = load_vqgan(cfg.vqgan, dist.device)
         manifest = quantize(vqgan, cfg.data, cfg.out, batch_size=cfg.batch_size, flip=cfg.flip, dist=dist,
-                            dtype=resolve_precision(cfg.precision, dist.device), progress=cfg.progress)
+                            dtype=resolve_precision(cfg.precision, dist.device), progress=cfg.progress,
+                            plot_usage=functools.partial(codebook_histogram, title="dataset codebook usage"))
     finally:
         distributed.cleanup()
     if manifest is not None:

@@ -21,9 +21,9 @@ from vqgpt.config import ConfigError
 from vqgpt.distributed import pick_device
 from vqgpt.errors import exit_on_user_error
 from vqgpt.images import image_grid, load_image_batch, save_png, to_uint8, to_unit_range
-from vqgpt.pretrained import load_bound_vqgan, load_gpt
 from vqgpt.sampling import sample_tokens
 from vqgpt.shards import read_manifest
+from vqgpt.trained_models import load_bound_vqgan, load_gpt
 from vqgpt.training import autocast, resolve_precision
 
 

@@ -26,16 +26,15 @@ from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics, sample_fid
 from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss
 from vqgpt.images import save_png
-from vqgpt.pretrained import load_bound_vqgan
 from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
+from vqgpt.trained_models import load_bound_vqgan
 from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
-                            scalers_to_restore, seed_everything, summary_line)
-from vqgpt.vqgan_training import no_sync
+                            seed_everything, summary_line)
+
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "label_dropout"))
-CHECKPOINT_KEYS = ("gpt", "optimizer", "loader")
 
 
 def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, ShardSplit | None]:
@@ -76,7 +75,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
                        f"(named in {cfg.tokens}) is missing")
     fid_reference = None   # FID statistics of those train images, made at the first eval (and cached beside them)
     run = TrainingRun(cfg, dist, "gpt", ARCHITECTURE_FIELDS)
-    resume = run.load_resume_state(CHECKPOINT_KEYS)
+    resume = run.load_resume_state()
     vqgan = None
     if (cfg.sample_count > 0 or cfg.eval_fid) and dist.is_main:
         vqgan = load_bound_vqgan(train_split.manifest, cfg.vqgan, device, tokens_name=cfg.tokens)
@@ -87,13 +86,11 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
     scaler = grad_scaler(device, dtype)   # fp16 only
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                          device=device, prefetch=cfg.prefetch)
+    run.track({"gpt": model}, optimizer=optimizer, scaler=scaler, loader=loader)
     step = 0
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams (label dropout) from here on
     if resume is not None:
-        run.restore(resume, {"gpt": model, "optimizer": optimizer, "loader": loader,
-                             **scalers_to_restore(resume, scaler=scaler)})
-        run.restore_rng(resume)
-        step = resume["step"]
+        step = run.restore(resume)
     wrapped: torch.nn.Module = model
     if dist.is_distributed:
         wrapped = distributed.wrap_ddp(model, device)
@@ -120,7 +117,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
         for micro in range(cfg.grad_accum):
             batch = next(loader)
             tokens = batch.items.to(device, non_blocking=True).long()
-            with no_sync(wrapped, micro < cfg.grad_accum - 1):
+            with distributed.no_sync(wrapped, micro < cfg.grad_accum - 1):
                 loss = gpt_loss(wrapped, model, tokens, batch.labels, cfg.label_dropout, dtype)
                 scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum
@@ -143,10 +140,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
                                     "skipped_steps": run.skipped_steps})
             tokens_seen, clock = 0, time.perf_counter()
         # saved before the eval: an eval that fails must not cost the steps since the last checkpoint
-        run.checkpoint_if_due(step, stop, lambda: (
-            {"gpt": model.state_dict()},
-            {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "loader": loader.state_dict(),
-             "skipped_steps": run.skipped_steps, "token_manifest": train_split.manifest}), log)
+        run.checkpoint_if_due(step, stop, log, token_manifest=train_split.manifest)
         if run.is_due(step, cfg.eval_every):
             if dist.is_main:
                 metrics = {}

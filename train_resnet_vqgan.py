@@ -33,12 +33,11 @@ from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
 from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
-                            scalers_to_restore, seed_everything, summary_line)
-from vqgpt.vqgan_training import (VQGANModels, discriminator_backward, evaluate, generator_backward,
-                                  mark_micro_step, no_sync)
+                            seed_everything, summary_line)
+from vqgpt.vqgan_step import (VQGANModels, discriminator_backward, evaluate, generator_backward,
+                                  mark_micro_step)
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(VQGANConfig))
-CHECKPOINT_KEYS = ("vqgan", "discriminator", "opt_g", "opt_d", "loader")
 
 
 def build_perceptual(cfg: VQGANTrainConfig) -> torch.nn.Module | None:
@@ -82,7 +81,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
     val_reference = None   # FID statistics of the val originals, made at the first eval (and cached beside the shards)
     run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS)
-    resume = run.load_resume_state(CHECKPOINT_KEYS)
+    resume = run.load_resume_state()
     seed_everything(cfg.seed)   # identical init on every rank (a random LPIPS backbone too)
     perceptual = build_perceptual(cfg)
     if perceptual is not None:
@@ -97,13 +96,12 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     scaler_g, scaler_d = grad_scaler(device, dtype), grad_scaler(device, dtype)   # fp16: one per optimizer
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                          flip=cfg.flip, device=device, prefetch=cfg.prefetch)
+    run.track({"vqgan": vqgan, "discriminator": discriminator}, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g,
+              scaler_d=scaler_d, loader=loader)
     step = 0
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams from here on
     if resume is not None:
-        run.restore(resume, {"vqgan": vqgan, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d,
-                             "loader": loader, **scalers_to_restore(resume, scaler_g=scaler_g, scaler_d=scaler_d)})
-        run.restore_rng(resume)
-        step = resume["step"]
+        step = run.restore(resume)
     elif init is not None:   # a fine-tune: the source's weights, fresh optimizers, step 0
         vqgan.load_state_dict(init.vqgan)
         if init.discriminator is not None:
@@ -149,11 +147,11 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
                 images = images.contiguous(memory_format=torch.channels_last)
             sync = micro == cfg.grad_accum - 1
             mark_micro_step(vqgan, last=sync)
-            with no_sync(models.vqgan, not sync):
+            with distributed.no_sync(models.vqgan, not sync):
                 recon, micro_terms = generator_backward(models, images, cfg, gan_active, 1 / cfg.grad_accum, dtype,
                                                         scaler_g)
             if gan_active:
-                with no_sync(models.discriminator, not sync):
+                with distributed.no_sync(models.discriminator, not sync):
                     micro_terms.update(discriminator_backward(models, images, recon, 1 / cfg.grad_accum, dtype,
                                                               scaler_d))
             for key, value in micro_terms.items():
@@ -190,11 +188,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
                                     "epoch": loader.epoch, "skipped_steps": run.skipped_steps})
             images_seen, clock = 0, time.perf_counter()
         # saved before the eval: an eval that fails must not cost the steps since the last checkpoint
-        run.checkpoint_if_due(step, stop, lambda: (
-            {"vqgan": vqgan.state_dict(), "discriminator": discriminator.state_dict()},
-            {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "loader": loader.state_dict(),
-             "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
-             "skipped_steps": run.skipped_steps}), log)
+        run.checkpoint_if_due(step, stop, log)
         if val_split is not None and run.is_due(step, cfg.eval_every):
             if dist.is_main:
                 if inception is not None and val_reference is None:

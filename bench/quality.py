@@ -36,9 +36,9 @@ from bench.common import emit  # noqa: E402
 from models.perceptual import find_vgg_weights  # noqa: E402
 from vqgpt.images import image_grid, save_png, to_uint8, to_unit_range  # noqa: E402
 from vqgpt.files import atomic_write_bytes  # noqa: E402
-from vqgpt.pretrained import load_vqgan  # noqa: E402
 from vqgpt.runlog import METRICS_NAME, read_metrics  # noqa: E402
 from vqgpt.shards import ShardSplit  # noqa: E402
+from vqgpt.trained_models import load_vqgan  # noqa: E402
 
 TARGETS = {"codebook_usage": 0.9, "clipart_psnr": 18.0, "clipart_ssim": 0.6,
            "photos_psnr_gain": 2.5, "photos_ssim_gain": 0.1}

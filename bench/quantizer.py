@@ -25,8 +25,8 @@ from bench.common import emit, single_process_device, timed  # noqa: E402
 from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
 from vqgpt.dataprep import builtin_source, write_shards  # noqa: E402
 from vqgpt.distributed import DistInfo  # noqa: E402
-from vqgpt.pretrained import load_vqgan  # noqa: E402
 from vqgpt.quantize import quantize  # noqa: E402
+from vqgpt.trained_models import load_vqgan  # noqa: E402
 
 
 def main() -> None:

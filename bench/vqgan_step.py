@@ -32,7 +32,7 @@ from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
 from vqgpt.training import autocast, grad_scaler  # noqa: E402
-from vqgpt.vqgan_training import VQGANModels, discriminator_backward, generator_backward  # noqa: E402
+from vqgpt.vqgan_step import VQGANModels, discriminator_backward, generator_backward  # noqa: E402
 
 LOSS_CFG = SimpleNamespace(l1_weight=1.0, l2_weight=0.0,
                            perceptual_weight=1.0, adaptive_disc_weight=True, disc_weight=0.8,

@@ -23,9 +23,9 @@ from vqgpt.dataprep import builtin_source, scan_folder, write_shards
 from vqgpt.errors import exit_on_user_error
 from vqgpt.files import sha256_file
 from vqgpt.images import to_uint8, to_unit_range
-from vqgpt.pretrained import load_vqgan
 from vqgpt.runlog import read_metrics
 from vqgpt.shards import ShardSplit
+from vqgpt.trained_models import load_vqgan
 
 SET_SIZE = 12
 

@@ -35,10 +35,10 @@ from vqgpt.dataprep import DataPrepError, builtin_source, scan_folder, write_sha
 from vqgpt.distributed import DistInfo, pick_device
 from vqgpt.errors import RunError
 from vqgpt.images import load_square_image
-from vqgpt.pretrained import load_vqgan
 from vqgpt.quantize import RECEIPTS_DIR, background_batches, quantize
 from vqgpt.shards import (ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest, read_manifest,
                           write_manifest)
+from vqgpt.trained_models import load_vqgan
 from vqgpt.training import TrainingRun
 
 DEAD_PID = 4194399   # above any Linux pid_max: no process has it
@@ -260,7 +260,7 @@ def test_dead_writers_temporaries_are_cleared_at_start_and_nothing_else(tmp_path
     for path in (dead, dead_new, live, users):
         path.write_bytes(b"x")
     cfg = SimpleNamespace(out=str(run), resume="auto")
-    assert TrainingRun(cfg, DistInfo(0, 0, 1, torch.device("cpu"), True), "gpt", ()).load_resume_state(()) is None
+    assert TrainingRun(cfg, DistInfo(0, 0, 1, torch.device("cpu"), True), "gpt", ()).load_resume_state() is None
     assert not dead.exists() and not dead_new.exists() and live.exists() and users.exists()
 
 
@@ -410,7 +410,7 @@ def test_resuming_a_checkpoint_whose_state_is_not_a_dict_is_one_error(tmp_path):
     state = torch.load(run / "step_00000002.pt", weights_only=True)
     state["optimizer"] = [1, 2, 3]
     torch.save(state, run / "step_00000002.pt")
-    with pytest.raises(CheckpointError, match="optimizer should hold state dicts"):
+    with pytest.raises(CheckpointError, match="optimizer should hold a state dict"):
         train_gpt.main(gpt_cfg(tokens, run, "--max-steps=3"))
 
 
@@ -666,7 +666,7 @@ def test_bad_token_manifest_fields_are_a_shard_error(tmp_path, field, value, mes
 
 @pytest.mark.parametrize("field, value", [("n_layer", "2"), ("n_layer", True), ("dropout", [0.1]), ("n_head", 3)])
 def test_a_saved_config_of_the_wrong_types_is_a_config_error(chain, tmp_path, field, value):
-    from vqgpt.pretrained import load_gpt
+    from vqgpt.trained_models import load_gpt
 
     state = torch.load(latest_checkpoint(chain / "gpt"), weights_only=True)
     state["config"][field] = value
@@ -674,3 +674,37 @@ def test_a_saved_config_of_the_wrong_types_is_a_config_error(chain, tmp_path, fi
     save_checkpoint(tmp_path / "gpt", 1, state)
     with pytest.raises(ConfigError, match="saved config"):
         load_gpt(tmp_path / "gpt")
+
+
+def test_only_the_main_rank_prints_a_user_error_and_the_rank_comes_from_dist_info(capsys, monkeypatch):
+    from vqgpt import distributed
+    from vqgpt.errors import exit_on_user_error
+
+    def failing():
+        raise RunError("same on every rank")
+
+    monkeypatch.setenv("RANK", "0")   # the environment says main; the set-up run says otherwise and wins
+    monkeypatch.setattr(distributed, "_current", DistInfo(1, 1, 2, torch.device("cpu"), False))
+    assert exit_on_user_error(failing, "prog") == 2 and capsys.readouterr().err == ""
+    monkeypatch.setattr(distributed, "_current", DistInfo(0, 0, 2, torch.device("cpu"), True))
+    assert exit_on_user_error(failing, "prog") == 2
+    assert capsys.readouterr().err == "prog: error: same on every rank\n"
+    monkeypatch.setattr(distributed, "_current", None)   # before set-up: torchrun's RANK is all there is
+    monkeypatch.setenv("RANK", "1")
+    assert exit_on_user_error(failing, "prog") == 2 and capsys.readouterr().err == ""
+
+
+def test_resume_restores_every_tracked_object_and_the_skipped_step_count(tmp_path):
+    tokens, run = token_set(tmp_path / "tokens"), tmp_path / "run"
+    train_gpt.main(gpt_cfg(tokens, run))
+    state = torch.load(run / "step_00000002.pt", weights_only=True)
+    assert {"gpt", "optimizer", "scaler", "loader", "skipped_steps", "token_manifest"} <= set(state)
+    state["skipped_steps"] = 5
+    torch.save(state, run / "step_00000002.pt")
+    train_gpt.main(gpt_cfg(tokens, run, "--max-steps=3"))
+    resumed = torch.load(run / "step_00000003.pt", weights_only=True)
+    assert resumed["skipped_steps"] == 5 and resumed["loader"] != state["loader"]
+    del state["optimizer"]
+    torch.save(state, run / "step_00000003.pt")
+    with pytest.raises(CheckpointError, match="optimizer should hold a state dict"):
+        train_gpt.main(gpt_cfg(tokens, run, "--max-steps=4"))

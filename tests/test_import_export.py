@@ -23,8 +23,8 @@ from vqgpt.checkpoint import latest_checkpoint, save_checkpoint
 from vqgpt.config import ExportConfig, ImportConfig, VQGANTrainConfig, config_to_dict, parse_config
 from vqgpt.errors import exit_on_user_error
 from vqgpt.export import export_run
-from vqgpt.pretrained import load_gpt, load_vqgan
 from vqgpt.safe_pickle import load_foreign_checkpoint
+from vqgpt.trained_models import load_gpt, load_vqgan
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TAMING_CKPT, TAMING_YAML = FIXTURES / "taming_last.ckpt", FIXTURES / "taming_model.yaml"

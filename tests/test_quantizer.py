@@ -9,8 +9,8 @@ import torch
 
 from tests.helpers import run_script
 from vqgpt.images import to_unit_range
-from vqgpt.pretrained import load_vqgan
 from vqgpt.shards import ShardSplit
+from vqgpt.trained_models import load_vqgan
 
 
 def quantize(vqgan, data, out, *extra, nproc=0, check=True):

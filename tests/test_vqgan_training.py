@@ -22,7 +22,7 @@ from vqgpt.runlog import read_metrics
 from vqgpt.training import TrainingRun
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError
-from vqgpt.vqgan_training import VQGANModels, discriminator_backward, generator_backward, reconstruction_loss
+from vqgpt.vqgan_step import VQGANModels, discriminator_backward, generator_backward, reconstruction_loss
 
 
 def test_hinge_losses_by_hand():

@@ -5,7 +5,6 @@ so any module can raise these without an import cycle.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
@@ -46,6 +45,8 @@ def exit_on_user_error(main: Callable[[], int | None], program: str) -> int:
     try:
         return main() or 0
     except user_errors() as err:
-        if os.environ.get("RANK", "0") == "0":
+        from vqgpt.distributed import is_main_process   # late: this module imports nothing of the project
+
+        if is_main_process():   # torchrun's other ranks hit the same error: one line, not N
             print(f"{program}: error: {err}", file=sys.stderr, flush=True)
         return 2

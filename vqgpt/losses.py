@@ -1,4 +1,4 @@
-"""Loss terms as pure functions: tensors in, tensor out."""
+"""Loss terms as functions of tensors (the reconstruction loss also takes the LPIPS network)."""
 from __future__ import annotations
 
 import torch
@@ -26,6 +26,19 @@ def adaptive_weight(grad_rec: torch.Tensor, grad_gan: torch.Tensor, max_weight: 
     return (rec_norm / (gan_norm + eps)).clamp(0.0, max_weight).detach()
 
 
-def adopt_weight(step: int, start_step: int) -> float:
-    """0 before the discriminator starts, 1 after."""
-    return 1.0 if step >= start_step else 0.0
+def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: torch.nn.Module | None,
+                        l1_weight: float, perceptual_weight: float, l2_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """l1_weight * |x - y| + l2_weight * (x - y)^2 + perceptual_weight * LPIPS, means over the batch."""
+    error = images - recon
+    l1 = error.abs().mean()
+    terms = {"l1": l1.detach()}
+    loss = l1_weight * l1
+    if l2_weight > 0:
+        mse = error.square().mean()
+        loss = loss + l2_weight * mse
+        terms["mse"] = mse.detach()
+    if perceptual is not None and perceptual_weight > 0:
+        lpips_value = perceptual(images, recon).mean()
+        loss = loss + perceptual_weight * lpips_value
+        terms["lpips"] = lpips_value.detach()
+    return loss, terms

@@ -13,7 +13,7 @@ import queue
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,12 +25,10 @@ from vqgpt.errors import RunError
 from vqgpt.files import atomic_write_json, remove_stale_temporaries, sha256_file
 from vqgpt.images import to_unit_range
 from vqgpt.metrics import codebook_usage
-from vqgpt.pretrained import LoadedVQGAN
 from vqgpt.shards import (MANIFEST_NAME, ShardSplit, ShardWriter, build_manifest, read_manifest,
                           save_npy_atomic, write_manifest)
+from vqgpt.trained_models import LoadedVQGAN
 from vqgpt.training import autocast
-from plots.figures import codebook_histogram
-
 RECEIPTS_DIR = ".receipts"
 HISTOGRAM_NAME = "codebook_histogram.npy"
 USAGE_PLOT_NAME = "codebook_usage.png"
@@ -165,8 +163,10 @@ def encode_shard(vqgan: LoadedVQGAN, items: np.ndarray, batch_size: int, flipped
 
 
 def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_size: int, flip: bool,
-             dist: DistInfo, dtype: torch.dtype, progress: bool = True) -> dict | None:
-    """Write every token shard of this rank's jobs; rank 0 then writes the manifest (returned)."""
+             dist: DistInfo, dtype: torch.dtype, progress: bool = True,
+             plot_usage: Callable[[np.ndarray, Path], None] | None = None) -> dict | None:
+    """Write every token shard of this rank's jobs; rank 0 then writes the manifest (returned), after
+    `plot_usage(histogram, path)` draws the dataset's code frequencies when given (the library draws nothing)."""
     data, out = Path(data), Path(out)
     splits = {name: ShardSplit(data, name) for name in read_manifest(data)["splits"]}
     first = next(iter(splits.values()))
@@ -207,11 +207,12 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
     distributed.barrier()
     if not dist.is_main:
         return None
-    return write_token_manifest(vqgan, data, out, splits, jobs, bound, flip)
+    return write_token_manifest(vqgan, data, out, splits, jobs, bound, flip, plot_usage)
 
 
 def write_token_manifest(vqgan: LoadedVQGAN, data: Path, out: Path, splits: dict[str, ShardSplit],
-                         jobs: list[Job], bound: dict, flip: bool) -> dict:
+                         jobs: list[Job], bound: dict, flip: bool,
+                         plot_usage: Callable[[np.ndarray, Path], None] | None = None) -> dict:
     codebook_size = vqgan.config.codebook_size
     histogram = np.zeros(codebook_size, dtype=np.int64)
     records: dict[str, list[dict]] = {name: [] for name in splits}
@@ -224,7 +225,10 @@ def write_token_manifest(vqgan: LoadedVQGAN, data: Path, out: Path, splits: dict
             tokens = np.load(out / job.out_name, mmap_mode="r")
             histogram += np.bincount(np.asarray(tokens, dtype=np.int64).ravel(), minlength=codebook_size)
     save_npy_atomic(out / HISTOGRAM_NAME, histogram)
-    codebook_histogram(histogram, out / USAGE_PLOT_NAME, title="dataset codebook usage")
+    usage = {**codebook_usage(torch.from_numpy(histogram)), "histogram_file": HISTOGRAM_NAME}
+    if plot_usage is not None:
+        plot_usage(histogram, out / USAGE_PLOT_NAME)
+        usage["plot_file"] = USAGE_PLOT_NAME
     h, w = vqgan.model.latent_grid
     first = next(iter(splits.values()))
     manifest = build_manifest(
@@ -232,8 +236,7 @@ def write_token_manifest(vqgan: LoadedVQGAN, data: Path, out: Path, splits: dict
         codebook_size=codebook_size, latent_grid=[h, w], image_size=vqgan.config.image_size,
         flip=flip, vqgan_checkpoint=str(vqgan.path.resolve()), vqgan_step=vqgan.step,
         vqgan_config=asdict(vqgan.config), source_shards=str(data.resolve()), **bound,
-        usage={**codebook_usage(torch.from_numpy(histogram)), "histogram_file": HISTOGRAM_NAME,
-               "plot_file": USAGE_PLOT_NAME})
+        usage=usage)
     write_manifest(out, manifest)
     return manifest
 

@@ -11,7 +11,7 @@ import json
 import random
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,11 +58,6 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def scalers_to_restore(resume: dict, **scalers: torch.amp.GradScaler) -> dict[str, torch.amp.GradScaler]:
-    """The scalers whose saved scale to load: a run resumed in another precision starts its own."""
-    return {name: scaler for name, scaler in scalers.items() if scaler.is_enabled() and resume.get(name)}
-
-
 def configure_backends(device: torch.device) -> None:
     if device.type == "cuda":
         # TF32 for the networks' fp32 matmuls and convs (the codebook lookup opts out). The legacy
@@ -90,8 +85,16 @@ class TrainingRun:
         self.stop_requested = False
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        self.networks: dict[str, torch.nn.Module] = {}
+        self.stateful: dict[str, Any] = {}
 
-    def load_resume_state(self, required_keys: tuple[str, ...]) -> dict | None:
+    def track(self, networks: dict[str, torch.nn.Module], **stateful: Any) -> None:
+        """What a checkpoint holds and a resume restores, by name: the networks (checked finite and equal on
+        every rank before saving) and every other object with state_dict/load_state_dict (optimizers, loss
+        scalers, the shard loader)."""
+        self.networks, self.stateful = networks, stateful
+
+    def load_resume_state(self) -> dict | None:
         """The checkpoint to continue from under `--resume` (auto | none | PATH), checked for compatibility."""
         resume = self.cfg.resume
         self.check_run_folder()
@@ -111,10 +114,7 @@ class TrainingRun:
                 # saving here would prune that run's checkpoints and overwrite its config and metrics
                 raise RunError(f"--resume {resume} continues the run in {path.parent}, but --out {self.run_dir} "
                                "holds another run; pass --out to a new folder (or the checkpoint's own run folder)")
-        state = ckpt.load_checkpoint(path, required_keys=("stage", "step", "config", *required_keys))
-        wrong = [k for k in required_keys if not isinstance(state[k], dict)]
-        if wrong:
-            raise ckpt.CheckpointError(f"{path}: {', '.join(wrong)} should hold state dicts; not a checkpoint of this project")
+        state = ckpt.load_checkpoint(path, required_keys=("stage", "step", "config"))
         if state["stage"] != self.stage:
             raise RunError(f"{path}: is a {state['stage']} checkpoint, this trainer continues {self.stage} runs")
         mine = config_to_dict(self.cfg)
@@ -204,10 +204,12 @@ class TrainingRun:
         """Every `every` steps (0: never) and always at the last step."""
         return bool(every and step % every == 0) or step == self.cfg.max_steps
 
-    def checkpoint_if_due(self, step: int, stop: bool, state: Callable[[], tuple[dict, dict]], log) -> None:
-        """Save every --ckpt-every steps, at the end, and when a stop was requested; `state` gives (modules, extra)."""
+    def checkpoint_if_due(self, step: int, stop: bool, log, **extra: Any) -> None:
+        """Save the tracked objects (plus `extra`) every --ckpt-every steps, at the end, and when a stop was requested."""
         if self.is_due(step, self.cfg.ckpt_every) or stop:
-            path = self.save(step, *state())
+            networks = {name: network.state_dict() for name, network in self.networks.items()}
+            others = {name: obj.state_dict() for name, obj in self.stateful.items()}
+            path = self.save(step, networks, {**others, "skipped_steps": self.skipped_steps, **extra})
             if stop:
                 log.print(f"stop requested: saved {path} at step {step}; rerun the same command to continue")
 
@@ -217,9 +219,15 @@ class TrainingRun:
         self.restore_signal_handlers()
         return 0
 
-    def restore(self, resume: dict, objects: dict[str, Any]) -> None:
-        """load_state_dict of each object from resume[name]; a crafted or mismatched state is one CheckpointError."""
-        for name, obj in objects.items():
+    def restore(self, resume: dict) -> int:
+        """Load every tracked object from its saved state and continue the RNG streams; returns the step.
+        A crafted or mismatched state is one CheckpointError."""
+        for name, obj in {**self.networks, **self.stateful}.items():
+            if isinstance(obj, torch.amp.GradScaler) and not (obj.is_enabled() and resume.get(name)):
+                continue   # fp32/bf16 keep no scale; a run resumed in fp16 from another precision starts its own
+            if not isinstance(resume.get(name), dict):
+                raise ckpt.CheckpointError(f"{resume['path']}: {name} should hold a state dict; "
+                                           "not a checkpoint of this project")
             try:
                 obj.load_state_dict(resume[name])
             except ShardError:   # the reader's own message (other data) is already one line
@@ -228,6 +236,10 @@ class TrainingRun:
                 first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 raise ckpt.CheckpointError(f"{resume['path']}: its {name!r} state does not fit this run "
                                            f"({first_line})") from None
+        skipped = resume.get("skipped_steps", 0)
+        self.skipped_steps = skipped if isinstance(skipped, int) else 0
+        self.restore_rng(resume)
+        return resume["step"]
 
     def restore_rng(self, state: dict) -> None:
         """Same world size: each rank continues its own streams exactly; otherwise derive fresh ones."""

@@ -9,7 +9,6 @@ discriminator sees `recon.detach()`: its loss cannot reach the VQGAN.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from vqgpt import distributed
 from vqgpt.images import to_unit_range, to_uint8
-from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
+from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from vqgpt.metrics import codebook_usage, psnr, ssim
 from vqgpt.training import autocast
 
@@ -30,24 +29,6 @@ class VQGANModels:
     raw_vqgan: torch.nn.Module
     raw_discriminator: torch.nn.Module
     perceptual: torch.nn.Module | None
-
-
-def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: torch.nn.Module | None,
-                        l1_weight: float, perceptual_weight: float, l2_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """l1_weight * |x - y| + l2_weight * (x - y)^2 + perceptual_weight * LPIPS, means over the batch."""
-    error = images - recon
-    l1 = error.abs().mean()
-    terms = {"l1": l1.detach()}
-    loss = l1_weight * l1
-    if l2_weight > 0:
-        mse = error.square().mean()
-        loss = loss + l2_weight * mse
-        terms["mse"] = mse.detach()
-    if perceptual is not None and perceptual_weight > 0:
-        lpips_value = perceptual(images, recon).mean()
-        loss = loss + perceptual_weight * lpips_value
-        terms["lpips"] = lpips_value.detach()
-    return loss, terms
 
 
 class _InputCapture:
@@ -130,11 +111,6 @@ def discriminator_backward(models: VQGANModels, images: torch.Tensor, recon_deta
 def mark_micro_step(vqgan: torch.nn.Module, last: bool) -> None:
     """Dead-code restarts count optimizer steps: the quantizer gathers usage until the last micro-step."""
     vqgan.quantizer.accumulating = not last
-
-
-def no_sync(module: torch.nn.Module, skip: bool):
-    """DDP's no_sync for accumulation micro-steps; a no-op for plain modules."""
-    return module.no_sync() if skip and hasattr(module, "no_sync") else contextlib.nullcontext()
 
 
 @torch.no_grad()
