@@ -17,7 +17,7 @@ from plots.figures import codebook_histogram
 from vqgpt import distributed
 from vqgpt.config import QUANTIZE_PRESETS, ConfigError, QuantizeConfig, parse_config
 from vqgpt.errors import exit_on_user_error
-from vqgpt.quantize import quantize
+from vqgpt.quantize import Encoder, quantize
 from vqgpt.trained_models import load_vqgan
 from vqgpt.training import resolve_precision
 
@@ -31,6 +31,7 @@ def main(cfg: QuantizeConfig) -> int:
         vqgan = load_vqgan(cfg.vqgan, dist.device)
         manifest = quantize(vqgan, cfg.data, cfg.out, batch_size=cfg.batch_size, flip=cfg.flip, dist=dist,
                             dtype=resolve_precision(cfg.precision, dist.device), progress=cfg.progress,
+                            encoder=Encoder.of(vqgan, compile=cfg.compile, channels_last=cfg.channels_last),
                             plot_usage=functools.partial(codebook_histogram, title="dataset codebook usage"))
     finally:
         distributed.cleanup()

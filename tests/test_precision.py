@@ -267,6 +267,18 @@ def test_quantizer_sampling_and_evaluation_in_bf16(tiny_vqgan_run, shapes_shards
     assert metrics[torch.bfloat16]["psnr"] == pytest.approx(metrics[torch.float32]["psnr"], abs=0.2)
 
 
+@pytest.mark.parametrize("flags", [("--channels-last=true",),
+                                   pytest.param(("--compile=true", "--channels-last=true"), marks=pytest.mark.slow)])
+def test_quantizer_channels_last_and_compiled_write_the_eager_codes(flags, tiny_vqgan_run, shapes_shards,
+                                                                    shapes_tokens, tmp_path):
+    out = tmp_path / "tokens"
+    run_script("image_quantizer.py", f"--vqgan={tiny_vqgan_run}", f"--data={shapes_shards}", f"--out={out}",
+               "--progress=false", *flags)
+    eager, _ = ShardSplit(shapes_tokens, "train").read(np.arange(400))
+    other, _ = ShardSplit(out, "train").read(np.arange(400))
+    assert (eager == other).mean() > 0.99   # fp32 throughout: only near-ties may fall the other way
+
+
 def compiled_backward_counts(fn) -> tuple[int, int]:
     """(compiled forwards, compiled backwards) that `fn` runs, from the profiler's event names."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:

@@ -315,6 +315,8 @@ class QuantizeConfig:
     flip: bool = _help("also encode horizontally flipped training images (a second token shard set)", False)
     device: str = _help("auto, cpu or cuda", "auto")
     precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16; code lookup is always fp32", "auto")
+    compile: bool = _help("torch.compile the encoder and code lookup (the first batch compiles for a minute or more)", False)
+    channels_last: bool = _help("channels_last memory format for the encoder", False)
     progress: bool = _help("show a progress bar", True)
 
     def __post_init__(self):

@@ -145,25 +145,40 @@ def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: b
         thread.join(timeout=5)
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """How images become codes: the VQGAN's encode_to_indices, possibly compiled, and the input memory format."""
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    @classmethod
+    def of(cls, vqgan: LoadedVQGAN, compile: bool = False, channels_last: bool = False) -> "Encoder":
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        vqgan.model.to(memory_format=memory_format)
+        encode = vqgan.model.encode_to_indices
+        return cls(torch.compile(encode) if compile else encode, memory_format)
+
+
 @torch.inference_mode()
 def encode_shard(vqgan: LoadedVQGAN, items: np.ndarray, batch_size: int, flipped: bool, device: torch.device,
-                 dtype: torch.dtype) -> np.ndarray:
+                 dtype: torch.dtype, encoder: Encoder | None = None) -> np.ndarray:
     """uint8 (N, H, W, 3) images -> (N, h*w) token ids in the codebook's dtype."""
+    encoder = encoder or Encoder(vqgan.model.encode_to_indices)
     out_dtype = token_dtype(vqgan.config.codebook_size)
     h, w = vqgan.model.latent_grid
     tokens = np.empty((len(items), h * w), dtype=out_dtype)
     filled = 0
     for batch in background_batches(items, batch_size, flipped, pin=device.type == "cuda"):
-        images = to_unit_range(batch.to(device, non_blocking=True))
+        images = to_unit_range(batch.to(device, non_blocking=True)).contiguous(memory_format=encoder.memory_format)
         with autocast(device, dtype):
-            indices = vqgan.model.encode_to_indices(images)
+            indices = encoder.encode(images)
         tokens[filled:filled + len(batch)] = indices.cpu().numpy().astype(out_dtype)
         filled += len(batch)
     return tokens
 
 
 def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_size: int, flip: bool,
-             dist: DistInfo, dtype: torch.dtype, progress: bool = True,
+             dist: DistInfo, dtype: torch.dtype, progress: bool = True, encoder: Encoder | None = None,
              plot_usage: Callable[[np.ndarray, Path], None] | None = None) -> dict | None:
     """Write every token shard of this rank's jobs; rank 0 then writes the manifest (returned), after
     `plot_usage(histogram, path)` draws the dataset's code frequencies when given (the library draws nothing)."""
@@ -196,7 +211,7 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
                 bar.update(source.count)
                 continue
             items, labels = splits[job.split].shard_arrays(job.shard_index)
-            tokens = encode_shard(vqgan, items, batch_size, job.flipped, dist.device, dtype)
+            tokens = encode_shard(vqgan, items, batch_size, job.flipped, dist.device, dtype, encoder)
             record = ShardWriter.write_shard(out, job.out_name[:-len(".npy")], tokens, labels)
             atomic_write_json(out / RECEIPTS_DIR / (job.out_name + ".json"),
                               {**record, **bound, "source_file": source.items_path.name,
