@@ -1,10 +1,10 @@
 """The whole pipeline on the built-in shapes dataset, each stage under torchrun (what `make demo` runs).
 
-    python demo.py                 # ~15 minutes on 2 CPU cores; a rerun skips finished stages
+    python demo.py                 # ~9 minutes on 2 CPU cores; a rerun skips finished stages
     python demo.py --nproc 1 --out demo-small --vqgan-steps 50 --gpt-steps 50
 
-Works offline: without VGG16 weights in the torch hub cache, the VQGAN uses the real LPIPS heads on
-a random VGG backbone (--lpips-random-backbone, said in the output and in the run's config).
+Works offline: without VGG16 weights in the torch hub cache, the VQGAN trains without the perceptual
+term (said in the output and in the run's config); with them, with LPIPS.
 """
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 ARGS_NAME = "demo_args.json"   # what the outputs in --out were made with: a rerun's skip checks rely on it
+# wall-clock minutes of a whole default demo on 2 idle cores of the README's machine
+EXPECTED_MINUTES = 9
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,11 +29,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=4000, help="built-in images (default: 4000)")
     parser.add_argument("--vqgan-steps", type=int, default=None, help="VQGAN steps (default: the tiny preset's)")
     parser.add_argument("--gpt-steps", type=int, default=None, help="GPT steps (default: the tiny preset's)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="the trainers' --precision (auto: fp32 on CPU, where bf16 does not speed up these "
+                             "tiny models, bf16 on CUDA)")
     return parser.parse_args(argv)
+
+
+def minutes_and_seconds(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 class DemoError(Exception):
     """A stage failed (its own script said why) or --out was made with other arguments: one line, not a traceback."""
+
+
+STAGE_SECONDS: dict[str, float] = {}   # where this run's time went, printed at the end
 
 
 def run_stage(title: str, command: list[str], done: bool) -> None:
@@ -39,7 +52,9 @@ def run_stage(title: str, command: list[str], done: bool) -> None:
         return
     print(f"== {title}\n   $ {' '.join(command)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    start = time.perf_counter()
     code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    STAGE_SECONDS[title.split(" (")[0].strip()] = time.perf_counter() - start
     if code != 0:
         raise DemoError(f"stage '{title.strip()}' failed (exit status {code}); see its message above, "
                           "then rerun `python demo.py` (finished stages are skipped)")
@@ -64,7 +79,8 @@ def check_same_arguments(out: Path, args: argparse.Namespace) -> None:
     """Finished stages are skipped on a rerun, so a rerun with other sizes would mix outputs: refuse it."""
     from vqgpt.files import atomic_write_json
 
-    wanted = {"images": args.images, "vqgan_steps": args.vqgan_steps, "gpt_steps": args.gpt_steps}
+    wanted = {"images": args.images, "vqgan_steps": args.vqgan_steps, "gpt_steps": args.gpt_steps,
+              "precision": args.precision}
     stamp = out / ARGS_NAME
     if stamp.is_file():
         try:
@@ -90,8 +106,13 @@ def run_demo(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
     from models.perceptual import find_vgg_weights
 
+    started = time.perf_counter()
     out = Path(args.out)
     check_same_arguments(out, args)
+    default_size = args.images == 4000 and args.vqgan_steps is None and args.gpt_steps is None and args.nproc == 2
+    if default_size:
+        print(f"demo: expected about {EXPECTED_MINUTES} minutes on 2 CPU cores like the README's "
+              "(a rerun skips finished stages)", flush=True)
     shards, tokens = out / "data" / "shapes", out / "data" / "shapes-tokens"
     vqgan_run, gpt_run = out / "runs" / "vqgan", out / "runs" / "gpt"
     samples, figures = out / "samples", out / "plots"
@@ -104,13 +125,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
     lpips_flags = []
     if find_vgg_weights(None) is None:
-        print("   LPIPS: no vgg16-397923af.pth in the torch hub cache, so the demo runs offline with the real "
-              "LPIPS heads on a RANDOM VGG backbone (--lpips-random-backbone true). Place the file there for the real loss.")
-        lpips_flags = ["--lpips-random-backbone=true"]
+        # LPIPS on a random backbone measures no perception and was half of each VQGAN step (BENCHMARKS.md)
+        print("   LPIPS: no vgg16-397923af.pth in the torch hub cache, so the demo's VQGAN trains WITHOUT the "
+              "perceptual term (--perceptual-weight 0): L1 + GAN. Place the file there for the real loss.")
+        lpips_flags = ["--perceptual-weight=0"]
     else:
         print("   LPIPS: pretrained VGG16 backbone found in the torch hub cache")
+    precision = f"--precision={args.precision}"
     run_stage("2/6 VQGAN (preset tiny)",
               torchrun(args.nproc, "train_resnet_vqgan.py", "--preset=tiny", f"--data={shards}", f"--out={vqgan_run}",
+                       precision,
                        "--batch-size=8" if args.nproc > 1 else "--batch-size=16", *lpips_flags, *steps(args.vqgan_steps)),
               done=finished_run(vqgan_run, args.vqgan_steps))
     run_stage("3/6 image shards -> token shards",
@@ -118,7 +142,7 @@ def run_demo(args: argparse.Namespace) -> int:
                        "--flip"),   # mirrored training images double the GPT's data: it overfits the 3,800 originals
               done=False)   # the quantizer itself skips shards that are already done
     run_stage("4/6 GPT (preset tiny)",
-              torchrun(args.nproc, "train_gpt.py", "--preset=tiny", f"--tokens={tokens}", f"--out={gpt_run}",
+              torchrun(args.nproc, "train_gpt.py", "--preset=tiny", f"--tokens={tokens}", f"--out={gpt_run}", precision,
                        "--batch-size=16" if args.nproc > 1 else "--batch-size=32", *steps(args.gpt_steps)),
               done=finished_run(gpt_run, args.gpt_steps))
     sample = [sys.executable, "sample.py", f"--gpt={gpt_run}"]
@@ -134,7 +158,9 @@ def run_demo(args: argparse.Namespace) -> int:
     run_stage("6/6 plots", [sys.executable, "-m", "plots", str(vqgan_run), str(gpt_run), "--out", str(figures)],
               done=False)
 
-    print("\nDone. Outputs:")
+    took = ", ".join(f"{name} {minutes_and_seconds(seconds)}" for name, seconds in STAGE_SECONDS.items())
+    print(f"\nDone in {minutes_and_seconds(time.perf_counter() - started)}" + (f" ({took})" if took else "")
+          + ". Outputs:")
     for label, path in [("image shards", shards), ("VQGAN run (checkpoints, metrics.jsonl, samples/)", vqgan_run),
                         ("token shards (+ codebook_usage.png)", tokens), ("GPT run", gpt_run),
                         ("blind samples", samples / "blind" / "grid.png"),

@@ -1,6 +1,7 @@
 """The demo's stage chain end to end with a very small budget, then a rerun that skips every stage."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -17,7 +18,9 @@ def test_demo_chain_small_budget_and_skip_on_rerun(tmp_path):
     env = {**script_env(), "TORCH_HOME": str(tmp_path / "empty_hub")}   # offline: no VGG weights
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "RANDOM VGG backbone" in first.stdout
+    assert "WITHOUT the perceptual term" in first.stdout and "\nDone in " in first.stdout
+    config = json.loads((tmp_path / "demo" / "runs" / "vqgan" / "config.json").read_text())
+    assert config["config"]["perceptual_weight"] == 0 and config["lpips_backbone"] == "off"
     for path in ("samples/blind/grid.png", "samples/class0/grid.png", "samples/completion/completion.png",
                  "data/shapes-tokens/manifest.json", "plots/vqgan_curves.png", "plots/gpt_curves.png"):
         assert (tmp_path / "demo" / path).is_file(), path
