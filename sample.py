@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqgpt.config import ConfigError
+from vqgpt.config import ConfigError, check_precision
 from vqgpt.distributed import pick_device
 from vqgpt.errors import exit_on_user_error
 from vqgpt.images import image_grid, load_image_batch, save_png, to_uint8, to_unit_range
@@ -68,8 +68,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise ConfigError("--cfg guides towards a class: give --class K (or --complete labelled shards)")
     if args.keep_rows is not None and args.keep_rows < 0:
         raise ConfigError(f"--keep-rows must not be negative, got {args.keep_rows}")
-    if args.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {args.precision!r}")
+    check_precision(args.precision)
 
 
 def check_same_classes(shards: str, gpt_classes: list[str]) -> None:

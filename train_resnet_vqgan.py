@@ -34,8 +34,7 @@ from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
 from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
                             seed_everything, summary_line)
-from vqgpt.vqgan_step import (VQGANModels, discriminator_backward, evaluate, generator_backward,
-                                  mark_micro_step)
+from vqgpt.vqgan_step import VQGANModels, discriminator_backward, evaluate, generator_backward, mark_micro_step
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(VQGANConfig))
 

@@ -167,9 +167,10 @@ def format_config(cfg: Any) -> str:
     return json.dumps(config_to_dict(cfg), indent=2)
 
 
-def _check_precision(precision: str) -> None:
+def check_precision(precision: str) -> None:
+    """The one check of --precision, for every stage and sample.py."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
 
 
 def _check_finite(cfg: Any) -> None:
@@ -234,7 +235,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        _check_precision(self.precision)
+        check_precision(self.precision)
         network_checks = getattr(super(), "__post_init__", None)   # the network config's own checks
         if network_checks is not None:
             network_checks()
@@ -269,6 +270,7 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
                              "it applies to the GPT only")
         _check_not_negative(self, ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "disc_weight_max",
                                    "disc_lr", "disc_start", "beta"))
+
 
 def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:
     return VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS[name]), **settings)
@@ -323,7 +325,7 @@ class QuantizeConfig:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         _check_finite(self)
-        _check_precision(self.precision)
+        check_precision(self.precision)
 
 
 QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
@@ -437,7 +439,7 @@ class EvaluateConfig:
         if self.temperature < 0 or self.top_k < 0 or self.cfg < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"--temperature, --top-k and --cfg must not be negative and --top-p must be in (0, 1]; "
                              f"got {self.temperature}, {self.top_k}, {self.cfg}, {self.top_p}")
-        _check_precision(self.precision)
+        check_precision(self.precision)
 
 
 EVALUATE_PRESETS: dict[str, EvaluateConfig] = {}

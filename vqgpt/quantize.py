@@ -25,7 +25,7 @@ from vqgpt.errors import RunError
 from vqgpt.files import atomic_write_json, remove_stale_temporaries, sha256_file
 from vqgpt.images import to_unit_range
 from vqgpt.metrics import codebook_usage
-from vqgpt.shards import (MANIFEST_NAME, ShardSplit, ShardWriter, build_manifest, read_manifest,
+from vqgpt.shards import (MANIFEST_NAME, ShardSplit, ShardWriter, build_manifest, put_unless_stopped, read_manifest,
                           save_npy_atomic, write_manifest)
 from vqgpt.trained_models import LoadedVQGAN
 from vqgpt.training import autocast
@@ -109,29 +109,19 @@ def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: b
                        ) -> Iterator[torch.Tensor]:
     """Read (and flip, pin) the next batches in a thread while the current one is encoded."""
     out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():   # a consumer that failed sets `stop`: never block on a queue nobody reads
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    stop = threading.Event()   # set when the consumer is done or failed
 
     def produce():
         try:
             for begin in range(0, len(items), batch_size):
-                batch = np.asarray(items[begin:begin + batch_size])
-                if flipped:
-                    batch = batch[:, :, ::-1]
-                tensor = torch.from_numpy(np.ascontiguousarray(batch))
-                if not put(tensor.pin_memory() if pin else tensor):
+                batch = items[begin:begin + batch_size]
+                # one copy out of the memory map (read-only: torch must not share it), flipped on the way
+                tensor = torch.from_numpy(np.array(batch[:, :, ::-1] if flipped else batch, order="C"))
+                if not put_unless_stopped(out, tensor.pin_memory() if pin else tensor, stop):
                     return
-            put(None)
+            put_unless_stopped(out, None, stop)
         except BaseException as err:
-            put(err)
+            put_unless_stopped(out, err, stop)
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()

@@ -221,7 +221,8 @@ class Shard:
 
 
 class ShardSplit:
-    """One validated split of a shard folder; items are memory-mapped, never read whole."""
+    """One validated split of a shard folder; items are memory-mapped, read only where indexed (token
+    shards are scanned once here, when opened, for ids outside the codebook)."""
 
     def __init__(self, root: str | os.PathLike, split: str, verify_hashes: bool = False):
         self.root = Path(root)
@@ -233,14 +234,11 @@ class ShardSplit:
         self.item_shape = tuple(self.manifest["item_shape"])
         self.dtype = np.dtype(self.manifest["dtype"])
         self.classes: list[str] = list(self.manifest.get("classes", []))
-        entry = self.manifest["splits"][split]
-        records = entry.get("shards")
-        if not isinstance(records, list):
-            raise ShardError(f"{manifest_path}: split {split!r} has no shard list")
+        entry = self.manifest["splits"][split]   # read_manifest checked its shape: a list of record objects
         self.shards: list[Shard] = []
         self._items: list[np.ndarray] = []
         self._labels: list[np.ndarray | None] = []
-        for record in records:
+        for record in entry["shards"]:
             self._open_shard(record, manifest_path, verify_hashes)
         counts = [s.count for s in self.shards]
         if entry.get("count") != sum(counts):
@@ -248,8 +246,6 @@ class ShardSplit:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     def _open_shard(self, record: dict, manifest_path: Path, verify_hashes: bool) -> None:
-        if not isinstance(record, dict):
-            raise ShardError(f"{manifest_path}: shard record {record!r} is not an object")
         items_path = _resolve_inside(self.root, record.get("file"), manifest_path)
         count = record.get("count")
         if not _is_count(count) or count <= 0:
@@ -334,6 +330,18 @@ class ShardSplit:
         stop = len(self) if stop is None else stop
         for begin in range(start, stop, batch_size):
             yield self.read(np.arange(begin, min(begin + batch_size, stop)))
+
+
+def put_unless_stopped(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """A reader thread's put: blocks while the queue is full, but gives up (False) once the consumer has set
+    `stop`, so a thread never hangs on a queue nobody reads any more."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -437,22 +445,10 @@ class ShardLoader:
     def _produce(self, out: queue.Queue, stop: threading.Event, epoch: int, cursor: int) -> None:
         try:
             for position in self._positions(epoch, cursor):
-                batch = self._make_batch(*position)
-                while not stop.is_set():
-                    try:
-                        out.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put_unless_stopped(out, self._make_batch(*position), stop):
                     return
         except BaseException as err:  # hand the failure to the consumer instead of hanging it
-            while not stop.is_set():   # ... unless the consumer is gone: then the thread must still end
-                try:
-                    out.put(err, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
+            put_unless_stopped(out, err, stop)
 
     def __iter__(self) -> "ShardLoader":
         return self
