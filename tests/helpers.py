@@ -49,3 +49,31 @@ def assert_state_dicts_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def vqgan_args(data, out, steps, *extra) -> list[str]:
+    """train_resnet_vqgan.py flags of a tiny test run."""
+    return [f"--data={data}", f"--out={out}", f"--max-steps={steps}", *VQGAN_TEST_FLAGS, *extra]
+
+
+def gpt_args(tokens, out, steps, *extra) -> list[str]:
+    """train_gpt.py flags of a tiny test run."""
+    return [f"--tokens={tokens}", f"--out={out}", f"--max-steps={steps}", *GPT_TEST_FLAGS, *extra]
+
+
+def train_records(run_dir) -> list[dict]:
+    from vqgpt.runlog import read_metrics
+
+    return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def tiny_models(perceptual=None):
+    """The tiny VQGAN and a small discriminator, seeded, unwrapped (VQGANModels for the step functions)."""
+    from models.discriminator import NLayerDiscriminator
+    from models.vqgan import VQGAN, VQGAN_PRESETS
+    from vqgpt.vqgan_step import VQGANModels
+
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGAN_PRESETS["tiny"])
+    disc = NLayerDiscriminator(3, 16, 2)
+    return VQGANModels(vqgan, disc, vqgan, disc, perceptual)

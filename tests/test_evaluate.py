@@ -122,7 +122,9 @@ def test_cached_statistics_are_reused_and_recomputed_for_other_weights(image_set
     extractions = []
     real_extract = fid.extract_features
     monkeypatch.setattr(fid, "extract_features", lambda *a, **k: extractions.append(a[0]) or real_extract(*a, **k))
-    flags = (f"--images={image_sets['few_png']}", f"--ref={reference}", f"--inception-weights={my_weights}")
+    # the spy sees the reference's extraction only (evaluate.py holds its own name for --images'), and --images
+    # has more images than the reference's 4, so the counts below can only be the reference's
+    flags = (f"--images={image_sets['a_png']}", f"--ref={reference}", f"--inception-weights={my_weights}")
 
     first = score(tmp_path, *flags)
     assert extractions == [4] and first["ref_statistics"].startswith("extracted, cached")
@@ -211,7 +213,7 @@ def test_gpt_mode_generates_balanced_classes(gpt_run, image_sets, weights, tmp_p
                    "--top-k=50", f"--inception-weights={weights}", f"--save-samples={tmp_path / 'samples'}")
     labels = [label for batch in drawn for label in batch]
     assert np.bincount(labels).tolist() == [3] * 6 and result["images_per_class"] == [3] * 6
-    assert result["images"] == 18 and result["fid"] > 0 and result["isc_mean"] >= 1
+    assert result["images"] == 18 and result["fid"] > 0
     assert len(list((tmp_path / "samples").glob("*_class5.png"))) == 3
     assert "multiple of the model's 6 classes" in refused(capsys, f"--gpt={gpt_run}", f"--ref={image_sets['a_shards']}",
                                                           "--n=10", f"--inception-weights={weights}")
@@ -250,7 +252,7 @@ def test_trainers_log_fid_and_plot_it(weights, tmp_path, monkeypatch):
     run_script("train_gpt.py", f"--tokens={tokens}", f"--out={tmp_path / 'gpt'}", "--max-steps=2", *GPT_TEST_FLAGS,
                "--sample-count=0", "--eval-fid-samples=6", "--eval-batch-size=6", *fid_flags)
     evals = [r for r in read_metrics(tmp_path / "gpt") if r["kind"] == "eval"]
-    assert len(evals) == 1 and evals[0]["gfid"] > 0 and evals[0]["isc_mean"] >= 1
+    assert len(evals) == 1 and evals[0]["gfid"] > 0
     assert len(list(shards.glob("fid_stats_train_*.npz"))) == 1
 
     drawn = run_script("-m", "plots", str(tmp_path / "vqgan"), str(tmp_path / "gpt"), f"--out={tmp_path / 'figures'}")

@@ -6,13 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import GPT_TEST_FLAGS, assert_state_dicts_equal, load, run_script
+from tests.helpers import assert_state_dicts_equal, gpt_args, load, run_script
 from vqgpt.checkpoint import latest_checkpoint
 from vqgpt.runlog import read_metrics
-
-
-def gpt_args(tokens, out, steps, *extra):
-    return [f"--tokens={tokens}", f"--out={out}", f"--max-steps={steps}", *GPT_TEST_FLAGS, *extra]
 
 
 @pytest.fixture(scope="module")

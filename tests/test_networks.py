@@ -168,12 +168,17 @@ def test_rotation_trick_forwards_the_code_and_rotates_the_gradient():
     # R maps (1, 0) onto (0, 1): a quarter turn, scaled by |target| / |vector| = 2; the gradient is 2 R^T g
     torch.testing.assert_close(vectors.grad, torch.tensor([[0.0, -2.0]]))
 
-    vq = quantizer(rotation_trick=True, codebook_size=8)
-    z = torch.randn(2, 2, 3, 3, requires_grad=True)
-    z_q, _, indices, _ = vq(z)
-    torch.testing.assert_close(z_q, vq.indices_to_embedding(indices))
-    z_q.sum().backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all()
+    def encoder_grad(rotation_trick: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        vq = quantizer(rotation_trick=rotation_trick, codebook_size=8)
+        z = torch.randn(2, 2, 3, 3, requires_grad=True)
+        z_q, _, indices, _ = vq(z)
+        torch.testing.assert_close(z_q, vq.indices_to_embedding(indices))   # the codes forward, either way
+        z_q.sum().backward()
+        return z.grad
+
+    rotated, straight = encoder_grad(True), encoder_grad(False)
+    assert torch.isfinite(rotated).all() and not torch.allclose(rotated, straight)   # the option reaches the lookup
 
 
 def fsq(levels=(8, 5, 5, 5), z_channels=6) -> FiniteScalarQuantizer:

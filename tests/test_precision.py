@@ -13,11 +13,11 @@ import torch
 from models.discriminator import NLayerDiscriminator
 from models.quantizer import VectorQuantizer, full_fp32_matmul
 from models.vqgan import VQGAN, VQGAN_PRESETS
-from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, load, run_script
+from tests.helpers import gpt_args, load, run_script, tiny_models, train_records, vqgan_args
 from vqgpt.checkpoint import latest_checkpoint
 from vqgpt.config import VQGAN_TRAIN_PRESETS
 from vqgpt.errors import RunError
-from vqgpt.runlog import read_metrics
+from vqgpt.images import to_unit_range
 from vqgpt.shards import ShardSplit
 from vqgpt.training import configure_backends, grad_scaler, parameters_checksum, resolve_precision
 from vqgpt.vqgan_step import VQGANModels, evaluate, generator_backward
@@ -25,13 +25,6 @@ from vqgpt.vqgan_step import VQGANModels, evaluate, generator_backward
 LOSS_CFG = SimpleNamespace(l1_weight=1.0, l2_weight=0.0,
                            perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
                            disc_weight_max=1e4)
-
-
-def tiny_models(perceptual=None) -> VQGANModels:
-    torch.manual_seed(0)
-    vqgan = VQGAN(VQGAN_PRESETS["tiny"])
-    disc = NLayerDiscriminator(3, 16, 2)
-    return VQGANModels(vqgan, disc, vqgan, disc, perceptual)
 
 
 def flat_grad(module: torch.nn.Module) -> torch.Tensor:
@@ -179,18 +172,6 @@ def test_the_vqgan_refuses_weight_decay():
         dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], weight_decay=0.01)
 
 
-def vqgan_args(data, out, steps, *extra):
-    return [f"--data={data}", f"--out={out}", f"--max-steps={steps}", *VQGAN_TEST_FLAGS, *extra]
-
-
-def gpt_args(tokens, out, steps, *extra):
-    return [f"--tokens={tokens}", f"--out={out}", f"--max-steps={steps}", *GPT_TEST_FLAGS, "--sample-count=0", *extra]
-
-
-def train_records(run_dir) -> list[dict]:
-    return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
-
-
 def assert_finite_gan_run(run_dir, steps: int) -> dict:
     records = train_records(run_dir)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
@@ -209,13 +190,18 @@ def test_vqgan_trainer_in_half_precision(flags, shapes_shards, tmp_path):
     assert len(state["rank_checksums"]) == 1
     if "--precision=fp16" in flags:
         assert state["scaler_g"]["scale"] > 0 and state["scaler_d"]["scale"] > 0
-    else:   # checkpoints of a channels_last run are plain weights the quantizer loads
+    else:   # a channels_last run's checkpoint loads into a plain model: the quantizer's codes are that model's
         run_script("image_quantizer.py", f"--vqgan={tmp_path / 'run'}", f"--data={shapes_shards}",
                    f"--out={tmp_path / 'tokens'}", "--progress=false")
-        assert ShardSplit(tmp_path / "tokens", "train").manifest["codebook_size"] == 256
+        images, _ = ShardSplit(shapes_shards, "train").read(np.arange(16))
+        tokens, _ = ShardSplit(tmp_path / "tokens", "train").read(np.arange(16))
+        vqgan = VQGAN(VQGAN_PRESETS["tiny"])
+        vqgan.load_state_dict(state["vqgan"])
+        codes = vqgan.eval().encode_to_indices(to_unit_range(torch.from_numpy(images)))
+        assert torch.equal(codes, torch.from_numpy(tokens.astype(np.int64)))
 
 
-def test_fp16_scaler_state_is_saved_and_restored(shapes_shards, shapes_tokens, tmp_path):
+def test_fp16_vqgan_scaler_state_is_saved_and_restored(shapes_shards, tmp_path):
     vqgan_run = tmp_path / "vqgan"
     run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, vqgan_run, 3, "--precision=fp16"))
     checkpoint = latest_checkpoint(vqgan_run)
@@ -226,14 +212,16 @@ def test_fp16_scaler_state_is_saved_and_restored(shapes_shards, shapes_tokens, t
     resumed = load(latest_checkpoint(vqgan_run))
     assert (resumed["step"], resumed["scaler_g"]["scale"], resumed["scaler_d"]["scale"]) == (4, 1024.0, 512.0)
 
+
+def test_fp16_gpt_scaler_state_is_saved_and_restored(shapes_tokens, tmp_path):
     gpt_run = tmp_path / "gpt"
-    run_script("train_gpt.py", *gpt_args(shapes_tokens, gpt_run, 2, "--precision=fp16"))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, gpt_run, 2, "--sample-count=0", "--precision=fp16"))
     checkpoint = latest_checkpoint(gpt_run)
     state = load(checkpoint)
     assert state["scaler"]["scale"] == 65536.0
     state["scaler"]["scale"] = 256.0
     torch.save(state, checkpoint)
-    run_script("train_gpt.py", *gpt_args(shapes_tokens, gpt_run, 3, "--precision=fp16"))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, gpt_run, 3, "--sample-count=0", "--precision=fp16"))
     resumed = load(latest_checkpoint(gpt_run))
     assert resumed["step"] == 3 and resumed["scaler"]["scale"] == 256.0
     assert all(np.isfinite(r["loss"]) for r in train_records(gpt_run))
@@ -241,7 +229,8 @@ def test_fp16_scaler_state_is_saved_and_restored(shapes_shards, shapes_tokens, t
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_gpt_trainer_in_half_precision(precision, shapes_tokens, tmp_path):
-    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "run", 3, f"--precision={precision}"))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "run", 3, "--sample-count=0",
+                                         f"--precision={precision}"))
     records = train_records(tmp_path / "run")
     assert len(records) == 3 and all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in records)
     assert load(latest_checkpoint(tmp_path / "run"))["step"] == 3
@@ -256,7 +245,7 @@ def test_quantizer_sampling_and_evaluation_in_bf16(tiny_vqgan_run, shapes_shards
     assert (fp32_codes == bf16_codes).mean() > 0.9   # bf16 encoder features move a few codes across borders
 
     gpt_run = tmp_path / "gpt"
-    run_script("train_gpt.py", *gpt_args(shapes_tokens, gpt_run, 1))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, gpt_run, 1, "--sample-count=0"))
     run_script("sample.py", f"--gpt={gpt_run}", "--n=2", "--precision=bf16", f"--out={tmp_path / 'samples'}")
     assert (tmp_path / "samples" / "sample_001.png").is_file()
 
@@ -330,10 +319,11 @@ def test_vqgan_trainer_compiled_resume_continues_the_same_run(shapes_shards, tmp
 
 @pytest.mark.slow
 def test_gpt_trainer_compiled_resume_follows_the_eager_run(shapes_tokens, tmp_path):
-    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "eager", 4))
-    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "compiled", 4, "--compile=true", "--stop-at-step=2"),
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "eager", 4, "--sample-count=0"))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "compiled", 4, "--sample-count=0", "--compile=true",
+                                         "--stop-at-step=2"),
                timeout=900)
-    result = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "compiled", 4, "--compile=true"),
+    result = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "compiled", 4, "--sample-count=0", "--compile=true"),
                         timeout=900)
     assert "resumed from" in result.stdout + result.stderr
     eager, compiled = train_records(tmp_path / "eager"), train_records(tmp_path / "compiled")

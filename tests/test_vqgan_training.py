@@ -12,17 +12,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.discriminator import NLayerDiscriminator
-from models.vqgan import VQGAN, VQGAN_PRESETS
-from tests.helpers import (ROOT, VQGAN_TEST_FLAGS, assert_state_dicts_equal, free_port, load, run_script,
-                           script_env)
+from models.vqgan import VQGAN
+from tests.helpers import (ROOT, assert_state_dicts_equal, free_port, load, run_script, script_env, tiny_models,
+                           vqgan_args)
 from vqgpt.checkpoint import latest_checkpoint, list_checkpoints
-from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
+from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from vqgpt.runlog import read_metrics
 from vqgpt.training import TrainingRun
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError
-from vqgpt.vqgan_step import VQGANModels, discriminator_backward, generator_backward, reconstruction_loss
+from vqgpt.vqgan_step import discriminator_backward, generator_backward
 
 
 def test_hinge_losses_by_hand():
@@ -50,13 +49,6 @@ def test_adaptive_weight_by_hand_and_safe_in_half_precision():
     big = torch.full((10000,), 300.0, dtype=torch.float16)   # squared sum overflows fp16
     weight = adaptive_weight(big, big)
     assert torch.isfinite(weight) and weight.item() == pytest.approx(1.0, rel=1e-3)
-
-
-def tiny_models(perceptual=None):
-    torch.manual_seed(0)
-    vqgan = VQGAN(VQGAN_PRESETS["tiny"])
-    disc = NLayerDiscriminator(3, 16, 2)
-    return VQGANModels(vqgan, disc, vqgan, disc, perceptual)
 
 
 def test_discriminator_loss_gives_the_vqgan_no_gradient():
@@ -95,10 +87,6 @@ def test_generator_step_matches_the_textbook_formulation():
     assert fast.keys() == slow.keys() and len(fast) == len(list(models.vqgan.parameters()))
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def vqgan_args(data, out, steps, *extra):
-    return [f"--data={data}", f"--out={out}", f"--max-steps={steps}", *VQGAN_TEST_FLAGS, *extra]
 
 
 def train_losses(run_dir):
