@@ -248,12 +248,14 @@ def test_dead_writers_temporaries_are_cleared_at_start_and_nothing_else(tmp_path
     dead = run / f".step_00000002.pt.{DEAD_PID}.tmp"           # kill -9 mid-save
     dead_new = run / f".step_00000004.pt.{DEAD_PID}.0123abcd.tmp"
     live = run / f".step_00000003.pt.{os.getppid()}.abcdef12.tmp"   # a live writer's
+    live_digits = run / f".step_00000005.pt.{os.getppid()}.12345678.tmp"   # its random part all digits: not a PID
     users = run / ".notes.tmp"
-    for path in (dead, dead_new, live, users):
+    for path in (dead, dead_new, live, live_digits, users):
         path.write_bytes(b"x")
     cfg = SimpleNamespace(out=str(run), resume="auto")
     assert TrainingRun(cfg, DistInfo(0, 0, 1, torch.device("cpu"), True), "gpt", ()).load_resume_state() is None
-    assert not dead.exists() and not dead_new.exists() and live.exists() and users.exists()
+    assert not dead.exists() and not dead_new.exists()
+    assert live.exists() and live_digits.exists() and users.exists()
 
 
 # ---- silent wrong results ----------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-_TEMPORARY = re.compile(r"^\..+\.(\d+)(\.[0-9a-f]{8})?\.tmp$")
+# lazy `.+?`: the first number that leaves a valid tail is the PID, so a random part of 8 digits is not taken for it
+_TEMPORARY = re.compile(r"^\..+?\.(\d+)(\.[0-9a-f]{8})?\.tmp$")
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
