@@ -708,3 +708,15 @@ def test_resume_restores_every_tracked_object_and_the_skipped_step_count(tmp_pat
     torch.save(state, run / "step_00000003.pt")
     with pytest.raises(CheckpointError, match="optimizer should hold a state dict"):
         train_gpt.main(gpt_cfg(tokens, run, "--max-steps=4"))
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_error_for_inference(tmp_path):
+    from vqgpt.trained_models import load_gpt
+
+    tokens, run = token_set(tmp_path / "tokens"), tmp_path / "run"
+    train_gpt.main(gpt_cfg(tokens, run))
+    state = torch.load(run / "step_00000002.pt", weights_only=True)
+    state["gpt"] = {key: value[:1] if value.dim() else value for key, value in state["gpt"].items()}   # wrong shapes
+    torch.save(state, run / "step_00000002.pt")
+    with pytest.raises(CheckpointError, match="weights do not fit its config"):
+        load_gpt(run)

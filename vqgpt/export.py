@@ -81,18 +81,36 @@ def load_exported(folder: str | Path, stage: str) -> Exported:
     return Exported(model, config, info, weights_path)
 
 
+def load_stage_model(path_or_run: str | Path, stage: str, device: torch.device | str = "cpu") -> tuple:
+    """The `stage` ('vqgan' or 'gpt') network of a checkpoint or a run's latest, in eval mode without grads:
+    (model, config, checkpoint path, the whole state). The file is memory-mapped: optimizer moments and
+    the discriminator are never read."""
+    path = resolve_checkpoint(path_or_run)
+    state = load_checkpoint(path, required_keys=("stage", "config"), mmap=True)
+    if state["stage"] != stage or stage not in state:
+        raise CheckpointError(f"{path}: is a {state.get('stage')!r} checkpoint, not a {stage.upper()}")
+    if "step" not in state:
+        raise CheckpointError(f"{path}: not the right kind of checkpoint (missing step)")
+    model_cls, config_cls = MODELS[stage]
+    config = subconfig_from_dict(config_cls, state["config"])
+    model = model_cls(config)
+    try:
+        model.load_state_dict(state[stage])
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{path}: its {stage} weights do not fit its config ({first_line})") from None
+    model.to(device).eval().requires_grad_(False)
+    return model, config, path, state
+
+
 def export_run(source: str | Path, out: str | Path) -> Path:
     """Write config.json, model.safetensors and README.md for the VQGAN or GPT in `source` into `out`."""
     path = resolve_checkpoint(source)
     out = ensure_fresh_folder(out)
-    state = load_checkpoint(path, required_keys=("stage", "step", "config"))
-    stage = state["stage"]
-    if stage not in MODELS or stage not in state:
+    stage = load_checkpoint(path, required_keys=("stage",), mmap=True)["stage"]
+    if stage not in MODELS:
         raise CheckpointError(f"{path}: a {stage!r} checkpoint; export.py takes VQGAN and GPT checkpoints")
-    model_cls, config_cls = MODELS[stage]
-    config = subconfig_from_dict(config_cls, state["config"])
-    model = model_cls(config)
-    model.load_state_dict(state[stage])
+    model, config, path, state = load_stage_model(path, stage)
     run_dir = path.parent
     info = {"format": FORMAT, "stage": stage, "config": config_to_dict(config),
             "source": {"checkpoint": str(path.resolve()), "sha256": sha256_file(path), "step": int(state["step"])},

@@ -8,10 +8,8 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from models.vqgan import VQGAN, VQGANConfig
-from vqgpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from vqgpt.errors import RunError
-from vqgpt.config import subconfig_from_dict
-from vqgpt.export import is_exported, load_exported
+from vqgpt.export import is_exported, load_exported, load_stage_model
 from vqgpt.files import sha256_file
 
 
@@ -24,19 +22,6 @@ class LoadedVQGAN:
     step: int
 
 
-def _load_model(path_or_run: str | Path, stage: str, config_cls, model_cls, device) -> tuple:
-    """(model in eval mode without grads, its config, the checkpoint path, the whole state)."""
-    path = resolve_checkpoint(path_or_run)
-    state = load_checkpoint(path, required_keys=("stage", "config"))
-    if state["stage"] != stage or stage not in state:
-        raise CheckpointError(f"{path}: is a {state.get('stage')!r} checkpoint, not a {stage.upper()}")
-    config = subconfig_from_dict(config_cls, state["config"])
-    model = model_cls(config)
-    model.load_state_dict(state[stage])
-    model.to(device).eval().requires_grad_(False)
-    return model, config, path, state
-
-
 def load_vqgan(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedVQGAN:
     """The VQGAN of a checkpoint, a run's latest or an exported folder, in eval mode, with the file's sha256
     (an export's is that of the checkpoint it was made from: the same weights, the same tokens)."""
@@ -44,7 +29,7 @@ def load_vqgan(path_or_run: str | Path, device: torch.device | str = "cpu") -> L
         exported = load_exported(path_or_run, "vqgan")
         return LoadedVQGAN(exported.model.to(device), exported.config, exported.path, exported.source_sha256,
                            int(exported.info["source"]["step"]))
-    model, config, path, state = _load_model(path_or_run, "vqgan", VQGANConfig, VQGAN, device)
+    model, config, path, state = load_stage_model(path_or_run, "vqgan", device)
     return LoadedVQGAN(model, config, path, sha256_file(path), int(state["step"]))
 
 
@@ -77,5 +62,5 @@ def load_gpt(path_or_run: str | Path, device: torch.device | str = "cpu") -> Loa
         exported = load_exported(path_or_run, "gpt")
         return LoadedGPT(exported.model.to(device), exported.config, exported.info.get("token_manifest", {}),
                          exported.path, int(exported.info["source"]["step"]))
-    model, config, path, state = _load_model(path_or_run, "gpt", GPTConfig, GPT, device)
+    model, config, path, state = load_stage_model(path_or_run, "gpt", device)
     return LoadedGPT(model, config, state.get("token_manifest", {}), path, int(state["step"]))
