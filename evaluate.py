@@ -28,7 +28,7 @@ from vqgpt.fid import (Inception, ImageSource, balanced_labels, extract_features
 from vqgpt.files import atomic_write_json
 from vqgpt.images import save_png
 from vqgpt.shards import ShardSplit
-from vqgpt.trained_models import load_bound_vqgan, load_gpt, load_vqgan
+from vqgpt.trained_models import load_bound_vqgan, load_gpt, load_vqgan, optimize_for_inference
 from vqgpt.training import configure_backends, resolve_precision
 from vqgpt.vqgan_step import evaluate
 
@@ -59,6 +59,7 @@ def mode_of(cfg: EvaluateConfig) -> str:
 def evaluate_vqgan(cfg: EvaluateConfig, inception: Inception, dist: distributed.DistInfo) -> dict:
     dtype = resolve_precision(cfg.precision, dist.device)
     vqgan = load_vqgan(cfg.vqgan, dist.device)
+    optimize_for_inference(vqgan.model, compile=cfg.compile, channels_last=cfg.channels_last)
     split = ShardSplit(cfg.data, cfg.split)
     originals = ImageSource.from_shards(split)
     size = vqgan.config.image_size
@@ -101,6 +102,8 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
                           f"or {lower + n_classes} so that every class gets the same number of samples")
     if cfg.cfg != 1 and not n_classes:
         raise ConfigError("--cfg guides towards classes, but this GPT was trained without classes; leave it at 1")
+    optimize_for_inference(gpt.model, compile=cfg.compile)
+    optimize_for_inference(vqgan.model, compile=cfg.compile, channels_last=cfg.channels_last)
     reference = reference_statistics(cfg.ref, cfg.ref_split, inception, cfg.batch_size, rank=dist.rank,
                                      world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress)
     labels = balanced_labels(cfg.num_samples, n_classes)

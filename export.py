@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import sys
 
-from vqgpt.config import EXPORT_PRESETS, ConfigError, ExportConfig, parse_config
+from vqgpt.config import EXPORT_PRESETS, ExportConfig, parse_config
 from vqgpt.errors import exit_on_user_error
 from vqgpt.export import export_run
 
 
 def main(cfg: ExportConfig) -> int:
-    missing = [flag for flag, value in (("RUN", cfg.run), ("--out", cfg.out)) if not value]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} required: export.py RUN --out DIR")
     out = export_run(cfg.run, cfg.out)
     print(f"{out}: config.json, model.safetensors, README.md")
     return 0

@@ -15,7 +15,7 @@ import sys
 
 from plots.figures import codebook_histogram
 from vqgpt import distributed
-from vqgpt.config import QUANTIZE_PRESETS, ConfigError, QuantizeConfig, parse_config
+from vqgpt.config import QUANTIZE_PRESETS, QuantizeConfig, parse_config
 from vqgpt.errors import exit_on_user_error
 from vqgpt.quantize import Encoder, quantize
 from vqgpt.trained_models import load_vqgan
@@ -23,9 +23,6 @@ from vqgpt.training import resolve_precision
 
 
 def main(cfg: QuantizeConfig) -> int:
-    missing = [flag for flag, value in (("--vqgan", cfg.vqgan), ("--data", cfg.data), ("--out", cfg.out)) if not value]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} required (see --help)")
     dist = distributed.setup(cfg.device)
     try:
         vqgan = load_vqgan(cfg.vqgan, dist.device)

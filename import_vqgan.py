@@ -14,20 +14,13 @@ from __future__ import annotations
 import sys
 
 from models.vqgan import VQGAN, count_parameters
-from vqgpt.config import IMPORT_PRESETS, ConfigError, ImportConfig, parse_config
+from vqgpt.config import IMPORT_PRESETS, ImportConfig, parse_config
 from vqgpt.errors import exit_on_user_error
-from vqgpt.importers import (LPIPS_VGG_NAME, SOURCES, import_llamagen, import_taming, summarize_ignored,
+from vqgpt.importers import (LPIPS_VGG_NAME, import_llamagen, import_taming, summarize_ignored,
                              write_imported_run)
 
 
 def main(cfg: ImportConfig) -> int:
-    if cfg.from_ not in SOURCES:
-        raise ConfigError(f"--from must be one of {', '.join(SOURCES)}, got {cfg.from_!r}")
-    missing = [flag for flag, value in (("--ckpt", cfg.ckpt), ("--out", cfg.out)) if not value]
-    if cfg.from_ == "taming" and not cfg.config:
-        missing.append("--config (taming's model.yaml)")
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} required (see --help)")
     if cfg.from_ == "taming":
         imported = import_taming(cfg.ckpt, cfg.config)
     else:

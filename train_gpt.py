@@ -21,7 +21,7 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from vqgpt import distributed
-from vqgpt.config import GPT_TRAIN_PRESETS, ConfigError, GPTTrainConfig, parse_config, subconfig
+from vqgpt.config import GPT_TRAIN_PRESETS, GPTTrainConfig, parse_config, subconfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics, sample_fid
 from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss
@@ -39,8 +39,6 @@ ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.n
 
 def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, ShardSplit | None]:
     """Open the token shards and take codebook size, grid length and classes from their manifest."""
-    if not cfg.tokens:
-        raise ConfigError("--tokens is required: a token shard folder made by image_quantizer.py")
     train_split = ShardSplit(cfg.tokens, "train")
     manifest = train_split.manifest
     if manifest.get("kind") != "tokens":

@@ -24,7 +24,7 @@ from models.discriminator import NLayerDiscriminator
 from models.perceptual import build_lpips
 from models.vqgan import VQGAN, VQGANConfig, count_parameters
 from vqgpt import distributed
-from vqgpt.config import VQGAN_TRAIN_PRESETS, ConfigError, VQGANTrainConfig, parse_config, subconfig
+from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig, parse_config, subconfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics
 from vqgpt.finetune import InitSource, adopt_architecture, load_init_source
@@ -46,8 +46,6 @@ def build_perceptual(cfg: VQGANTrainConfig) -> torch.nn.Module | None:
 
 
 def load_splits(cfg: VQGANTrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
-    if not cfg.data:
-        raise ConfigError("--data is required: an image shard folder made by shardify.py")
     train_split = ShardSplit(cfg.data, "train")
     if train_split.manifest.get("kind") != "images":
         raise RunError(f"{cfg.data}: holds {train_split.manifest.get('kind')} shards; the VQGAN trains on image shards")

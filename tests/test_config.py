@@ -1,12 +1,12 @@
 """Command-line overrides of the dataclass configs: both flag spellings, bare booleans, presets, errors."""
 import pytest
 
-from vqgpt.config import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, QuantizeConfig, VQGANTrainConfig,
-                          config_from_dict, config_to_dict, parse_config)
+from vqgpt.config import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, QuantizeConfig, SampleConfig,
+                          ShardifyConfig, VQGANTrainConfig, config_from_dict, config_to_dict, parse_config)
 
 
 def test_both_flag_spellings_and_preset_overrides():
-    cfg = parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--preset", "tiny", "--max-steps", "20",
+    cfg = parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--preset", "tiny", "--data=d", "--max-steps", "20",
                                                                "--lr=3e-4", "--ch-mult=1,2", "--attn-resolutions", "()"])
     assert cfg.max_steps == 20 and cfg.lr == 3e-4 and cfg.ch_mult == (1, 2) and cfg.attn_resolutions == ()
     # everything not overridden comes from the preset, not from the dataclass defaults
@@ -17,30 +17,75 @@ def test_both_flag_spellings_and_preset_overrides():
 @pytest.mark.parametrize("argv, expected", [([], False), (["--flip"], True), (["--flip", "false"], False),
                                             (["--flip=yes"], True), (["--flip", "--batch-size=4"], True)])
 def test_boolean_flags_bare_or_with_a_value(argv, expected):
-    assert parse_config(QuantizeConfig, {}, argv).flip is expected
+    assert parse_config(QuantizeConfig, {}, ["--vqgan=v", "--data=d", "--out=o", *argv]).flip is expected
 
 
 @pytest.mark.parametrize("argv, message", [(["--max-stepz=3"], "valid settings"), (["--compile=maybe"], "true/false"),
                                            (["--preset=nope"], "invalid choice"), (["--max-steps=x"], "invalid")])
 def test_bad_flags_exit_2_with_a_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, argv)
+        parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--tokens=t", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_saved_config_round_trips():
-    cfg = parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=g256", "--n-layer=2"])
+    cfg = parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=g256", "--tokens=t", "--n-layer=2"])
     assert config_from_dict(GPTTrainConfig, config_to_dict(cfg)) == cfg
 
 
 @pytest.mark.parametrize("argv, message", [(["--grad-accum=0"], "--grad-accum must be at least 1"),
                                            (["--lr=0"], "--lr must be positive"),
-                                           (["--precision=fp8"], "--precision must be auto, fp32, bf16 or fp16"),
+                                           (["--precision=fp8"], "invalid choice: 'fp8'"),
                                            (["--eval-batch-size=0"], "--eval-batch-size"),
                                            (["--sample-temperature=0"], "--sample-temperature must be positive"),
                                            (["--n-layer=0"], "n_layer must be positive")])
 def test_settings_are_checked_when_parsed(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=tiny", *argv])
+        parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=tiny", "--tokens=t", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls, presets, argv, missing", [
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--preset=tiny"], "--data"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=tiny"], "--tokens"),
+    (QuantizeConfig, {}, ["--vqgan=v", "--data=d"], "--out"),
+    (SampleConfig, {}, ["--out=o"], "--gpt"),
+    (ShardifyConfig, {}, ["--size=16"], "PATH")])
+def test_required_settings_are_enforced_by_the_parser(cls, presets, argv, missing, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, presets, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "the following arguments are required" in err and missing in err, err
+
+
+@pytest.mark.parametrize("cls, presets, argv", [
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--tokens=t", "--n-classes=3"]),        # taken from the token manifest
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--tokens=t", "--tokens-per-image=64"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--data=d", "--weight-decay=0.01"])])   # the VQGAN trains without
+def test_settings_a_stage_sets_itself_are_not_offered(cls, presets, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, presets, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unrecognized arguments: " + argv[-1] in err, err
+    with pytest.raises(SystemExit):
+        parse_config(cls, presets, ["--help"])
+    assert argv[-1].split("=")[0] not in capsys.readouterr().out
+
+
+def test_help_shows_no_empty_preset_list(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(QuantizeConfig, {}, ["--help"])
+    assert "--preset" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--help"])
+    assert "--preset {g256,seed,tiny}" in capsys.readouterr().out
+
+
+def test_shardify_and_sample_parse_into_their_configs():
+    cfg = parse_config(ShardifyConfig, {}, ["--builtin=shapes", "out", "--val-count=5"])
+    assert (cfg.dest, cfg.source, cfg.image_size, cfg.val_fraction, cfg.val_count) == ("out", "", 32, None, 5)
+    cfg = parse_config(ShardifyConfig, {}, ["src", "dest", "--size=64"])
+    assert (cfg.source, cfg.dest, cfg.image_size) == ("src", "dest", 64)
+    cfg = parse_config(SampleConfig, {}, ["--gpt=g", "--out=o", "--n=3", "--class=2", "--cfg=2", "--kv-cache=false"])
+    assert (cfg.num_samples, cfg.class_, cfg.cfg, cfg.kv_cache) == (3, 2, 2.0, False)

@@ -197,6 +197,17 @@ def test_vqgan_mode_rfid_is_the_fid_of_the_reconstructions(tiny_vqgan_run, image
     assert direct["ref_statistics"].startswith("cached")   # the --vqgan run cached the originals' statistics
 
 
+@pytest.mark.parametrize("flags", [("--channels-last=true",),
+                                   pytest.param(("--compile=true", "--channels-last=true"), marks=pytest.mark.slow)])
+def test_vqgan_mode_channels_last_and_compiled_score_as_eager(flags, tiny_vqgan_run, image_sets, weights, tmp_path):
+    common = (f"--vqgan={tiny_vqgan_run}", f"--data={image_sets['a_shards']}", "--split=train",
+              f"--inception-weights={weights}")
+    eager, other = score(tmp_path, *common), score(tmp_path, *common, *flags)
+    for metric in ("psnr", "ssim", "l1", "fid"):
+        assert other[metric] == pytest.approx(eager[metric], rel=1e-3, abs=1e-4), metric
+    assert other["codebook_usage"] == eager["codebook_usage"]
+
+
 @pytest.fixture(scope="module")
 def gpt_run(shapes_tokens, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpt_eval")

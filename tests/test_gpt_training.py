@@ -76,7 +76,7 @@ def test_sample_blind_class_and_completion(gpt_run, shapes_shards, tmp_path):
     assert bad.returncode == 2 and "outside [0, 6)" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("flags, message", [(["--n=0"], "--n must be"), (["--top-k=0"], "--top-k must"),
+@pytest.mark.parametrize("flags, message", [(["--n=0"], "--num-samples (--n) must be"), (["--top-k=-1"], "--top-k must"),
                                             (["--top-p=2"], "--top-p must"), (["--temperature=-1"], "--temperature"),
                                             (["--cfg=3"], "give --class")])
 def test_sample_refuses_bad_options_in_one_line(flags, message, tmp_path):

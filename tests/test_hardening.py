@@ -20,17 +20,16 @@ from PIL import Image
 
 import demo
 import sample
-import shardify
 import train_gpt
 from models.gpt import GPT, GPT_PRESETS
 from models.vqgan import VQGAN, VQGAN_PRESETS
 from plots.__main__ import main as plots_main
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, script_env
+from tests.helpers import ROOT, run_shardify, script_env
 from vqgpt import dataprep, files
 from vqgpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from vqgpt.config import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, ConfigError, GPTTrainConfig, VQGANTrainConfig,
-                          config_to_dict, parse_config)
+                          SampleConfig, config_to_dict, parse_config)
 from vqgpt.dataprep import DataPrepError, builtin_source, scan_folder, write_shards
 from vqgpt.distributed import DistInfo, pick_device
 from vqgpt.errors import RunError
@@ -137,12 +136,12 @@ def test_resume_from_another_run_never_touches_the_out_folder(tmp_path):
 
 
 def shardify_args(src, dest, *extra):
-    return [str(src), str(dest), "--size=16", "--workers=1", "--quiet", "--val-count=2", *extra]
+    return [str(src), str(dest), "--size=16", "--workers=1", "--progress=false", "--val-count=2", *extra]
 
 
 def test_overwrite_keeps_the_finished_set_until_the_new_one_succeeds(tmp_path, capsys, monkeypatch):
     src, dest = make_image_folder(tmp_path / "src"), tmp_path / "out"
-    assert shardify.main(shardify_args(src, dest)) == 0
+    assert run_shardify(shardify_args(src, dest)) == 0
     (dest / "notes.txt").write_text("mine")
     before = tree_digest(dest)
     bad = tmp_path / "bad"
@@ -150,7 +149,7 @@ def test_overwrite_keeps_the_finished_set_until_the_new_one_succeeds(tmp_path, c
     for name in ("a.png", "b.png", "c.png"):
         (bad / name).write_text("not a picture")
     capsys.readouterr()
-    assert shardify.main(shardify_args(bad, dest, "--overwrite")) == 2
+    assert run_shardify(shardify_args(bad, dest, "--overwrite")) == 2
     assert "skipped" in one_error_line(capsys)
     assert tree_digest(dest) == before
 
@@ -164,13 +163,13 @@ def test_overwrite_keeps_the_finished_set_until_the_new_one_succeeds(tmp_path, c
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(interrupted))
-    assert shardify.main(shardify_args(src, dest, "--overwrite", "--seed=5")) == 130
+    assert run_shardify(shardify_args(src, dest, "--overwrite", "--seed=5")) == 130
     assert "interrupted" in one_error_line(capsys)
     assert tree_digest(dest) == before
 
     monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(real_write))
     few = make_image_folder(tmp_path / "few", per_class=2)
-    assert shardify.main(shardify_args(few, dest, "--overwrite")) == 0
+    assert run_shardify(shardify_args(few, dest, "--overwrite")) == 0
     assert (dest / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in dest.glob("*.npy")) == ["train_00000.npy", "train_00000_labels.npy",
                                                           "val_00000.npy", "val_00000_labels.npy"]
@@ -180,7 +179,7 @@ def test_overwrite_keeps_the_finished_set_until_the_new_one_succeeds(tmp_path, c
 def test_source_as_dest_and_lookalike_files_are_never_deleted(tmp_path, capsys):
     src = make_image_folder(tmp_path / "src")
     before = tree_digest(src)
-    assert shardify.main(shardify_args(src, src, "--overwrite")) == 2
+    assert run_shardify(shardify_args(src, src, "--overwrite")) == 2
     assert "source folder" in one_error_line(capsys)
     assert tree_digest(src) == before
 
@@ -189,14 +188,14 @@ def test_source_as_dest_and_lookalike_files_are_never_deleted(tmp_path, capsys):
     np.save(dest / "train_00000.npy", np.arange(5))   # the user's own array, named like a shard
     (dest / "val_00003_labels.npy").write_bytes(b"also mine")
     before = tree_digest(dest)
-    assert shardify.main(shardify_args(src, dest, "--overwrite")) == 2
+    assert run_shardify(shardify_args(src, dest, "--overwrite")) == 2
     assert "named like shards" in one_error_line(capsys)
     assert tree_digest(dest) == before
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "manifest.json").write_text('{"name": "another tool"}')
-    assert shardify.main(shardify_args(src, foreign, "--overwrite")) == 2
+    assert run_shardify(shardify_args(src, foreign, "--overwrite")) == 2
     assert "did not write" in one_error_line(capsys)
     assert (foreign / "manifest.json").read_text() == '{"name": "another tool"}'
 
@@ -299,7 +298,7 @@ def test_non_finite_and_out_of_range_settings_are_refused_when_parsed(cls, prese
                                   ["--seed=-1"], ["--workers=-1"], ["--val-count=-3"]])
 def test_shardify_settings_are_refused_when_parsed(tmp_path, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        shardify.main([str(tmp_path), str(tmp_path / "out"), *argv])
+        run_shardify([str(tmp_path), str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
     assert argv[0].split("=")[0] in err and "unrecognized" not in err, err   # refused for its value, by name
@@ -307,7 +306,7 @@ def test_shardify_settings_are_refused_when_parsed(tmp_path, argv, capsys):
 
 def test_builtin_count_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        shardify.main(["--builtin", "shapes", str(tmp_path / "out"), "--builtin-count=-1"])
+        run_shardify(["--builtin", "shapes", str(tmp_path / "out"), "--builtin-count=-1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--builtin-count" in err and "unrecognized" not in err, err
 
@@ -432,7 +431,7 @@ def test_any_pillow_parser_error_skips_the_file(tmp_path, monkeypatch):
 def test_dest_that_is_a_file_is_one_line(tmp_path, capsys):
     src = make_image_folder(tmp_path / "src")
     (tmp_path / "dest").write_text("a file")
-    assert shardify.main(shardify_args(src, tmp_path / "dest")) == 2
+    assert run_shardify(shardify_args(src, tmp_path / "dest")) == 2
     assert "is a file" in one_error_line(capsys)
     assert (tmp_path / "dest").read_text() == "a file"
 
@@ -556,13 +555,13 @@ def test_hand_edited_quantizer_receipts_are_redone_not_a_traceback(chain, tmp_pa
 def test_sample_completion_refuses_rows_beyond_the_grid_and_other_classes(chain, tmp_path):
     base = ["--gpt", str(chain / "gpt"), "--out", str(tmp_path / "out"), "--n", "2", "--device", "cpu"]
     with pytest.raises(ConfigError, match="--keep-rows 99 exceeds the 8 token rows"):
-        sample.main([*base, "--complete", str(chain / "shards"), "--keep-rows", "99"])
+        sample.main(parse_config(SampleConfig, {}, [*base, "--complete", str(chain / "shards"), "--keep-rows", "99"]))
     pets = tmp_path / "pets"
     write_shards(scan_folder(make_image_folder(tmp_path / "pets_src", per_class=3)), pets, size=32, val_count=2,
                  workers=1, progress=False)
     with pytest.raises(ConfigError, match="are not the GPT's"):
-        sample.main([*base, "--complete", str(pets), "--keep-rows", "2"])
-    assert sample.main([*base, "--complete", str(chain / "shards"), "--keep-rows", "2"]) == 0
+        sample.main(parse_config(SampleConfig, {}, [*base, "--complete", str(pets), "--keep-rows", "2"]))
+    assert sample.main(parse_config(SampleConfig, {}, [*base, "--complete", str(chain / "shards"), "--keep-rows", "2"])) == 0
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"stage": "other"}', '{"config": {}}'])

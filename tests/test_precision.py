@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models.discriminator import NLayerDiscriminator
 from models.quantizer import VectorQuantizer, full_fp32_matmul
@@ -331,3 +332,33 @@ def test_gpt_trainer_compiled_resume_follows_the_eager_run(shapes_tokens, tmp_pa
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)   # bf16 tolerance
     assert load(latest_checkpoint(tmp_path / "compiled"))["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def one_step_gpt(shapes_tokens, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt_for_sampling")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, out, 1, "--sample-count=0"))
+    return out
+
+
+def greedy_samples(gpt_run, out, monkeypatch, *flags) -> tuple[np.ndarray, list[str]]:
+    """sample.py in this process, greedy (the same tokens whatever the kernels); its images and what it compiled."""
+    import sample
+    from vqgpt.config import SampleConfig, parse_config
+
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or real_compile(fn, **kw))
+    cfg = parse_config(SampleConfig, {}, [f"--gpt={gpt_run}", f"--out={out}", "--n=4", "--temperature=0",
+                                          "--device=cpu", *flags])
+    assert sample.main(cfg) == 0
+    return np.stack([np.asarray(Image.open(out / f"sample_{i:03d}.png")) for i in range(4)]), compiled
+
+
+@pytest.mark.parametrize("flags", [("--channels-last=true",),
+                                   pytest.param(("--compile=true", "--channels-last=true"), marks=pytest.mark.slow)])
+def test_sampling_channels_last_and_compiled_draw_the_eager_images(flags, one_step_gpt, tmp_path, monkeypatch):
+    eager, _ = greedy_samples(one_step_gpt, tmp_path / "eager", monkeypatch)
+    other, compiled = greedy_samples(one_step_gpt, tmp_path / "other", monkeypatch, *flags)
+    assert sorted(compiled) == (["decode_indices", "encode_to_indices", "forward", "forward"]
+                                if "--compile=true" in flags else [])
+    assert np.abs(eager.astype(int) - other.astype(int)).max() <= 2   # the same codes; the decoder's sums may round

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import shardify
 from tests.conftest import gradient_image, make_image_folder
+from tests.helpers import run_shardify
 from vqgpt import dataprep
 from vqgpt.dataprep import DataPrepError, scan_folder, write_shards
 from vqgpt.shards import ShardError, ShardSplit, ShardWriter
@@ -150,23 +150,23 @@ def test_same_input_gives_byte_identical_output(tmp_path):
 def test_refuses_to_overwrite_without_flag(tmp_path, capsys):
     src = make_image_folder(tmp_path / "src")
     dest = tmp_path / "out"
-    assert shardify.main([str(src), str(dest), "--size", "16", "--workers", "1", "--quiet"]) == 0
+    assert run_shardify([str(src), str(dest), "--size", "16", "--workers", "1", "--progress=false"]) == 0
     before = folder_digest(dest)
-    assert shardify.main([str(src), str(dest), "--size", "16", "--workers", "1", "--quiet"]) == 2
+    assert run_shardify([str(src), str(dest), "--size", "16", "--workers", "1", "--progress=false"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert folder_digest(dest) == before
-    assert shardify.main([str(src), str(dest), "--size", "16", "--workers", "1", "--quiet", "--overwrite", "--seed", "3"]) == 0
+    assert run_shardify([str(src), str(dest), "--size", "16", "--workers", "1", "--progress=false", "--overwrite", "--seed", "3"]) == 0
 
 
 def test_empty_or_all_skipped_source_exits_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert shardify.main([str(tmp_path / "empty"), str(tmp_path / "out"), "--quiet"]) == 2
+    assert run_shardify([str(tmp_path / "empty"), str(tmp_path / "out"), "--progress=false"]) == 2
     assert "no image files" in capsys.readouterr().err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_text("nope")
     (bad / "b.jpg").write_bytes(b"")
-    assert shardify.main([str(bad), str(tmp_path / "out2"), "--quiet", "--workers", "1"]) == 2
+    assert run_shardify([str(bad), str(tmp_path / "out2"), "--progress=false", "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert "every one of 2 files was skipped" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out2" / "manifest.json").exists()
@@ -198,8 +198,8 @@ def test_interrupted_run_leaves_nothing_then_rerun_completes(tmp_path, monkeypat
 
 def test_builtin_cli_and_help(tmp_path, capsys):
     dest = tmp_path / "shapes"
-    assert shardify.main(["--builtin", "shapes", str(dest), "--builtin-count", "60", "--val-count", "10",
-                          "--workers", "1", "--quiet"]) == 0
+    assert run_shardify(["--builtin", "shapes", str(dest), "--builtin-count", "60", "--val-count", "10",
+                          "--workers", "1", "--progress=false"]) == 0
     out = capsys.readouterr().out
     assert "train      50" in out and "classes (6)" in out
     manifest = json.loads((dest / "manifest.json").read_text())
@@ -208,7 +208,7 @@ def test_builtin_cli_and_help(tmp_path, capsys):
     assert items.shape == (50, 32, 32, 3) and labels.max() < 6
     assert items.std() > 20   # real structure, not a flat colour
     with pytest.raises(SystemExit) as exit_info:
-        shardify.main(["--help"])
+        run_shardify(["--help"])
     assert exit_info.value.code == 0
     assert "--val-fraction" in capsys.readouterr().out
 

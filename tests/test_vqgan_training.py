@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.vqgan import VQGAN
 from tests.helpers import (ROOT, assert_state_dicts_equal, free_port, load, run_script, script_env, tiny_models,
                            vqgan_args)
 from vqgpt.checkpoint import latest_checkpoint, list_checkpoints

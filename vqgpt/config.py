@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import sys
+import types
 import typing
 from typing import Any, ClassVar, Sequence, TypeVar
 
@@ -48,7 +49,7 @@ def _field_parser(annotation: Any):
     args = typing.get_args(annotation)
     if origin is tuple:
         return _tuple_parser(args[0] if args else str), "A,B,..."
-    if origin is typing.Union or str(origin) == "types.UnionType":  # Optional[X] / X | None
+    if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
         inner = [a for a in args if a is not type(None)][0]
         parse, metavar = _field_parser(inner)
 
@@ -80,25 +81,35 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(cls: type, presets: dict[str, Any], description: str) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    parser = _Parser(description=description, valid_keys=["preset", *names],
+    offered = [f for f in dataclasses.fields(cls) if f.name not in getattr(cls, "not_offered", ())]
+    parser = _Parser(description=description, valid_keys=[*(["preset"] if presets else []), *(f.name for f in offered)],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, choices=sorted(presets),
-                        help="named starting point; flags below override it (default: the dataclass defaults)")
-    for f in dataclasses.fields(cls):
+    if presets:   # a stage without presets shows no empty choice list
+        parser.add_argument("--preset", default=None, choices=sorted(presets),
+                            help="named starting point; flags below override it (default: the dataclass defaults)")
+    for f in offered:
+        meta = f.metadata or {}
         parse, metavar = _field_parser(hints[f.name])
+        if meta.get("positional"):   # a tuple of words, `shardify.py SRC DEST`
+            parser.add_argument(f.name, nargs="+", metavar=meta.get("metavar", f.name.upper()), help=meta.get("help"))
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        doc = (f.metadata or {}).get("help", "")
-        if isinstance(default, tuple):
-            shown = ",".join(str(v) for v in default)
-        else:
-            shown = default
+        shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
         # a bare boolean flag (`--flip`) means true; `--flip false` / `--flip=false` still work
         bare = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
-        aliases = (f.metadata or {}).get("aliases", ())
-        parser.add_argument(flag_name(f.name), *aliases, dest=f.name, type=parse, metavar=metavar,
-                            default=argparse.SUPPRESS, help=f"{doc} (default: {shown})".strip(), **bare)
+        if meta.get("choices"):
+            bare["choices"] = meta["choices"]
+            metavar = "{" + ",".join(str(c) for c in meta["choices"]) + "}"
+        parser.add_argument(flag_name(f.name), *meta.get("aliases", ()), dest=f.name, type=parse, metavar=metavar,
+                            default=argparse.SUPPRESS,
+                            help=meta.get("help", "") + _default_note(shown, meta.get("required", False)), **bare)
     return parser
+
+
+def _default_note(shown, required: bool) -> str:
+    if required:
+        return " (required)"
+    return "" if shown in ("", None) else f" (default: {shown})"   # an empty default: the help text says what it means
 
 
 def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None = None,
@@ -106,10 +117,15 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
     """Preset (or defaults) + command-line overrides -> a validated config instance."""
     parser = build_parser(cls, presets, description)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
-    preset = args.pop("preset")
-    base = presets[preset] if preset else cls()
-    try:
-        return dataclasses.replace(base, **args)
+    # checked here rather than by argparse's required=True, which would hide a misspelt flag behind "required"
+    missing = [flag_name(f.name) for f in dataclasses.fields(cls) if (f.metadata or {}).get("required")
+               and f.name not in args and not (args.get("preset") and getattr(presets[args["preset"]], f.name))]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    preset = args.pop("preset", None)
+    args = {key: tuple(value) if isinstance(value, list) else value for key, value in args.items()}
+    try:   # without a preset the defaults are not built first: they may lack a setting only the user can give
+        return dataclasses.replace(presets[preset], **args) if preset else cls(**args)
     except (TypeError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
@@ -144,7 +160,7 @@ def _fits(value, annotation) -> bool:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is tuple:
         return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, tuple)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         return any(value is None if a is type(None) else _fits(value, a) for a in args)
     if annotation is bool:
         return isinstance(value, bool)
@@ -167,9 +183,12 @@ def format_config(cfg: Any) -> str:
     return json.dumps(config_to_dict(cfg), indent=2)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 def check_precision(precision: str) -> None:
-    """The one check of --precision, for every stage and sample.py."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
+    """The one check of --precision, for every stage (the parser offers only these; this guards saved configs)."""
+    if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
 
 
@@ -188,13 +207,16 @@ def _check_not_negative(cfg: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{flag_name(name)} must not be negative, got {getattr(cfg, name)}")
 
 
-def _help(text: str, default, aliases: tuple[str, ...] = ()):
-    return dataclasses.field(default=default, metadata={"help": text, "aliases": aliases})
+def _help(text: str, default, aliases: tuple[str, ...] = (), **flag):
+    """A setting with its --help text. flag: required=True (the parser insists), choices=(...),
+    positional=True (words before the flags; a tuple field), metavar."""
+    return dataclasses.field(default=default, metadata={"help": text, "aliases": aliases, **flag})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Settings every trainer shares (run folder, schedule, precision, checkpoints)."""
+    not_offered: ClassVar[tuple[str, ...]] = ()   # fields the stage sets itself: no flag for them
     out: str = _help("run folder: checkpoints, metrics.jsonl, figures", "runs/run")
     resume: str = _help("auto (latest checkpoint in --out, if any), none (fresh; refuses a used --out), or a checkpoint path", "auto")
     max_steps: int = _help("optimizer steps in total", 10000)
@@ -212,8 +234,8 @@ class TrainConfig:
     log_every: int = _help("write training metrics every N steps", 10)
     seed: int = _help("seed of data order, init and sampling", 0)
     device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto (bf16 autocast on CUDA, fp16 on GPUs without bf16, fp32 on CPU), fp32, bf16 or "
-                           "fp16 (autocast with a gradient scaler)", "auto")
+    precision: str = _help("auto: bf16 autocast on CUDA, fp16 on GPUs without bf16, fp32 on CPU; fp16 autocasts with a "
+                           "gradient scaler", "auto", choices=PRECISIONS)
     compile: bool = _help("torch.compile the model (CUDA or CPU; the first steps compile for a minute or more)", False)
     max_bad_steps: int = _help("stop after this many non-finite steps in a row", 20)
     prefetch: int = _help("batches prefetched by the reader thread", 4)
@@ -244,7 +266,8 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class VQGANTrainConfig(TrainConfig, VQGANConfig):
     """Stage 1: the VQGAN, its discriminator, losses and schedule."""
-    data: str = _help("image shard folder made by shardify.py", "")
+    not_offered: ClassVar[tuple[str, ...]] = ("weight_decay",)   # the VQGAN trains with Adam without weight decay
+    data: str = _help("image shard folder made by shardify.py", "", required=True)
     flip: bool = _help("random horizontal flips", True)
     l1_weight: float = _help("weight of the L1 reconstruction term (taming's)", 1.0)
     l2_weight: float = _help("weight of the squared-error reconstruction term (LlamaGen's)", 0.0)
@@ -308,15 +331,65 @@ VQGAN_TRAIN_PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class ShardifyConfig:
+    """Stage 0: an image folder (or the built-in dataset) -> uint8 image shards and a manifest."""
+    paths: tuple[str, ...] = _help("SRC DEST: the image folder and the shard folder to write (DEST alone with "
+                                   "--builtin)", (), positional=True, metavar="PATH")
+    builtin: str = _help("draw this built-in labelled dataset instead of reading SRC", "", choices=("shapes",))
+    builtin_count: int = _help("images in the built-in dataset", 4000)
+    size: int = _help("output side in pixels (0: 256, or 32 with --builtin)", 0)
+    shard_size: int = _help("images per shard file", 1000)
+    val_fraction: float | None = _help("share of images for validation (none: 0.01 unless --val-count)", None)
+    val_count: int | None = _help("exact number of validation images (instead of --val-fraction)", None)
+    workers: int = _help("decoding processes (0: all cores)", 0)
+    seed: int = _help("seed of the split and order shuffle", 0)
+    labels: str = _help("auto: first-level sub-folders are classes; none: no labels", "auto", choices=("auto", "none"))
+    overwrite: bool = _help("replace the shard set already in DEST (the new set is built aside, then swapped in)",
+                            False)
+    progress: bool = _help("show a progress bar", True)
+
+    def __post_init__(self):
+        if len(self.paths) != (1 if self.builtin else 2):
+            raise ValueError("give DEST alone with --builtin" if self.builtin else "give SRC and DEST")
+        _check_finite(self)
+        _check_not_negative(self, ("seed", "workers", "size"))
+        if self.size and self.size < 8 or self.shard_size < 1 or self.builtin_count < 1:
+            raise ValueError(f"--size must be at least 8, --shard-size and --builtin-count at least 1; got "
+                             f"{self.size}, {self.shard_size}, {self.builtin_count}")
+        if self.val_fraction is not None and self.val_count is not None:
+            raise ValueError("give --val-fraction or --val-count, not both")
+        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_count is not None and self.val_count < 0:
+            raise ValueError(f"--val-count must not be negative, got {self.val_count}")
+
+    @property
+    def source(self) -> str:
+        return "" if self.builtin else self.paths[0]
+
+    @property
+    def dest(self) -> str:
+        return self.paths[-1]
+
+    @property
+    def image_size(self) -> int:
+        return self.size or (32 if self.builtin else 256)
+
+
+SHARDIFY_PRESETS: dict[str, ShardifyConfig] = {}
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
     """Stage 1.5: image shards -> codebook-index token shards."""
-    vqgan: str = _help("VQGAN run folder (its latest checkpoint) or checkpoint file", "")
-    data: str = _help("image shard folder made by shardify.py", "")
-    out: str = _help("token shard folder to write", "")
+    vqgan: str = _help("VQGAN run folder (its latest checkpoint) or checkpoint file", "", required=True)
+    data: str = _help("image shard folder made by shardify.py", "", required=True)
+    out: str = _help("token shard folder to write", "", required=True)
     batch_size: int = _help("images per encoder batch", 64)
     flip: bool = _help("also encode horizontally flipped training images (a second token shard set)", False)
     device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16; code lookup is always fp32", "auto")
+    precision: str = _help("auto: bf16 autocast on CUDA, fp32 on CPU; the code lookup is always fp32", "auto",
+                           choices=PRECISIONS)
     compile: bool = _help("torch.compile the encoder and code lookup (the first batch compiles for a minute or more)", False)
     channels_last: bool = _help("channels_last memory format for the encoder", False)
     progress: bool = _help("show a progress bar", True)
@@ -334,12 +407,17 @@ QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
 @dataclasses.dataclass(frozen=True)
 class ImportConfig:
     """import_vqgan.py: a published VQ tokenizer -> a VQGAN run folder of this project."""
-    from_: str = _help("the source: taming (taming-transformers VQGAN) or llamagen (LlamaGen VQ-8 / VQ-16)", "")
-    ckpt: str = _help("the published checkpoint: taming's last.ckpt or LlamaGen's vq_ds16_c2i.pt", "")
+    from_: str = _help("the source: taming (taming-transformers VQGAN) or llamagen (LlamaGen VQ-8 / VQ-16)", "",
+                       required=True, choices=("taming", "llamagen"))
+    ckpt: str = _help("the published checkpoint: taming's last.ckpt or LlamaGen's vq_ds16_c2i.pt", "", required=True)
     config: str = _help("taming's model.yaml (--from taming)", "")
-    out: str = _help("run folder to create; must not exist or be empty", "")
+    out: str = _help("run folder to create; must not exist or be empty", "", required=True)
     image_size: int = _help("--from llamagen: the training and evaluation resolution (its weights fit any)", 256)
     l2_norm: bool = _help("--from llamagen: the codebook is l2-normalised (codebook_l2_norm, true for VQ-8 / VQ-16)", True)
+
+    def __post_init__(self):
+        if self.from_ == "taming" and not self.config:
+            raise ValueError("--from taming needs --config: taming's model.yaml")
 
 
 IMPORT_PRESETS: dict[str, ImportConfig] = {}
@@ -348,8 +426,9 @@ IMPORT_PRESETS: dict[str, ImportConfig] = {}
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """export.py: a VQGAN or GPT run (or checkpoint) -> config.json + model.safetensors + model card."""
-    run: str = _help("VQGAN or GPT run folder (its latest checkpoint) or checkpoint file", "")
-    out: str = _help("folder to create; must not exist or be empty", "")
+    run: str = _help("VQGAN or GPT run folder (its latest checkpoint) or checkpoint file (also the first word: "
+                     "export.py RUN --out DIR)", "", required=True)
+    out: str = _help("folder to create; must not exist or be empty", "", required=True)
 
 
 EXPORT_PRESETS: dict[str, ExportConfig] = {}
@@ -366,8 +445,9 @@ class GPTTrainConfig(TrainConfig, GPTConfig):
     """Stage 2: the GPT over token grids. The model takes the tokens' codebook size (unless
     --codebook-size says otherwise), grid length and classes from their manifest."""
     min_codebook_size: ClassVar[int] = 0
+    not_offered: ClassVar[tuple[str, ...]] = ("n_classes", "tokens_per_image")   # from the token manifest
     codebook_size: int = _help("codes in the vocabulary (0: the token manifest's codebook size)", 0)
-    tokens: str = _help("token shard folder made by image_quantizer.py", "")
+    tokens: str = _help("token shard folder made by image_quantizer.py", "", required=True)
     vqgan: str = _help("VQGAN checkpoint for sample grids (default: the one the token manifest names; sha256 checked)", "")
     sample_count: int = _help("images in the sample grid at each eval (0: no samples, no VQGAN needed)", 16)
     sample_temperature: float = _help("temperature of the eval samples", 1.0)
@@ -402,6 +482,49 @@ GPT_TRAIN_PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """sample.py: images from a GPT, decoded by the VQGAN that made its tokens."""
+    gpt: str = _help("GPT run folder (its latest checkpoint) or checkpoint file", "", required=True)
+    out: str = _help("folder for the PNGs", "", required=True)
+    num_samples: int = _help("images to sample", 16, aliases=("--n",))
+    class_: int | None = _help("class id (class-conditional models; none: unconditional)", None)
+    cfg: float = _help("classifier-free guidance scale (1: plain conditional; needs --class or labelled --complete)",
+                       1.0)
+    temperature: float = _help("softmax temperature (0: greedy)", 1.0)
+    top_k: int = _help("sample among the k most likely codes (0: off)", 0)
+    top_p: float = _help("nucleus sampling mass (1: off)", 1.0)
+    seed: int = _help("random seed (same seed, same images)", 0)
+    complete: str = _help("image shard folder (its val split), image folder or image file whose top rows to complete",
+                          "")
+    keep_rows: int | None = _help("token rows kept with --complete (none: half)", None)
+    vqgan: str = _help("VQGAN checkpoint (default: the one named by the tokens; sha256 checked)", "")
+    kv_cache: bool = _help("reuse the keys and values of the prefix (false: recompute it each step, the slow "
+                           "reference)", True)
+    device: str = _help("auto, cpu or cuda", "auto")
+    precision: str = _help("auto: bf16 autocast on CUDA, fp32 on CPU; tokens are drawn from fp32 logits", "auto",
+                           choices=PRECISIONS)
+    compile: bool = _help("torch.compile the GPT and the VQGAN decoder (the first images compile for a minute or more)",
+                          False)
+    channels_last: bool = _help("channels_last memory format for the VQGAN", False)
+
+    def __post_init__(self):
+        _check_finite(self)
+        _check_not_negative(self, ("seed", "temperature", "top_k", "cfg"))
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples (--n) must be at least 1, got {self.num_samples}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.keep_rows is not None and self.keep_rows < 0:
+            raise ValueError(f"--keep-rows must not be negative, got {self.keep_rows}")
+        if self.cfg != 1 and self.class_ is None and not self.complete:
+            raise ValueError("--cfg guides towards a class: give --class K (or --complete labelled shards)")
+        check_precision(self.precision)
+
+
+SAMPLE_PRESETS: dict[str, SampleConfig] = {}
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     """evaluate.py: one of --vqgan (reconstructions), --gpt (samples) or --images, scored with FID."""
     vqgan: str = _help("VQGAN run or checkpoint to score on --data (with --gpt: a copy of the VQGAN its tokens name)", "")
@@ -427,7 +550,11 @@ class EvaluateConfig:
     cache: bool = _help("reuse and write reference statistics beside the reference shards", True)
     out: str = _help("also write the JSON result to this file", "")
     device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16; Inception always runs in fp32", "auto")
+    precision: str = _help("auto: bf16 autocast on CUDA, fp32 on CPU; Inception always runs in fp32", "auto",
+                           choices=PRECISIONS)
+    compile: bool = _help("torch.compile the VQGAN and the GPT (not Inception; the first batches compile for a minute "
+                          "or more)", False)
+    channels_last: bool = _help("channels_last memory format for the VQGAN", False)
     progress: bool = _help("show progress bars", True)
 
     def __post_init__(self):

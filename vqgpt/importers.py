@@ -23,7 +23,6 @@ from vqgpt.export import ensure_fresh_folder
 from vqgpt.files import atomic_path, atomic_write_json, sha256_file
 from vqgpt.safe_pickle import load_foreign_checkpoint
 
-SOURCES = ("taming", "llamagen")
 LPIPS_VGG_NAME = "lpips_vgg16.pth"    # torchvision VGG16 `features.N.*`, for --lpips-weights
 MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 # our tensors no source has: the dead-code counters start at zero

@@ -27,7 +27,7 @@ from vqgpt.images import to_unit_range
 from vqgpt.metrics import codebook_usage
 from vqgpt.shards import (MANIFEST_NAME, ShardSplit, ShardWriter, build_manifest, put_unless_stopped, read_manifest,
                           save_npy_atomic, write_manifest)
-from vqgpt.trained_models import LoadedVQGAN
+from vqgpt.trained_models import LoadedVQGAN, optimize_for_inference
 from vqgpt.training import autocast
 RECEIPTS_DIR = ".receipts"
 HISTOGRAM_NAME = "codebook_histogram.npy"
@@ -143,10 +143,8 @@ class Encoder:
 
     @classmethod
     def of(cls, vqgan: LoadedVQGAN, compile: bool = False, channels_last: bool = False) -> "Encoder":
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        vqgan.model.to(memory_format=memory_format)
-        encode = vqgan.model.encode_to_indices
-        return cls(torch.compile(encode) if compile else encode, memory_format)
+        model = optimize_for_inference(vqgan.model, compile=compile, channels_last=channels_last)
+        return cls(model.encode_to_indices, torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @torch.inference_mode()

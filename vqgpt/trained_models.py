@@ -1,4 +1,4 @@
-"""Load trained models for inference (quantizer, GPT evaluation, sampling, notebooks)."""
+"""Load trained models for inference (quantizer, GPT evaluation, sampling, notebooks), compiled if asked."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,3 +64,16 @@ def load_gpt(path_or_run: str | Path, device: torch.device | str = "cpu") -> Loa
                          exported.path, int(exported.info["source"]["step"]))
     model, config, path, state = load_stage_model(path_or_run, "gpt", device)
     return LoadedGPT(model, config, state.get("token_manifest", {}), path, int(state["step"]))
+
+
+def optimize_for_inference(model: VQGAN | GPT, *, compile: bool = False, channels_last: bool = False) -> VQGAN | GPT:
+    """The model in place, in channels_last memory format (a VQGAN's convolutions) and/or with its entry points
+    compiled. torch.compile(module) would compile forward only, so each method inference calls is replaced by
+    its compiled self; a GPT's forward is compiled for dynamic lengths, as its KV cache grows a position a step."""
+    if channels_last and isinstance(model, VQGAN):
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        methods = ("forward", "encode_to_indices", "decode_indices") if isinstance(model, VQGAN) else ("forward",)
+        for name in methods:   # compiled on first call: a method never called costs nothing
+            setattr(model, name, torch.compile(getattr(model, name), dynamic=True if isinstance(model, GPT) else None))
+    return model
