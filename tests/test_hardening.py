@@ -345,6 +345,18 @@ def test_float_images_in_unit_range_are_not_black(tmp_path):
     assert abs(int(load_square_image(tmp_path / "bytes.tif", 8)[4, 4, 0]) - 200) <= 1
 
 
+def test_twelve_bit_values_in_a_sixteen_bit_png_keep_their_brightness(tmp_path):
+    from PIL import PngImagePlugin
+
+    half_of_12_bits = Image.fromarray(np.full((8, 8), 2048, np.uint16))
+    marked = PngImagePlugin.PngInfo()
+    marked.add(b"sBIT", bytes([12]))   # the scanner's significant bits, which Pillow itself ignores
+    half_of_12_bits.save(tmp_path / "scan12.png", pnginfo=marked)
+    assert abs(int(load_square_image(tmp_path / "scan12.png", 8)[4, 4, 0]) - 128) <= 1
+    half_of_12_bits.save(tmp_path / "plain16.png")   # without sBIT the samples are read as full 16-bit values
+    assert abs(int(load_square_image(tmp_path / "plain16.png", 8)[4, 4, 0]) - 8) <= 1
+
+
 def test_a_thin_strip_is_cropped_before_resizing(tmp_path, monkeypatch):
     strip = np.zeros((1, 60000, 3), np.uint8)
     strip[:, 30000:] = 200
@@ -719,3 +731,13 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_error_for_infer
     torch.save(state, run / "step_00000002.pt")
     with pytest.raises(CheckpointError, match="weights do not fit its config"):
         load_gpt(run)
+
+
+def test_json_artifacts_are_strict_json_even_with_nan(tmp_path):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    files.atomic_write_json(tmp_path / "result.json", {"fid": float("nan"), "is": [1.5, float("inf")],
+                                                       "nested": {"x": -float("inf"), "ok": 2}})
+    parsed = json.loads((tmp_path / "result.json").read_text(), parse_constant=refuse)
+    assert parsed == {"fid": None, "is": [1.5, None], "nested": {"x": None, "ok": 2}}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -18,13 +19,31 @@ class SkipImage(Exception):
     """This file cannot become a training image; the message is the reason recorded in the manifest."""
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency is composited over white."""
+def png_significant_bits(path: str | os.PathLike) -> int | None:
+    """A PNG's sBIT chunk (grey bits; 12 for a 12-bit scan stored in 16-bit samples), which Pillow does not read."""
+    with open(path, "rb") as handle:
+        if handle.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while len(head := handle.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"sBIT":
+                data = handle.read(length)
+                return data[0] if data and 1 <= data[0] <= 16 else None
+            if kind in (b"IDAT", b"IEND"):   # sBIT must come before the image data
+                return None
+            handle.seek(length + 4, os.SEEK_CUR)   # data and CRC
+    return None
+
+
+def to_rgb(image: Image.Image, significant_bits: int | None = None) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited over white. significant_bits: of 16-bit grey samples."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16/32-bit grayscale: scale to 8 bits instead of letting Pillow clip at 255
         values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         if image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
             peak = 1.0   # float images in [0, 1] (the usual convention), not 0..255 values that would come out black
+        elif significant_bits:
+            peak = 2.0 ** significant_bits - 1   # 12-bit values over 65535 would come out a sixteenth as bright
         else:
             peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         image = Image.fromarray(np.clip(values * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), mode="L")
@@ -53,8 +72,8 @@ def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
                 if image.format == "JPEG":
                     image.draft("RGB", (size, size))  # decoder-side downscale, still >= size on both sides
                 image.load()
-                image = ImageOps.exif_transpose(image)
-                image = to_rgb(image)
+                bits = png_significant_bits(path) if image.format == "PNG" and image.mode.startswith("I") else None
+                image = to_rgb(ImageOps.exif_transpose(image), bits)
     except SkipImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
