@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vqgpt import distributed
-from vqgpt.config import EVALUATE_PRESETS, ConfigError, EvaluateConfig, config_to_dict, parse_config
+from vqgpt.config import EVALUATE_PRESETS, ConfigError, EvaluateConfig, config_to_dict, flag_name, parse_config
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import (Inception, ImageSource, balanced_labels, extract_features, frechet_distance, fid_statistics,
                        generate_images, inception_score, load_inception, open_images, reference_statistics)
@@ -31,6 +31,12 @@ from vqgpt.shards import ShardSplit
 from vqgpt.trained_models import load_bound_vqgan, load_gpt, load_vqgan, optimize_for_inference
 from vqgpt.training import configure_backends, resolve_precision
 from vqgpt.vqgan_step import evaluate
+
+
+# settings only some of the three evaluations read
+READ_ONLY_BY = {**dict.fromkeys(("num_samples", "cfg", "temperature", "top_k", "top_p", "seed", "save_samples"), ("gpt",)),
+                "lpips_weights": ("vqgan",), "compile": ("gpt", "vqgan"), "channels_last": ("gpt", "vqgan"),
+                "ref_split": ("gpt", "images")}
 
 
 def mode_of(cfg: EvaluateConfig) -> str:
@@ -51,8 +57,10 @@ def mode_of(cfg: EvaluateConfig) -> str:
         raise ConfigError("give one of --vqgan RUN --data SHARDS, --gpt RUN --ref REF, or --images DIR --ref REF")
     if mode != "vqgan" and not cfg.ref:
         raise ConfigError(f"--{mode} needs --ref: an image shard folder, an image folder or an ADM-style .npz")
-    if cfg.save_samples and mode != "gpt":
-        raise ConfigError("--save-samples keeps the samples of --gpt")
+    defaults = EvaluateConfig()
+    for name, modes in READ_ONLY_BY.items():   # given to another mode, they would be silently ignored
+        if mode not in modes and getattr(cfg, name) != getattr(defaults, name):
+            raise ConfigError(f"{flag_name(name)} applies to {' and '.join('--' + m for m in modes)} only")
     return mode
 
 

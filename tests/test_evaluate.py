@@ -179,6 +179,12 @@ def test_bad_flags_are_refused(image_sets, weights, capsys):
     assert "--ref" in refused(capsys, f"--images={image_sets['a_png']}", f"--inception-weights={weights}")
     assert "one of" in refused(capsys, f"--inception-weights={weights}")
     assert "--data" in refused(capsys, "--vqgan=runs/x", f"--inception-weights={weights}")
+    # a setting the chosen evaluation would ignore is refused, not silently dropped
+    images = (f"--images={image_sets['a_png']}", f"--ref={image_sets['a_shards']}", f"--inception-weights={weights}")
+    assert "--temperature applies to --gpt only" in refused(capsys, *images, "--temperature=0.5")
+    assert "--save-samples applies to --gpt only" in refused(capsys, *images, "--save-samples=out")
+    assert "--compile applies to --gpt and --vqgan only" in refused(capsys, *images, "--compile")
+    assert "--lpips-weights applies to --vqgan only" in refused(capsys, *images, "--lpips-weights=vgg.pth")
 
 
 def test_vqgan_mode_rfid_is_the_fid_of_the_reconstructions(tiny_vqgan_run, image_sets, weights, tmp_path):
