@@ -514,8 +514,8 @@ class SampleConfig:
             raise ValueError(f"--num-samples (--n) must be at least 1, got {self.num_samples}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.keep_rows is not None and self.keep_rows < 0:
-            raise ValueError(f"--keep-rows must not be negative, got {self.keep_rows}")
+        if self.keep_rows is not None and (self.keep_rows < 0 or not self.complete):
+            raise ValueError(f"--keep-rows applies to --complete only and must not be negative, got {self.keep_rows}")
         if self.cfg != 1 and self.class_ is None and not self.complete:
             raise ValueError("--cfg guides towards a class: give --class K (or --complete labelled shards)")
         check_precision(self.precision)
