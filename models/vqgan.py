@@ -40,6 +40,9 @@ class VQGANConfig:
     quant_conv_to_codebook: bool = False
     disc_layers: int = 3
     disc_ndf: int = 64
+    # the encoder sees each pixel's chroma (the pixel minus its grey level) scaled by this: colour differences
+    # are small beside light and dark, and at short budgets the encoder learns to carry light only (1: plain RGB)
+    chroma_gain: float = 1.0
 
     def __post_init__(self):
         factor = self.downsample_factor
@@ -58,6 +61,8 @@ class VQGANConfig:
                                  f"pass --codebook-size {size} --codebook-dim {len(self.fsq_levels)}")
             if self.ema_decay or self.dead_code_steps or self.rotation_trick:
                 raise ValueError("fsq has no codebook: --ema-decay, --dead-code-steps and --rotation-trick do not apply")
+        if not 0 < self.chroma_gain < math.inf:
+            raise ValueError(f"chroma_gain must be a positive number, got {self.chroma_gain}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if min(self.ch, self.z_channels, self.codebook_size, self.codebook_dim, self.num_res_blocks) < 1:
@@ -88,9 +93,15 @@ class VQGAN(nn.Module):
     def last_layer(self) -> nn.Parameter:
         return self.decoder.last_layer
 
+    def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.chroma_gain == 1:
+            return images
+        grey = images.mean(1, keepdim=True)
+        return grey + self.config.chroma_gain * (images - grey)
+
     def encode(self, images: torch.Tensor):
         """images in [-1, 1] (B, 3, H, W) -> z_q, quantizer loss, indices (B, h, w), stats."""
-        return self.quantizer(self.quant_conv(self.encoder(images)))
+        return self.quantizer(self.quant_conv(self.encoder(self.encoder_input(images))))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
@@ -102,7 +113,7 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h*w) int64 codes in raster order; no decoder, no graph."""
-        return self.quantizer.indices_for(self.quant_conv(self.encoder(images))).flatten(1)
+        return self.quantizer.indices_for(self.quant_conv(self.encoder(self.encoder_input(images)))).flatten(1)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "VQGAN":

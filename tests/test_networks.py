@@ -76,6 +76,24 @@ def test_quantizer_losses_and_gradients_by_hand():
     torch.testing.assert_close(vq.codebook.grad, expected)
 
 
+def test_chroma_gain_saturates_what_the_encoder_sees_and_nothing_else():
+    torch.manual_seed(0)
+    plain = VQGAN(VQGAN_PRESETS["tiny"]).eval()
+    gained = VQGAN(dataclasses.replace(VQGAN_PRESETS["tiny"], chroma_gain=4.0)).eval()
+    gained.load_state_dict(plain.state_dict())   # the gain is a setting, not a weight
+    images = torch.rand(2, 3, 32, 32) * 0.4 - 0.2
+    grey = images.mean(1, keepdim=True)
+    saturated = grey + 4.0 * (images - grey)
+    assert torch.equal(plain.encoder_input(images), images)
+    assert torch.allclose(gained.encoder_input(images), saturated)
+    assert torch.equal(gained.encoder_input(grey.expand(-1, 3, -1, -1)), grey.expand(-1, 3, -1, -1))
+    with torch.no_grad():
+        assert torch.equal(gained.encode_to_indices(images), plain.encode_to_indices(saturated))
+        assert torch.allclose(gained(images)[0], plain(saturated)[0])
+    with pytest.raises(ValueError, match="chroma_gain"):
+        VQGANConfig(chroma_gain=0.0)
+
+
 def test_argmin_is_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     vq = quantizer(codebook_size=512, z_channels=8, codebook_dim=8)

@@ -23,7 +23,7 @@ from vqgpt.shards import ShardSplit
 from vqgpt.training import configure_backends, grad_scaler, parameters_checksum, resolve_precision
 from vqgpt.vqgan_step import VQGANModels, evaluate, generator_backward
 
-LOSS_CFG = SimpleNamespace(l1_weight=1.0, l2_weight=0.0,
+LOSS_CFG = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, chroma_weight=1.0,
                            perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
                            disc_weight_max=1e4)
 

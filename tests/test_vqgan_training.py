@@ -40,6 +40,20 @@ def test_reconstruction_loss_by_hand():
     assert "mse" not in reconstruction_loss(images, recon, None, 1.0, 0.0)[1]   # off by default
 
 
+def test_chroma_weight_scales_only_the_colour_part_of_the_error():
+    images = torch.zeros(1, 3, 1, 1)
+    # one pixel's error (0.6, 0.0, 0.0): grey part 0.2 on each channel, chroma part (0.4, -0.2, -0.2)
+    recon = torch.tensor([-0.6, 0.0, 0.0]).view(1, 3, 1, 1)
+    plain = reconstruction_loss(images, recon, None, 0.0, 0.0, l2_weight=1.0)[0].item()
+    weighted = reconstruction_loss(images, recon, None, 0.0, 0.0, l2_weight=1.0, chroma_weight=4.0)[0].item()
+    grey_share, chroma_share = 3 * 0.2 ** 2 / 3, (0.4 ** 2 + 2 * 0.2 ** 2) / 3
+    assert plain == pytest.approx(grey_share + chroma_share)
+    assert weighted == pytest.approx(grey_share + 4 * chroma_share)
+    grey_error = torch.full((1, 3, 1, 1), -0.5)   # the same error on every channel has no colour part
+    assert reconstruction_loss(images, grey_error, None, 1.0, 0.0, 1.0, chroma_weight=4.0)[0].item() == \
+        pytest.approx(reconstruction_loss(images, grey_error, None, 1.0, 0.0, 1.0)[0].item())
+
+
 def test_adaptive_weight_by_hand_and_safe_in_half_precision():
     grad_rec = torch.tensor([3.0, 4.0])     # norm 5
     grad_gan = torch.tensor([0.0, 2.0])     # norm 2
@@ -53,7 +67,7 @@ def test_adaptive_weight_by_hand_and_safe_in_half_precision():
 def test_discriminator_loss_gives_the_vqgan_no_gradient():
     models = tiny_models()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
-    cfg = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
+    cfg = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, chroma_weight=1.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
                           disc_weight_max=1e4)
     recon, _ = generator_backward(models, images, cfg, gan_active=True, loss_scale=1.0, dtype=torch.float32)
     models.vqgan.zero_grad(set_to_none=True)
@@ -67,7 +81,7 @@ def test_generator_step_matches_the_textbook_formulation():
     """One forward + gradients w.r.t. the reconstruction == taming's loss.backward() with autograd.grad lambda."""
     torch.manual_seed(1)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
-    cfg = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
+    cfg = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, chroma_weight=1.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
                           disc_weight_max=1e4)
     models = tiny_models()
     generator_backward(models, images, cfg, gan_active=True, loss_scale=1.0, dtype=torch.float32)

@@ -271,6 +271,9 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     flip: bool = _help("random horizontal flips", True)
     l1_weight: float = _help("weight of the L1 reconstruction term (taming's)", 1.0)
     l2_weight: float = _help("weight of the squared-error reconstruction term (LlamaGen's)", 0.0)
+    chroma_weight: float = _help("weight of the colour part of the L1 / squared error (the error minus its grey "
+                                 "level) against the grey part; with --chroma-gain it makes a short run learn colour",
+                                 1.0)
     perceptual_weight: float = _help("weight of the LPIPS term (0: off, no VGG weights needed)", 1.0)
     lpips_weights: str = _help("path to vgg16-397923af.pth (default: the torch hub cache)", "")
     lpips_random_backbone: bool = _help("LPIPS with a RANDOM VGG backbone, for offline smoke runs only", False)
@@ -291,8 +294,8 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
         if self.weight_decay:   # accepted and ignored before; taming and LlamaGen train their VQGANs without
             raise ValueError(f"--weight-decay {self.weight_decay}: the VQGAN trains with Adam without weight decay; "
                              "it applies to the GPT only")
-        _check_not_negative(self, ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "disc_weight_max",
-                                   "disc_lr", "disc_start", "beta"))
+        _check_not_negative(self, ("l1_weight", "l2_weight", "chroma_weight", "perceptual_weight", "disc_weight",
+                                   "disc_weight_max", "disc_lr", "disc_start", "beta"))
 
 
 def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:

@@ -27,9 +27,15 @@ def adaptive_weight(grad_rec: torch.Tensor, grad_gan: torch.Tensor, max_weight: 
 
 
 def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: torch.nn.Module | None,
-                        l1_weight: float, perceptual_weight: float, l2_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """l1_weight * |x - y| + l2_weight * (x - y)^2 + perceptual_weight * LPIPS, means over the batch."""
+                        l1_weight: float, perceptual_weight: float, l2_weight: float = 0.0,
+                        chroma_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """l1_weight * |e| + l2_weight * e^2 + perceptual_weight * LPIPS, means over the batch, where e = x - y with
+    its chroma part (e minus its mean over the colour channels) scaled so that chroma_weight multiplies its share
+    of the squared error."""
     error = images - recon
+    if chroma_weight != 1:
+        grey = error.mean(1, keepdim=True)
+        error = grey + chroma_weight ** 0.5 * (error - grey)
     l1 = error.abs().mean()
     terms = {"l1": l1.detach()}
     loss = l1_weight * l1

@@ -71,7 +71,7 @@ def generator_backward(models: VQGANModels, images: torch.Tensor, cfg, gan_activ
     conv_input, capture.value = capture.value, None
     # L1 and LPIPS in fp32, as in evaluation
     rec_loss, terms = reconstruction_loss(images, recon.float(), models.perceptual, cfg.l1_weight,
-                                          cfg.perceptual_weight, cfg.l2_weight)
+                                          cfg.perceptual_weight, cfg.l2_weight, cfg.chroma_weight)
     unit = scaler.scale(torch.ones((), device=images.device)) if scaler is not None else 1.0
     # no retain_graph: this runs (and frees) only the loss graph above `recon`, never the autoencoder's
     grad_recon = torch.autograd.grad(rec_loss * unit, recon)[0].float() / unit
