@@ -18,7 +18,6 @@ import functools
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,13 +29,12 @@ from models.discriminator import NLayerDiscriminator  # noqa: E402
 from models.perceptual import build_lpips  # noqa: E402
 from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
+from vqgpt.config import VQGANTrainConfig  # noqa: E402
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
 from vqgpt.training import autocast, grad_scaler  # noqa: E402
 from vqgpt.vqgan_step import VQGANModels, discriminator_backward, generator_backward  # noqa: E402
 
-LOSS_CFG = SimpleNamespace(l1_weight=1.0, l2_weight=0.0,
-                           perceptual_weight=1.0, adaptive_disc_weight=True, disc_weight=0.8,
-                           disc_weight_max=1e4)
+LOSS_CFG = VQGANTrainConfig()   # the trainer's default loss weights: L1 + LPIPS + the adaptive GAN term
 
 
 def build(preset: str, device: torch.device, ddp: bool) -> tuple[VQGANModels, list[torch.optim.Optimizer]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import weakref
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,16 +15,14 @@ from models.quantizer import VectorQuantizer, full_fp32_matmul
 from models.vqgan import VQGAN, VQGAN_PRESETS
 from tests.helpers import gpt_args, load, run_script, tiny_models, train_records, vqgan_args
 from vqgpt.checkpoint import latest_checkpoint
-from vqgpt.config import VQGAN_TRAIN_PRESETS
+from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 from vqgpt.errors import RunError
 from vqgpt.images import to_unit_range
 from vqgpt.shards import ShardSplit
 from vqgpt.training import configure_backends, grad_scaler, parameters_checksum, resolve_precision
 from vqgpt.vqgan_step import VQGANModels, evaluate, generator_backward
 
-LOSS_CFG = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, chroma_weight=1.0,
-                           perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
-                           disc_weight_max=1e4)
+LOSS_CFG = VQGANTrainConfig(perceptual_weight=0.0)   # the trainer's loss weights without LPIPS
 
 
 def flat_grad(module: torch.nn.Module) -> torch.Tensor:
@@ -135,7 +132,7 @@ def test_the_reconstruction_loss_graph_is_freed_before_the_discriminator_pass():
     disc = ProbeDiscriminator(3, 16, 2)
     disc.probe = perceptual
     models = VQGANModels(vqgan, disc, vqgan, disc, perceptual)
-    cfg = SimpleNamespace(**{**vars(LOSS_CFG), "perceptual_weight": 1.0})
+    cfg = dataclasses.replace(LOSS_CFG, perceptual_weight=1.0)
     generator_backward(models, torch.rand(2, 3, 32, 32) * 2 - 1, cfg, gan_active=True, loss_scale=1.0,
                        dtype=torch.float32)
     assert disc.perceptual_graph_alive is False

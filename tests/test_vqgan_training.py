@@ -15,6 +15,7 @@ import torch
 from tests.helpers import (ROOT, assert_state_dicts_equal, free_port, load, run_script, script_env, tiny_models,
                            vqgan_args)
 from vqgpt.checkpoint import latest_checkpoint, list_checkpoints
+from vqgpt.config import VQGANTrainConfig
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from vqgpt.runlog import read_metrics
 from vqgpt.training import TrainingRun
@@ -67,8 +68,7 @@ def test_adaptive_weight_by_hand_and_safe_in_half_precision():
 def test_discriminator_loss_gives_the_vqgan_no_gradient():
     models = tiny_models()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
-    cfg = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, chroma_weight=1.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
-                          disc_weight_max=1e4)
+    cfg = VQGANTrainConfig(perceptual_weight=0.0)
     recon, _ = generator_backward(models, images, cfg, gan_active=True, loss_scale=1.0, dtype=torch.float32)
     models.vqgan.zero_grad(set_to_none=True)
     models.discriminator.zero_grad(set_to_none=True)
@@ -81,8 +81,7 @@ def test_generator_step_matches_the_textbook_formulation():
     """One forward + gradients w.r.t. the reconstruction == taming's loss.backward() with autograd.grad lambda."""
     torch.manual_seed(1)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
-    cfg = SimpleNamespace(l1_weight=1.0, l2_weight=0.0, chroma_weight=1.0, perceptual_weight=0.0, adaptive_disc_weight=True, disc_weight=0.8,
-                          disc_weight_max=1e4)
+    cfg = VQGANTrainConfig(perceptual_weight=0.0)
     models = tiny_models()
     generator_backward(models, images, cfg, gan_active=True, loss_scale=1.0, dtype=torch.float32)
     fast = {n: p.grad.clone() for n, p in models.vqgan.named_parameters() if p.grad is not None}
