@@ -34,7 +34,8 @@ from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
 from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
                             seed_everything, summary_line)
-from vqgpt.vqgan_step import VQGANModels, discriminator_backward, evaluate, generator_backward, mark_micro_step
+from vqgpt.vqgan_step import (VQGANModels, discriminator_backward, evaluate, generator_backward, mark_micro_step,
+                              state_changed_by_forward)
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(VQGANConfig))
 
@@ -135,8 +136,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         set_lr(opt_g, lr)
         set_lr(opt_d, lr * (cfg.disc_lr or cfg.lr) / cfg.lr)
         gan_active = step >= cfg.disc_start
-        # BatchNorm running stats change in the forward; a skipped (non-finite) step must not keep them
-        disc_buffers = [buffer.clone() for buffer in discriminator.buffers()] if gan_active else []
+        # a skipped (non-finite or fp16-overflow) step must not keep what its forward changed
+        before_forward = [tensor.clone() for tensor in state_changed_by_forward(models, gan_active)]
         terms: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             images = to_unit_range(next(loader).items.to(device, non_blocking=True))
@@ -168,8 +169,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
                 scaler_d.step(opt_d)
         else:
             with torch.no_grad():
-                for saved, buffer in zip(disc_buffers, discriminator.buffers()):
-                    buffer.copy_(saved)
+                for saved, tensor in zip(before_forward, state_changed_by_forward(models, gan_active)):
+                    tensor.copy_(saved)
         scaler_g.update()   # after an overflow: a smaller scale
         if gan_active:
             scaler_d.update()

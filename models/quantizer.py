@@ -178,8 +178,8 @@ class VectorQuantizer(nn.Module):
         Under gradient accumulation the trainer sets `accumulating` on every micro-step but the
         last: usage is summed over the step's micro-steps and the counter advances once per step.
         """
-        # the last entry counts non-finite micro-batches: the trainer skips such a step, so no code ages
-        # (a step skipped for another reason, an fp16 overflow or a NaN GAN term, still ages them)
+        # the last entry counts non-finite micro-batches: the trainer skips such a step, so no code ages (a step
+        # skipped for another reason, an fp16 overflow or a NaN GAN term, is undone by the trainer)
         usage = torch.cat([counts, (~torch.isfinite(encoder_vectors).all()).float().view(1)])
         if self._usage_this_step is not None:
             usage = usage + self._usage_this_step

@@ -617,31 +617,51 @@ def test_every_user_error_is_one_line_exit_2_and_errors_imports_nothing(capsys):
     assert result.stdout.strip() == "['vqgpt', 'vqgpt.errors']", result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def skipped_step(chain, tmp_path_factory):
-    """Checkpoints before and after a VQGAN step whose batch was all NaN (GAN active, BatchNorm in the forward)."""
+def train_three_steps_spoiling_the_third(chain, run, function_name: str, spoil) -> tuple[dict, dict]:
+    """Checkpoints before and after a VQGAN step (GAN active, BatchNorm in the forward) whose third call of
+    train_resnet_vqgan.<function_name> was passed through `spoil`."""
     import train_resnet_vqgan
 
-    real = train_resnet_vqgan.to_unit_range
+    real = getattr(train_resnet_vqgan, function_name)
     calls = {"n": 0}
 
-    def poisoned_third_batch(images):
+    def third_spoiled(*args, **kwargs):
         calls["n"] += 1
-        out = real(images)
-        return torch.full_like(out, float("nan")) if calls["n"] == 3 else out
+        out = real(*args, **kwargs)
+        return spoil(out) if calls["n"] == 3 else out
 
-    run = tmp_path_factory.mktemp("skipped") / "run"
     cfg = parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [
         "--preset=tiny", f"--data={chain / 'shards'}", f"--out={run}", "--max-steps=3", "--batch-size=4",
         "--warmup-steps=1", "--disc-start=0", "--eval-every=0", "--ckpt-every=1", "--log-every=1", "--keep-last=5",
         "--perceptual-weight=0", "--device=cpu"])
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_resnet_vqgan, "to_unit_range", poisoned_third_batch)
+        patch.setattr(train_resnet_vqgan, function_name, third_spoiled)
         train_resnet_vqgan.main(cfg)
     for sig, handler in saved.items():
         signal.signal(sig, handler)
     return tuple(torch.load(run / f"step_0000000{k}.pt", weights_only=True) for k in (2, 3))
+
+
+@pytest.fixture(scope="module")
+def skipped_step(chain, tmp_path_factory):
+    """A step whose batch was all NaN."""
+    return train_three_steps_spoiling_the_third(chain, tmp_path_factory.mktemp("skipped") / "run", "to_unit_range",
+                                                lambda images: torch.full_like(images, float("nan")))
+
+
+def test_a_step_skipped_after_a_finite_forward_undoes_what_the_forward_changed(chain, tmp_path):
+    """A finite batch, then a non-finite loss term (as an fp16 overflow or a NaN GAN term would give): the
+    forward had aged the dead-code counters and changed BatchNorm statistics; the skip puts them back."""
+    def nan_loss(result):
+        recon, terms = result
+        return recon, {**terms, "l1": torch.tensor(float("nan"))}
+
+    before, after = train_three_steps_spoiling_the_third(chain, tmp_path / "run", "generator_backward", nan_loss)
+    assert after["skipped_steps"] == 1
+    for key in ("vqgan", "discriminator"):
+        for name, tensor in before[key].items():
+            assert torch.equal(tensor, after[key][name]), f"{key}.{name} changed in a skipped step"
 
 
 def test_a_non_finite_batch_leaves_weights_optimizers_and_batchnorm_untouched(skipped_step):

@@ -31,6 +31,18 @@ class VQGANModels:
     perceptual: torch.nn.Module | None
 
 
+def state_changed_by_forward(models: VQGANModels, gan_active: bool) -> list[torch.Tensor]:
+    """The tensors a training forward changes in place: the quantizer's dead-code counters, EMA sums and the
+    codes it restarts or moves, and the discriminator's BatchNorm statistics. A skipped step puts them back."""
+    quantizer = models.raw_vqgan.quantizer
+    tensors = list(quantizer.buffers())
+    if getattr(quantizer, "dead_code_steps", 0) or getattr(quantizer, "ema_decay", 0):
+        tensors.append(quantizer.codebook.data)
+    if gan_active:
+        tensors += list(models.raw_discriminator.buffers())
+    return tensors
+
+
 class _InputCapture:
     """Forward pre-hook that keeps a module's latest training input (one hook object, so compile guards
     stay stable); evaluation and sampling forwards keep nothing alive."""
