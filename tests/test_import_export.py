@@ -19,7 +19,7 @@ from models.discriminator import NLayerDiscriminator
 from models.gpt import GPT, GPTConfig
 from models.vqgan import VQGAN
 from tests.helpers import load, run_script
-from vqgpt.checkpoint import latest_checkpoint, save_checkpoint
+from vqgpt.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from vqgpt.config import ExportConfig, ImportConfig, VQGANTrainConfig, config_to_dict, parse_config
 from vqgpt.errors import exit_on_user_error
 from vqgpt.export import export_run
@@ -328,3 +328,26 @@ def test_init_from_an_export_takes_its_weights_and_architecture(taming_run, tmp_
     assert_state_dicts_equal(source.vqgan, load(latest_checkpoint(taming_run))["vqgan"])
     cfg = adopt_architecture(VQGANTrainConfig(disc_ndf=16, beta=0.5), source)
     assert (cfg.ch, cfg.codebook_dim, cfg.vq_loss, cfg.disc_ndf, cfg.beta) == (32, 16, "taming", 16, 0.5)
+
+
+def test_an_export_with_other_weights_or_a_malformed_source_is_refused(tmp_path):
+    from safetensors.torch import load_file as load_tensors, save_file
+
+    config = GPTConfig(codebook_size=16, n_classes=0, tokens_per_image=4, n_layer=1, n_head=1, n_embd=8)
+    (tmp_path / "gpt").mkdir()
+    save_checkpoint(tmp_path / "gpt", 1, {"stage": "gpt", "step": 1, "config": config_to_dict(config),
+                                          "gpt": GPT(config).state_dict(), "token_manifest": {}})
+    out = export_run(tmp_path / "gpt", tmp_path / "export")
+    assert load_gpt(out).step == 1
+    weights = out / "model.safetensors"
+    tensors = load_tensors(weights)
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 1}, weights, metadata={"format": "vqgpt-export-1", "stage": "gpt"})
+    with pytest.raises(CheckpointError, match="not the file export.py wrote"):
+        load_gpt(out)
+    info = json.loads((out / "config.json").read_text())
+    del info["weights_sha256"]   # as an older export: no hash to check, the weights load
+    for source in ({"sha256": "ab" * 32}, "nonsense"):
+        (out / "config.json").write_text(json.dumps({**info, "source": source}))
+        with pytest.raises(CheckpointError, match="source"):
+            load_gpt(out)

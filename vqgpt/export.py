@@ -66,6 +66,12 @@ def load_exported(folder: str | Path, stage: str) -> Exported:
         raise CheckpointError(f"{config_path}: not a config.json written by export.py")
     if info.get("stage") != stage:
         raise CheckpointError(f"{folder}: holds a {info.get('stage')!r} model, not a {stage.upper()}")
+    source = info.get("source")
+    if not (isinstance(source, dict) and isinstance(source.get("sha256"), str) and isinstance(source.get("step"), int)):
+        raise CheckpointError(f"{config_path}: its source (checkpoint sha256 and step) is missing or malformed")
+    if "weights_sha256" in info and sha256_file(weights_path) != info["weights_sha256"]:   # older exports lack it
+        raise CheckpointError(f"{weights_path}: not the file export.py wrote (sha256 differs from config.json's "
+                              "weights_sha256); tokens bound to this export would decode with other weights")
     model_cls, config_cls = MODELS[stage]
     try:
         config = subconfig_from_dict(config_cls, info["config"])
@@ -122,6 +128,8 @@ def export_run(source: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_model(model, str(tmp), metadata={"format": FORMAT, "stage": stage})   # shared (tied) tensors once
+    # tokens bound to the source checkpoint's sha256 accept this folder: its weights must be the ones written here
+    info["weights_sha256"] = sha256_file(out / WEIGHTS_NAME)
     atomic_write_bytes(out / CARD_NAME, model_card(info, count_parameters(model)).encode())
     atomic_write_json(out / CONFIG_NAME, info)   # last: a folder with config.json is complete
     return out
