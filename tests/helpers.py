@@ -86,3 +86,21 @@ def run_shardify(argv: list[str]) -> int:
     from vqgpt.errors import exit_on_user_error
 
     return exit_on_user_error(lambda: shardify.main(parse_config(ShardifyConfig, SHARDIFY_PRESETS, argv)), "shardify")
+
+
+def spy_vqgan_memory_format(monkeypatch, script) -> list[str]:
+    """Wrap a script's optimize_for_inference; the list gets the memory format of each VQGAN it prepared."""
+    from models.vqgan import VQGAN
+
+    real, formats = script.optimize_for_inference, []
+
+    def spy(model, **options):
+        prepared = real(model, **options)
+        if isinstance(prepared, VQGAN):
+            weight = prepared.decoder.conv_out.weight
+            formats.append("channels_last" if weight.is_contiguous(memory_format=torch.channels_last)
+                           and not weight.is_contiguous() else "contiguous")
+        return prepared
+
+    monkeypatch.setattr(script, "optimize_for_inference", spy)
+    return formats

@@ -16,7 +16,7 @@ from PIL import Image
 
 import evaluate
 from tests.conftest import gradient_image
-from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, run_script
+from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, run_script, spy_vqgan_memory_format
 from vqgpt import fid
 from vqgpt.config import EVALUATE_PRESETS, EvaluateConfig, parse_config
 from vqgpt.dataprep import builtin_source, scan_folder, write_shards
@@ -205,10 +205,14 @@ def test_vqgan_mode_rfid_is_the_fid_of_the_reconstructions(tiny_vqgan_run, image
 
 @pytest.mark.parametrize("flags", [("--channels-last=true",),
                                    pytest.param(("--compile=true", "--channels-last=true"), marks=pytest.mark.slow)])
-def test_vqgan_mode_channels_last_and_compiled_score_as_eager(flags, tiny_vqgan_run, image_sets, weights, tmp_path):
+def test_vqgan_mode_channels_last_and_compiled_score_as_eager(flags, tiny_vqgan_run, image_sets, weights, tmp_path,
+                                                             monkeypatch):
     common = (f"--vqgan={tiny_vqgan_run}", f"--data={image_sets['a_shards']}", "--split=train",
               f"--inception-weights={weights}")
-    eager, other = score(tmp_path, *common), score(tmp_path, *common, *flags)
+    eager = score(tmp_path, *common)
+    formats = spy_vqgan_memory_format(monkeypatch, evaluate)
+    other = score(tmp_path, *common, *flags)
+    assert formats == ["channels_last"]   # the flag reached the model that was scored
     for metric in ("psnr", "ssim", "l1", "fid"):
         assert other[metric] == pytest.approx(eager[metric], rel=1e-3, abs=1e-4), metric
     assert other["codebook_usage"] == eager["codebook_usage"]

@@ -13,7 +13,8 @@ from PIL import Image
 from models.discriminator import NLayerDiscriminator
 from models.quantizer import VectorQuantizer, full_fp32_matmul
 from models.vqgan import VQGAN, VQGAN_PRESETS
-from tests.helpers import gpt_args, load, run_script, tiny_models, train_records, vqgan_args
+from tests.helpers import (gpt_args, load, run_script, spy_vqgan_memory_format, tiny_models, train_records,
+                           vqgan_args)
 from vqgpt.checkpoint import latest_checkpoint
 from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 from vqgpt.errors import RunError
@@ -338,24 +339,29 @@ def one_step_gpt(shapes_tokens, tmp_path_factory):
     return out
 
 
-def greedy_samples(gpt_run, out, monkeypatch, *flags) -> tuple[np.ndarray, list[str]]:
-    """sample.py in this process, greedy (the same tokens whatever the kernels); its images and what it compiled."""
+def greedy_samples(gpt_run, out, *flags) -> tuple[np.ndarray, list[str], list[str]]:
+    """sample.py in this process, greedy (the same tokens whatever the kernels): its images, what it compiled
+    and the VQGAN's memory format."""
     import sample
     from vqgpt.config import SampleConfig, parse_config
 
     compiled, real_compile = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or real_compile(fn, **kw))
     cfg = parse_config(SampleConfig, {}, [f"--gpt={gpt_run}", f"--out={out}", "--n=4", "--temperature=0",
                                           "--device=cpu", *flags])
-    assert sample.main(cfg) == 0
-    return np.stack([np.asarray(Image.open(out / f"sample_{i:03d}.png")) for i in range(4)]), compiled
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or real_compile(fn, **kw))
+        formats = spy_vqgan_memory_format(patch, sample)
+        assert sample.main(cfg) == 0
+    images = np.stack([np.asarray(Image.open(out / f"sample_{i:03d}.png")) for i in range(4)])
+    return images, compiled, formats
 
 
 @pytest.mark.parametrize("flags", [("--channels-last=true",),
                                    pytest.param(("--compile=true", "--channels-last=true"), marks=pytest.mark.slow)])
-def test_sampling_channels_last_and_compiled_draw_the_eager_images(flags, one_step_gpt, tmp_path, monkeypatch):
-    eager, _ = greedy_samples(one_step_gpt, tmp_path / "eager", monkeypatch)
-    other, compiled = greedy_samples(one_step_gpt, tmp_path / "other", monkeypatch, *flags)
+def test_sampling_channels_last_and_compiled_draw_the_eager_images(flags, one_step_gpt, tmp_path):
+    eager, _, eager_format = greedy_samples(one_step_gpt, tmp_path / "eager")
+    other, compiled, other_format = greedy_samples(one_step_gpt, tmp_path / "other", *flags)
+    assert (eager_format, other_format) == (["contiguous"], ["channels_last"])   # the flag reached the decoder
     assert sorted(compiled) == (["decode_indices", "encode_to_indices", "forward", "forward"]
                                 if "--compile=true" in flags else [])
     assert np.abs(eager.astype(int) - other.astype(int)).max() <= 2   # the same codes; the decoder's sums may round

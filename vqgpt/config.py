@@ -96,13 +96,13 @@ def build_parser(cls: type, presets: dict[str, Any], description: str) -> argpar
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
         # a bare boolean flag (`--flip`) means true; `--flip false` / `--flip=false` still work
-        bare = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
+        extra = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
         if meta.get("choices"):
-            bare["choices"] = meta["choices"]
+            extra["choices"] = meta["choices"]
             metavar = "{" + ",".join(str(c) for c in meta["choices"]) + "}"
         parser.add_argument(flag_name(f.name), *meta.get("aliases", ()), dest=f.name, type=parse, metavar=metavar,
                             default=argparse.SUPPRESS,
-                            help=meta.get("help", "") + _default_note(shown, meta.get("required", False)), **bare)
+                            help=meta.get("help", "") + _default_note(shown, meta.get("required", False)), **extra)
     return parser
 
 

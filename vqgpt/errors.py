@@ -33,6 +33,11 @@ class DataPrepError(UserError, RuntimeError):
     """The whole shardify run cannot go on (empty input, every file skipped, DEST in use)."""
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when empty), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from models.perceptual import LPIPSWeightsMissing  # late: models/ holds modules only and imports no vqgpt
 

@@ -17,7 +17,7 @@ from models.gpt import GPT, GPTConfig
 from models.vqgan import VQGAN, VQGANConfig, count_parameters
 from vqgpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from vqgpt.config import config_to_dict, subconfig_from_dict
-from vqgpt.errors import RunError
+from vqgpt.errors import RunError, first_line
 from vqgpt.files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 from vqgpt.runlog import METRICS_NAME, read_metrics
 
@@ -103,8 +103,7 @@ def load_stage_model(path_or_run: str | Path, stage: str, device: torch.device |
     try:
         model.load_state_dict(state[stage])
     except (RuntimeError, TypeError, AttributeError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CheckpointError(f"{path}: its {stage} weights do not fit its config ({first_line})") from None
+        raise CheckpointError(f"{path}: its {stage} weights do not fit its config ({first_line(err)})") from None
     model.to(device).eval().requires_grad_(False)
     return model, config, path, state
 

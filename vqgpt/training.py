@@ -20,7 +20,7 @@ from vqgpt import checkpoint as ckpt
 from vqgpt import distributed
 from vqgpt.config import config_to_dict, format_config
 from vqgpt.distributed import DistInfo
-from vqgpt.errors import RunError
+from vqgpt.errors import RunError, first_line
 from vqgpt.files import atomic_write_json, remove_stale_temporaries
 from vqgpt.runlog import METRICS_NAME
 from vqgpt.shards import ShardError
@@ -233,9 +233,8 @@ class TrainingRun:
             except ShardError:   # the reader's own message (other data) is already one line
                 raise
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 raise ckpt.CheckpointError(f"{resume['path']}: its {name!r} state does not fit this run "
-                                           f"({first_line})") from None
+                                           f"({first_line(err)})") from None
         skipped = resume.get("skipped_steps", 0)
         self.skipped_steps = skipped if isinstance(skipped, int) else 0
         self.restore_rng(resume)
