@@ -3,10 +3,12 @@
     python bench/realsets.py                 # once: builds data/real/{clipart,photos}
     python bench/quality.py                  # about 25 minutes on 2 cores
     python bench/quality.py --sets photos --ours-flags="--lr 3e-4" --out runs/quality-try
+    python bench/quality.py --seeds 0 1      # each run twice; figures are means, per-seed values beside them
 
 Each VQGAN trains for `--steps` x `--batch-size` images on one pinned thread (runs go two at a time,
 one per core), then the trainer's own evaluation measures the WHOLE val split: PSNR, SSIM, L1,
-codebook usage and perplexity. The reference is the `taming-b64` preset (taming-transformers'
+codebook usage and perplexity (with several --seeds: their mean, targets checked on it; one seed's
+figures on these sets differ by up to 0.5 dB). The reference is the `taming-b64` preset (taming-transformers'
 configuration: plain VQ, uniform init, its loss form and learning-rate rule) trained in the same
 run on the same data. Then a GPT learns the clip-art tokens of our VQGAN for `--gpt-steps` steps
 (val loss in nats/token, class-conditional samples). Figures land in OUT/figures; the last line
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ours", default="b64", help="our preset (default: b64; 'none' skips)")
     parser.add_argument("--ours-flags", default="", help="extra trainer flags for our runs, e.g. '--lr 3e-4'")
     parser.add_argument("--reference", default="taming-b64", help="reference preset (default: taming-b64; 'none' skips)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="train every run once per seed (default: 0); grids and the GPT use the first")
     parser.add_argument("--gpt-steps", type=int, default=2000, help="GPT steps on the clip-art tokens (0: skip)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once, one core each")
     return parser.parse_args(argv)
@@ -66,6 +70,11 @@ def finished(run: Path, steps: int) -> bool:
 
 def final_eval(run: Path) -> dict:
     return [record for record in read_metrics(run / METRICS_NAME) if record["kind"] == "eval"][-1]
+
+
+def run_folder(out: Path, data_set: str, side: str, seed: int) -> Path:
+    """Seed 0 keeps the plain name, so runs of a one-seed bench are reused by a several-seed one."""
+    return out / (f"{data_set}-{side}" if seed == 0 else f"{data_set}-{side}-seed{seed}")
 
 
 def run_pinned(commands: list[tuple[list[str], Path]], jobs: int) -> None:
@@ -90,10 +99,11 @@ def run_pinned(commands: list[tuple[list[str], Path]], jobs: int) -> None:
                              + "\n".join(log_path.read_text().splitlines()[-5:]))
 
 
-def vqgan_command(preset: str, data: Path, run: Path, args, extra: list[str], lpips_flags: list[str]) -> list[str]:
+def vqgan_command(preset: str, data: Path, run: Path, seed: int, args, extra: list[str],
+                  lpips_flags: list[str]) -> list[str]:
     return [sys.executable, "train_resnet_vqgan.py", f"--preset={preset}", f"--data={data}", f"--out={run}",
             f"--max-steps={args.steps}", f"--batch-size={args.batch_size}", "--eval-every=0",
-            f"--ckpt-every={args.steps}", "--eval-batch-size=100", *lpips_flags, *extra]
+            f"--ckpt-every={args.steps}", "--eval-batch-size=100", f"--seed={seed}", *lpips_flags, *extra]
 
 
 @torch.no_grad()
@@ -142,19 +152,24 @@ def main(argv=None) -> int:
         sides["ours"] = (args.ours, shlex.split(args.ours_flags))
     if args.reference != "none":
         sides["taming"] = (args.reference, [])
-    runs = {(s, side): out / f"{s}-{side}" for s in args.sets for side in sides}
-    commands = [(vqgan_command(sides[side][0], data / s, run, args, sides[side][1], lpips_flags), run / "train.log")
-                for (s, side), run in runs.items() if not finished(run, args.steps)]
+    seeded_runs = {(s, side, seed): run_folder(out, s, side, seed)
+                   for seed in args.seeds for s in args.sets for side in sides}
+    commands = [(vqgan_command(sides[side][0], data / s, run, seed, args, sides[side][1], lpips_flags),
+                 run / "train.log") for (s, side, seed), run in seeded_runs.items() if not finished(run, args.steps)]
     run_pinned(commands, args.jobs)
+    runs = {(s, side): run for (s, side, seed), run in seeded_runs.items() if seed == args.seeds[0]}
 
-    results: dict = {"steps": args.steps, "batch_size": args.batch_size, "ours": args.ours,
+    results: dict = {"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds, "ours": args.ours,
                      "ours_flags": args.ours_flags, "reference": args.reference,
                      "perceptual_loss": "off (no VGG16 weights)" if lpips_flags else "LPIPS, pretrained VGG16"}
-    for (s, side), run in runs.items():
-        metrics = final_eval(run)
+    for s, side in runs:
+        evals = [final_eval(seeded_runs[(s, side, seed)]) for seed in args.seeds]
         for key in ("psnr", "ssim", "l1", "codebook_usage", "perplexity", "codes_used"):
-            results[f"{s}_{side}_{key}"] = metrics[key]
-        results[f"{s}_val_images"] = metrics["val_images"]
+            values = [metrics[key] for metrics in evals]
+            results[f"{s}_{side}_{key}"] = float(np.mean(values))
+            if len(values) > 1:
+                results[f"{s}_{side}_{key}_per_seed"] = values
+        results[f"{s}_val_images"] = evals[0]["val_images"]
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     for s in args.sets:
