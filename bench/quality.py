@@ -7,19 +7,21 @@
 
 Each VQGAN trains for `--steps` x `--batch-size` images on one pinned thread (runs go two at a time,
 one per core), then the trainer's own evaluation measures the WHOLE val split: PSNR, SSIM, L1,
-codebook usage and perplexity (with several --seeds: their mean, targets checked on it; one seed's
-figures on these sets differ by up to 0.5 dB). The reference is the `taming-b64` preset (taming-transformers'
-configuration: plain VQ, uniform init, its loss form and learning-rate rule) trained in the same
-run on the same data. Then a GPT learns the clip-art tokens of our VQGAN for `--gpt-steps` steps
+codebook usage and perplexity (with several --seeds: their mean, targets checked on it; two seeds'
+photograph PSNRs have differed by 1 dB). The reference is the `taming-b64` preset
+(taming-transformers' configuration: plain VQ, uniform init, its loss form and learning-rate rule)
+trained in the same run on the same data. Then a GPT learns the clip-art tokens of our VQGAN for `--gpt-steps` steps
 (val loss in nats/token, class-conditional samples). Figures land in OUT/figures; the last line
-printed is one JSON object. A rerun reuses the finished runs in OUT (give another --out for
-another configuration). Both sides train with L1 + LPIPS when vgg16-397923af.pth is in the torch
-hub cache, and with L1 alone offline (said in the JSON): LPIPS on a random VGG backbone measures no
+printed is one JSON object. A rerun reuses the finished runs in OUT that were trained with the
+settings it would give them now, and stops at one trained otherwise (give another --out). Both
+sides add LPIPS to their pixel loss when vgg16-397923af.pth is in the torch hub cache, and train on
+the pixel loss alone offline (said in the JSON): LPIPS on a random VGG backbone measures no
 perception and cost our preset 0.9 dB val PSNR on the photographs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import emit  # noqa: E402
 from models.perceptual import find_vgg_weights  # noqa: E402
+from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig, config_to_dict, parse_config  # noqa: E402
 from vqgpt.images import image_grid, save_png, to_uint8, to_unit_range  # noqa: E402
 from vqgpt.files import atomic_write_bytes  # noqa: E402
 from vqgpt.runlog import METRICS_NAME, read_metrics  # noqa: E402
@@ -66,6 +69,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def finished(run: Path, steps: int) -> bool:
     latest = run / "latest"
     return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}.pt"
+
+
+# where a finished run may differ from the command that would train it now
+PATH_SETTINGS = ("out", "data", "resume")
+
+
+def reusable(run: Path, command: list[str], steps: int) -> bool:
+    """True for a finished run trained with the settings `command` gives now; a finished run trained otherwise
+    (another preset definition, flag or seed) stops the bench instead of being reported as this configuration.
+    A setting the run does not record did not exist then and must be at its default now."""
+    if not finished(run, steps):
+        return False
+    wanted = config_to_dict(parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, command[2:]))
+    saved = json.loads((run / "config.json").read_text())["config"]
+    defaults = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(VQGANTrainConfig)
+                if f.default is not dataclasses.MISSING}
+    differ = sorted(key for key, value in wanted.items() if key not in PATH_SETTINGS
+                    and saved.get(key, defaults.get(key)) != value)
+    if differ:
+        raise SystemExit(f"quality: {run} holds a finished run trained with other settings ({', '.join(differ)}): "
+                         "give another --out, or remove that run")
+    return True
 
 
 def final_eval(run: Path) -> dict:
@@ -155,7 +180,8 @@ def main(argv=None) -> int:
     seeded_runs = {(s, side, seed): run_folder(out, s, side, seed)
                    for seed in args.seeds for s in args.sets for side in sides}
     commands = [(vqgan_command(sides[side][0], data / s, run, seed, args, sides[side][1], lpips_flags),
-                 run / "train.log") for (s, side, seed), run in seeded_runs.items() if not finished(run, args.steps)]
+                 run / "train.log") for (s, side, seed), run in seeded_runs.items()]
+    commands = [(command, log) for command, log in commands if not reusable(log.parent, command, args.steps)]
     run_pinned(commands, args.jobs)
     runs = {(s, side): run for (s, side, seed), run in seeded_runs.items() if seed == args.seeds[0]}
 
