@@ -63,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train every run once per seed (default: 0); grids and the GPT use the first")
     parser.add_argument("--gpt-steps", type=int, default=2000, help="GPT steps on the clip-art tokens (0: skip)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once, one core each")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.seeds = list(dict.fromkeys(args.seeds))   # a seed named twice is one run, counted once in the means
+    return args
 
 
 def finished(run: Path, steps: int) -> bool:

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.quality import reusable, run_folder, vqgan_command
+from bench.quality import parse_args, reusable, run_folder, vqgan_command
 from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig, config_to_dict, parse_config
 
 BUDGET = SimpleNamespace(steps=271, batch_size=8)
@@ -67,3 +67,7 @@ def test_a_setting_newer_than_the_run_counts_as_its_default(tmp_path):
     assert reusable(run, command_for(run), BUDGET.steps)
     with pytest.raises(SystemExit, match="chroma_gain"):
         reusable(run, command_for(run, flags=("--chroma-gain", "2.3")), BUDGET.steps)
+
+
+def test_a_seed_named_twice_is_counted_once():
+    assert parse_args(["--seeds", "0", "1", "0"]).seeds == [0, 1]
