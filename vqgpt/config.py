@@ -303,8 +303,8 @@ def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:
 
 
 # Ours (bench/quality.py on real images): squared error instead of taming's L1 (LlamaGen's reconstruction term;
-# higher val PSNR and SSIM on both real-image sets than L1 or L1 + squared error), a short warmup so a short run
-# reaches its learning rate, and LlamaGen's Adam betas.
+# better than L1 on both real-image sets, and over two seeds L1 + squared error's PSNR with +0.024 photograph
+# SSIM), a short warmup so a short run reaches its learning rate, and LlamaGen's Adam betas.
 _OURS = dict(l1_weight=0.0, l2_weight=1.0, warmup_steps=20, adam_betas=(0.9, 0.95))
 
 
