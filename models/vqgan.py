@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from models.decoder import Decoder
 from models.encoder import Encoder
+from models.layers import scale_chroma
 from models.quantizer import build_quantizer
 
 QUANTIZERS = ("vq", "l2", "fsq")
@@ -94,10 +95,7 @@ class VQGAN(nn.Module):
         return self.decoder.last_layer
 
     def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
-        if self.config.chroma_gain == 1:
-            return images
-        grey = images.mean(1, keepdim=True)
-        return grey + self.config.chroma_gain * (images - grey)
+        return scale_chroma(images, self.config.chroma_gain)
 
     def encode(self, images: torch.Tensor):
         """images in [-1, 1] (B, 3, H, W) -> z_q, quantizer loss, indices (B, h, w), stats."""

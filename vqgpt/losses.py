@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.layers import scale_chroma
+
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Discriminator hinge loss; `logits_fake` must come from a detached reconstruction."""
@@ -32,10 +34,7 @@ def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: t
     """l1_weight * |e| + l2_weight * e^2 + perceptual_weight * LPIPS, means over the batch, where e = x - y with
     its chroma part (e minus its mean over the colour channels) scaled so that chroma_weight multiplies its share
     of the squared error."""
-    error = images - recon
-    if chroma_weight != 1:
-        grey = error.mean(1, keepdim=True)
-        error = grey + chroma_weight ** 0.5 * (error - grey)
+    error = scale_chroma(images - recon, chroma_weight ** 0.5)
     l1 = error.abs().mean()
     terms = {"l1": l1.detach()}
     loss = l1_weight * l1
