@@ -93,7 +93,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     opt_d = adam(discriminator.parameters(), cfg.disc_lr or cfg.lr, cfg.adam_betas, device)
     scaler_g, scaler_d = grad_scaler(device, dtype), grad_scaler(device, dtype)   # fp16: one per optimizer
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
-                         flip=cfg.flip, device=device, prefetch=cfg.prefetch)
+                         flip=cfg.flip, permute_channels=cfg.permute_channels,
+                         device=device, prefetch=cfg.prefetch)
     run.track({"vqgan": vqgan, "discriminator": discriminator}, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g,
               scaler_d=scaler_d, loader=loader)
     step = 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqgpt.shards import (ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest, read_manifest,
+from vqgpt.shards import (CHANNEL_ORDERS, ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest, read_manifest,
                           write_manifest)
 
 
@@ -40,7 +40,7 @@ def test_rank_slices_cover_one_epoch_permutation(tmp_path):
     assert all(l.batches_per_epoch == 2 for l in loaders)
     seen = [sample for loader in loaders for batch in take(loader, 2) for sample in ids(batch)]
     assert sorted(seen) == list(range(12))
-    order, _ = loaders[0].epoch_order(0)
+    order = loaders[0].epoch_plan(0).order
     step0 = [ids(ShardLoader(split, 2, rank=r, world_size=world, seed=7).__next__()) for r in range(world)]
     assert sum(step0, []) == order[:6].tolist()
     for loader in loaders:
@@ -96,13 +96,36 @@ def test_labels_flip_and_token_dtype(tmp_path, shapes_shards):
     flipped = ShardLoader(images, 16, seed=5, flip=True)
     a, b = next(plain), next(flipped)
     assert a.items.dtype == torch.uint8 and a.items.shape == (16, 32, 32, 3)
-    _, flips = flipped.epoch_order(0)
+    flips = flipped.epoch_plan(0).flips
     for k in range(16):
         expected = a.items[k].flip(1) if flips[k] else a.items[k]
         assert torch.equal(b.items[k], expected)
     assert 0 < flips[:16].sum() < 16
     plain.close()
     flipped.close()
+
+
+def test_permuted_channels_follow_the_plan_on_every_rank_and_after_resume(shapes_shards):
+    images = ShardSplit(shapes_shards, "train")
+    plain = ShardLoader(images, 16, seed=5, flip=True)
+    permuted = ShardLoader(images, 16, seed=5, flip=True, permute_channels=True)
+    plan = permuted.epoch_plan(0)
+    assert np.array_equal(plan.flips, plain.epoch_plan(0).flips)   # the option leaves order and flips alone
+    a, b = next(plain), next(permuted)
+    for k in range(16):
+        assert torch.equal(b.items[k], a.items[k][..., list(CHANNEL_ORDERS[plan.channel_orders[k]])])
+    assert len(set(plan.channel_orders[:16].tolist())) > 2
+    assert not torch.equal(a.items, b.items)
+    # two ranks take the two halves of the same global batch, and a resumed loader goes on where it was
+    halves = [next(ShardLoader(images, 8, rank=r, world_size=2, seed=5, flip=True, permute_channels=True))
+              for r in range(2)]
+    assert torch.equal(torch.cat([h.items for h in halves]), b.items)
+    second = next(permuted).items
+    resumed = ShardLoader(images, 16, seed=5, flip=True, permute_channels=True)
+    resumed.load_state_dict({**permuted.state_dict(), "cursor": 16})
+    assert torch.equal(next(resumed).items, second)
+    for loader in (plain, permuted, resumed):
+        loader.close()
 
 
 def test_sha_verification_and_missing_manifest(tmp_path, shapes_shards):

@@ -269,6 +269,9 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     not_offered: ClassVar[tuple[str, ...]] = ("weight_decay",)   # the VQGAN trains with Adam without weight decay
     data: str = _help("image shard folder made by shardify.py", "", required=True)
     flip: bool = _help("random horizontal flips", True)
+    permute_channels: bool = _help("give each training image its RGB channels in a random order (one of six): on a small "
+                                   "set the model cannot learn the training images' palette and paint it onto unseen "
+                                   "images", False)
     l1_weight: float = _help("weight of the L1 reconstruction term (taming's)", 1.0)
     l2_weight: float = _help("weight of the squared-error reconstruction term (LlamaGen's)", 0.0)
     chroma_weight: float = _help("weight of the colour part of the L1 / squared error (the error minus its grey "

@@ -11,6 +11,7 @@ exactly the samples an uninterrupted run would have seen, whatever the world siz
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -18,7 +19,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -351,6 +352,17 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+# the six orders of the RGB channels, identity first; ShardLoader(permute_channels=True) gives each image one
+CHANNEL_ORDERS = np.array(list(itertools.permutations(range(3))))
+
+
+class EpochPlan(NamedTuple):
+    """What one epoch does: which sample comes at each position and what is done to it."""
+    order: np.ndarray                    # sample index at each position of the epoch
+    flips: np.ndarray | None             # per position: mirror the image left-right
+    channel_orders: np.ndarray | None    # per position: the row of CHANNEL_ORDERS its channels take
+
+
 @dataclass
 class Batch:
     items: torch.Tensor            # uint8 (B, H, W, 3) images or int32 (B, L) tokens
@@ -364,11 +376,12 @@ class ShardLoader:
 
     Epoch e is `permutation(seed, e)` of all samples. Step k of an epoch uses the global chunk
     `perm[k*B*W : (k+1)*B*W]`; rank r takes its r-th slice of B. The position is the global
-    cursor (epoch, samples consumed), which does not depend on the world size.
+    cursor (epoch, samples consumed), which does not depend on the world size. The augmentations
+    (flips, channel orders) are drawn with the epoch's order, so they resume and split across ranks too.
     """
 
     def __init__(self, split: ShardSplit, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, flip: bool = False,
+                 seed: int = 0, shuffle: bool = True, flip: bool = False, permute_channels: bool = False,
                  device: torch.device | str = "cpu", prefetch: int = 4):
         if batch_size * world_size > len(split):
             raise ShardError(f"{split.root}: split {split.split!r} has {len(split)} samples, fewer than one "
@@ -380,6 +393,7 @@ class ShardLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.flip = flip and len(split.item_shape) == 3
+        self.permute_channels = permute_channels and len(split.item_shape) == 3
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.epoch = 0
@@ -396,12 +410,15 @@ class ShardLoader:
     def batches_per_epoch(self) -> int:
         return len(self.split) // self.global_batch
 
-    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The permutation (and per-sample flip decisions) of one epoch, identical on every rank."""
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """The order of one epoch and what is done to each image, identical on every rank."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.split)) if self.shuffle else np.arange(len(self.split))
-        flips = rng.random(len(self.split)) < 0.5 if self.flip else None
-        return order, flips
+        count = len(self.split)
+        order = rng.permutation(count) if self.shuffle else np.arange(count)
+        flips = rng.random(count) < 0.5 if self.flip else None
+        # drawn after the flips: runs without it see the same data as before the option existed
+        channel_orders = rng.integers(0, len(CHANNEL_ORDERS), count) if self.permute_channels else None
+        return EpochPlan(order, flips, channel_orders)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_samples": len(self.split),
@@ -420,21 +437,23 @@ class ShardLoader:
         self.close()
         self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
 
-    def _positions(self, epoch: int, cursor: int) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
+    def _positions(self, epoch: int, cursor: int) -> Iterator[tuple[int, int, EpochPlan]]:
         while True:
             if cursor + self.global_batch > len(self.split):  # the tail that no full global batch covers
                 epoch, cursor = epoch + 1, 0
-            order, flips = self.epoch_order(epoch)
+            plan = self.epoch_plan(epoch)
             while cursor + self.global_batch <= len(self.split):
                 begin = cursor + self.rank * self.batch_size
                 rows = slice(begin, begin + self.batch_size)
                 cursor += self.global_batch
-                yield epoch, cursor, order[rows], None if flips is None else flips[rows]
+                yield epoch, cursor, EpochPlan(*(None if part is None else part[rows] for part in plan))
 
-    def _make_batch(self, epoch: int, cursor: int, indices: np.ndarray, flips: np.ndarray | None) -> Batch:
-        items, labels = self.split.read(indices)
-        if flips is not None and flips.any():
-            items[flips] = items[flips, :, ::-1]
+    def _make_batch(self, epoch: int, cursor: int, plan: EpochPlan) -> Batch:
+        items, labels = self.split.read(plan.order)
+        if plan.flips is not None and plan.flips.any():
+            items[plan.flips] = items[plan.flips, :, ::-1]
+        if plan.channel_orders is not None:
+            items = np.take_along_axis(items, CHANNEL_ORDERS[plan.channel_orders][:, None, None, :], axis=3)
         items_tensor = to_tensor(items)
         labels_tensor = None if labels is None else torch.from_numpy(labels)
         if self.device.type == "cuda":
