@@ -8,7 +8,7 @@
 Each VQGAN trains for `--steps` x `--batch-size` images on one pinned thread (runs go two at a time,
 one per core), then the trainer's own evaluation measures the WHOLE val split: PSNR, SSIM, L1,
 codebook usage and perplexity (with several --seeds: their mean, targets checked on it; single
-photograph runs have spread over 1.7 dB in four seeds). The reference is the `taming-b64` preset
+photograph runs have spread over 2.6 dB in four seeds). The reference is the `taming-b64` preset
 (taming-transformers' configuration: plain VQ, uniform init, its loss form and learning-rate rule)
 trained in the same run on the same data. Then a GPT learns the clip-art tokens of our VQGAN for
 `--gpt-steps` steps (val loss in nats/token, blind samples). Figures land in OUT/figures; the last line
