@@ -84,7 +84,11 @@ def reusable(run: Path, command: list[str], steps: int) -> bool:
     if not finished(run, steps):
         return False
     wanted = config_to_dict(parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, command[2:]))
-    saved = json.loads((run / "config.json").read_text())["config"]
+    config_path = run / "config.json"
+    if not config_path.is_file():   # the trainer writes it first: a run copied in by hand, or damaged
+        raise SystemExit(f"quality: {run} holds a finished run without its config.json, so what it measured is "
+                         "unknown: give another --out, or remove that run")
+    saved = json.loads(config_path.read_text())["config"]
     defaults = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(VQGANTrainConfig)
                 if f.default is not dataclasses.MISSING}
     differ = sorted(key for key, value in wanted.items() if key not in PATH_SETTINGS

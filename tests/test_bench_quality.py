@@ -69,5 +69,23 @@ def test_a_setting_newer_than_the_run_counts_as_its_default(tmp_path):
         reusable(run, command_for(run, flags=("--chroma-gain", "2.3")), BUDGET.steps)
 
 
+def test_a_run_older_than_a_preset_default_stops_the_bench(tmp_path):
+    run = tmp_path / "clipart-ours"
+    config = fake_finished_run(run, command_for(run))
+    assert config["permute_channels"]   # b64 permutes now; a run from before the option trained without
+    del config["permute_channels"]
+    (run / "config.json").write_text(json.dumps({"stage": "vqgan", "config": config}))
+    with pytest.raises(SystemExit, match="permute_channels"):
+        reusable(run, command_for(run), BUDGET.steps)
+
+
+def test_a_finished_run_without_its_config_stops_the_bench_in_one_line(tmp_path):
+    run = tmp_path / "clipart-ours"
+    fake_finished_run(run, command_for(run))
+    (run / "config.json").unlink()
+    with pytest.raises(SystemExit, match="config.json"):
+        reusable(run, command_for(run), BUDGET.steps)
+
+
 def test_a_seed_named_twice_is_counted_once():
     assert parse_args(["--seeds", "0", "1", "0"]).seeds == [0, 1]
