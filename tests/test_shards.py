@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vqgpt.shards import (CHANNEL_ORDERS, ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest, read_manifest,
-                          write_manifest)
+from vqgpt.shards import (CHANNEL_ORDERS, ShardError, ShardLoader, ShardSplit, ShardWriter, build_manifest,
+                          read_manifest, write_manifest)
 
 
 def token_folder(root, counts=(5, 5, 3), dtype=np.uint16, length=6):
