@@ -89,14 +89,17 @@ def main() -> None:
         split = ShardSplit(reader_dir, "train")
         for _ in split.iter_batches(500):   # warm the page cache: the target is reading from cache
             pass
-        loader = ShardLoader(split, args.batch_size, seed=0, flip=True, prefetch=4)
-        next(loader)
         batches = len(split) // args.batch_size * 2
-        start = time.perf_counter()
-        for _ in range(batches):
+        for key, permute in (("reader_images_per_s", False), ("reader_permuted_channels_images_per_s", True)):
+            loader = ShardLoader(split, args.batch_size, seed=0, flip=True, permute_channels=permute, prefetch=4)
             next(loader)
-        results["reader_images_per_s"] = batches * args.batch_size / (time.perf_counter() - start)
-        loader.close()
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(loader)
+            results[key] = batches * args.batch_size / (time.perf_counter() - start)
+            loader.close()
+        # the b64 preset's --permute-channels: one more copy of each batch on the reader thread
+        results["reader_permuted_vs_plain"] = results["reader_permuted_channels_images_per_s"] / results["reader_images_per_s"]
     results["reader_speedup_vs_jpeg_decode"] = results["reader_images_per_s"] / results["reference_jpeg_decode_images_per_s"]
     emit(results)
 
