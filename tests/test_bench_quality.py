@@ -15,9 +15,13 @@ def fake_finished_run(run: Path, command: list[str], steps: int = 271, **changes
     """A run folder as the trainer leaves it after `steps` steps, its config as `command` gives it plus `changes`."""
     config = {**config_to_dict(parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, command[2:])), **changes}
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"stage": "vqgan", "config": config}))
+    save_config(run, config)
     (run / "latest").write_text(f"step_{steps:08d}.pt\n")
     return config
+
+
+def save_config(run: Path, config: dict) -> None:
+    (run / "config.json").write_text(json.dumps({"stage": "vqgan", "config": config}))
 
 
 def command_for(run: Path, seed: int = 0, flags: tuple[str, ...] = ()) -> list[str]:
@@ -63,7 +67,7 @@ def test_a_setting_newer_than_the_run_counts_as_its_default(tmp_path):
     run = tmp_path / "clipart-ours"
     config = fake_finished_run(run, command_for(run))
     del config["chroma_gain"]        # 1.0 now: the run predates the option, so it trained without it
-    (run / "config.json").write_text(json.dumps({"stage": "vqgan", "config": config}))
+    save_config(run, config)
     assert reusable(run, command_for(run), BUDGET.steps)
     with pytest.raises(SystemExit, match="chroma_gain"):
         reusable(run, command_for(run, flags=("--chroma-gain", "2.3")), BUDGET.steps)
@@ -74,7 +78,7 @@ def test_a_run_older_than_a_preset_default_stops_the_bench(tmp_path):
     config = fake_finished_run(run, command_for(run))
     assert config["permute_channels"]   # b64 permutes now; a run from before the option trained without
     del config["permute_channels"]
-    (run / "config.json").write_text(json.dumps({"stage": "vqgan", "config": config}))
+    save_config(run, config)
     with pytest.raises(SystemExit, match="permute_channels"):
         reusable(run, command_for(run), BUDGET.steps)
 
