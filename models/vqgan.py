@@ -94,6 +94,13 @@ class VQGAN(nn.Module):
     def last_layer(self) -> nn.Parameter:
         return self.decoder.last_layer
 
+    def hidden_weights(self) -> list[nn.Parameter]:
+        """The weight matrices / filters between the layer that reads pixels and the one that writes them,
+        without the codebook: what Muon orthogonalises (vqgpt/muon.py)."""
+        left_out = {id(self.encoder.conv_in.weight), id(self.decoder.conv_out.weight),
+                    id(getattr(self.quantizer, "codebook", None))}
+        return [p for p in self.parameters() if p.ndim >= 2 and id(p) not in left_out]
+
     def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
         return scale_chroma(images, self.config.chroma_gain)
 

@@ -108,9 +108,10 @@ def train_losses(run_dir):
 @pytest.fixture(scope="module")
 def ddp_run(shapes_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("vqgan_ddp")
-    # accumulation (no_sync micro-steps) and a dead-code restart every step, both kept in sync across ranks
+    # accumulation (no_sync micro-steps), a dead-code restart every step and Muon, all kept in sync across ranks
     run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 4, "--ckpt-every=2", "--eval-every=4",
-                                                    "--grad-accum=2", "--dead-code-steps=1"), nproc=2)
+                                                    "--grad-accum=2", "--dead-code-steps=1", "--optimizer=muon"),
+               nproc=2)
     return out
 
 
@@ -118,6 +119,7 @@ def test_ddp_two_processes_end_with_identical_weights(ddp_run):
     state = load(latest_checkpoint(ddp_run))
     assert state["step"] == 4 and state["world_size"] == 2
     assert len(state["rank_checksums"]) == 2 and len(set(state["rank_checksums"])) == 1
+    assert [group["muon"] for group in state["opt_g"]["param_groups"]] == [True, False]
     restarts = [r["codes_restarted"] for r in read_metrics(ddp_run) if r["kind"] == "train"]
     assert sum(restarts) > 0
     assert state["loader"]["cursor"] == 4 * 2 * 2 * 4   # steps x micro-steps x ranks x batch
@@ -134,7 +136,8 @@ def test_resume_with_another_world_size_continues(ddp_run, shapes_shards, tmp_pa
     (out / "latest").write_text("step_00000002.pt\n")
     (out / "step_00000004.pt").unlink()
     result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, out, 4, "--batch-size=16",
-                                                             "--grad-accum=1", "--dead-code-steps=1"))
+                                                             "--grad-accum=1", "--dead-code-steps=1",
+                                                             "--optimizer=muon"))
     assert "resumed from" in result.stdout + result.stderr
     state = load(latest_checkpoint(out))
     assert state["step"] == 4 and state["world_size"] == 1
@@ -157,14 +160,16 @@ def test_two_node_rendezvous_on_localhost(shapes_shards, tmp_path):
     assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(shapes_shards, tmp_path):
-    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "full", 6, "--eval-every=3"))
-    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 6, "--eval-every=3",
-                                                    "--stop-at-step=3"))
-    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 6, "--eval-every=3"))
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])
+def test_resume_reproduces_the_uninterrupted_run_exactly(shapes_shards, tmp_path, optimizer):
+    flags = ("--eval-every=3", f"--optimizer={optimizer}")
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "full", 6, *flags))
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 6, *flags, "--stop-at-step=3"))
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 6, *flags))
     assert train_losses(tmp_path / "full") == train_losses(tmp_path / "split")
     assert any(d is not None for _, _, d in train_losses(tmp_path / "full"))   # the GAN phase was covered
     full, split = load(latest_checkpoint(tmp_path / "full")), load(latest_checkpoint(tmp_path / "split"))
+    assert len(full["opt_g"]["param_groups"]) == (2 if optimizer == "muon" else 1)
     for key in ("vqgan", "discriminator"):
         assert_state_dicts_equal(full[key], split[key])
 

@@ -288,6 +288,10 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     disc_weight_max: float = _help("clamp of the adaptive weight", 1e4)
     disc_lr: float = _help("discriminator learning rate (0: same as --lr)", 0.0)
     adam_betas: tuple[float, ...] = _help("Adam betas of both optimizers (taming: 0.5,0.9)", (0.5, 0.9))
+    optimizer: str = _help("the VQGAN's optimizer: adam, or muon (orthogonalised momentum on the hidden layers' "
+                           "weights, Adam on the rest; the discriminator stays on Adam)", "adam",
+                           choices=("adam", "muon"))
+    muon_lr_scale: float = _help("muon: each update of a hidden weight has RMS 0.2 x lr x this", 3.0)
     channels_last: bool = _help("channels_last memory format for the VQGAN and discriminator", False)
 
     def __post_init__(self):
@@ -298,7 +302,7 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
             raise ValueError(f"--weight-decay {self.weight_decay}: the VQGAN trains with Adam without weight decay; "
                              "it applies to the GPT only")
         _check_not_negative(self, ("l1_weight", "l2_weight", "chroma_weight", "perceptual_weight", "disc_weight",
-                                   "disc_weight_max", "disc_lr", "disc_start", "beta"))
+                                   "disc_weight_max", "disc_lr", "disc_start", "beta", "muon_lr_scale"))
 
 
 def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:
