@@ -21,18 +21,19 @@ import torch
 _NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """(rows, cols) -> about U V^T of its SVD U S V^T (singular values pushed near 1), in fp32."""
+def orthogonalize(matrices: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """(..., rows, cols) -> about U V^T of each one's SVD U S V^T (singular values pushed near 1), in fp32."""
     a, b, c = _NEWTON_SCHULZ
-    x = matrix.float()
-    transposed = x.shape[0] > x.shape[1]
+    x = matrices.float()
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:   # iterate on the small Gram matrix
-        x = x.t()
-    x = x / (x.norm() + 1e-7)   # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+        x = x.mT
+    # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.t()
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.t() if transposed else x
+    return x.mT if transposed else x
 
 
 class MuonWithAdam(torch.optim.Optimizer):
@@ -55,19 +56,30 @@ class MuonWithAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    (self._muon_step if group["muon"] else self._adam_step)(param, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not group["muon"]:
+                for param in params:
+                    self._adam_step(param, group)
+                continue
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for param in params:
+                by_shape.setdefault(param.shape, []).append(param)
+            for same_shape in by_shape.values():   # one batched iteration per shape: fewer kernel launches
+                self._muon_step(same_shape, group)
 
-    def _muon_step(self, param: torch.Tensor, group: dict) -> None:
+    def _muon_step(self, params: list[torch.Tensor], group: dict) -> None:
         momentum = group["momentum"]
-        buffer = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
-        buffer.mul_(momentum).add_(param.grad)
-        nesterov = param.grad.add(buffer, alpha=momentum)
-        rows, cols = param.shape[0], param[0].numel()
-        update = orthogonalize(nesterov.reshape(rows, cols)).view_as(param).to(param.dtype)
+        nesterov = []
+        for param in params:
+            buffer = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+            buffer.mul_(momentum).add_(param.grad)
+            nesterov.append(param.grad.add(buffer, alpha=momentum))
+        rows, cols = params[0].shape[0], params[0][0].numel()
+        updates = orthogonalize(torch.stack(nesterov).view(len(params), rows, cols))
         # an orthogonal (rows, cols) matrix has RMS 1/sqrt(max(rows, cols)): this makes it 0.2 x scale
-        param.add_(update, alpha=-group["lr"] * group["muon_lr_scale"] * 0.2 * math.sqrt(max(rows, cols)))
+        step_size = group["lr"] * group["muon_lr_scale"] * 0.2 * math.sqrt(max(rows, cols))
+        for param, update in zip(params, updates):
+            param.add_(update.view_as(param).to(param.dtype), alpha=-step_size)
 
     def _adam_step(self, param: torch.Tensor, group: dict) -> None:
         beta1, beta2 = group["betas"]
