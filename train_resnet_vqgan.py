@@ -29,7 +29,7 @@ from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics
 from vqgpt.finetune import InitSource, adopt_architecture, load_init_source
 from vqgpt.images import image_grid, save_png, to_unit_range
-from vqgpt.muon import MuonWithAdam
+from vqgpt.optim import adam, vqgan_optimizer
 from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
@@ -59,19 +59,6 @@ def load_splits(cfg: VQGANTrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
     return train_split, ShardSplit(cfg.data, "val") if has_val else None
 
 
-def adam(params, lr: float, betas: tuple[float, ...], device: torch.device) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type == "cuda")   # fused kernels on CUDA
-
-
-def vqgan_optimizer(vqgan: VQGAN, cfg: VQGANTrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return adam(vqgan.parameters(), cfg.lr, cfg.adam_betas, device)
-    hidden = {id(p) for p in vqgan.hidden_weights()}
-    return MuonWithAdam([p for p in vqgan.parameters() if id(p) in hidden],
-                        [p for p in vqgan.parameters() if id(p) not in hidden], cfg.lr, cfg.adam_betas,
-                        muon_lr_scale=cfg.muon_lr_scale)
-
-
 def main(cfg: VQGANTrainConfig) -> int:
     init = load_init_source(cfg.init_from) if cfg.init_from else None   # tensors memory-mapped until loaded
     if init is not None:
@@ -99,7 +86,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     if cfg.channels_last:
         vqgan = vqgan.to(memory_format=torch.channels_last)
         discriminator = discriminator.to(memory_format=torch.channels_last)
-    opt_g = vqgan_optimizer(vqgan, cfg, device)
+    opt_g = vqgan_optimizer(vqgan, cfg.optimizer, cfg.lr, cfg.adam_betas, device, cfg.muon_lr_scale)
     opt_d = adam(discriminator.parameters(), cfg.disc_lr or cfg.lr, cfg.adam_betas, device)
     scaler_g, scaler_d = grad_scaler(device, dtype), grad_scaler(device, dtype)   # fp16: one per optimizer
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,

@@ -4,13 +4,15 @@
     python bench/vqgan_step.py --preset seed --batch-size 8 --device cuda     # bf16 on a GPU
     taskset -c 1 python bench/vqgan_step.py --preset b64 --batch-size 8 --ranks 0 --skip-reference \
         --variants bf16,compile,bf16-compile                                  # precision and compile rows
+    taskset -c 0 python bench/vqgan_step.py --preset b64 --batch-size 8 --ranks 0 --skip-reference --muon
 
 Measured in the same run: this project's step; a reference step built the way taming-transformers
 runs it (the autoencoder forward again for the discriminator pass, L1 + LPIPS recomputed there,
 the adaptive weight by back-propagating both losses to the last layer); FLOPs per step from
 torch.utils.flop_counter; the machine's fp32 GEMM and 3x3-conv peaks; 2 ranks under torchrun;
 the --variants rows (bf16 autocast, torch.compile) on fresh models, with their speedup over the
-first figure (fp32 eager on CPU). Last line: one JSON object.
+first figure (fp32 eager on CPU); with --muon the step under the Muon optimizer beside Adam's. Last
+line: one JSON object.
 """
 from __future__ import annotations
 
@@ -31,13 +33,15 @@ from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
 from vqgpt.config import VQGANTrainConfig  # noqa: E402
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
+from vqgpt.optim import adam, vqgan_optimizer  # noqa: E402
 from vqgpt.training import autocast, grad_scaler  # noqa: E402
 from vqgpt.vqgan_step import VQGANModels, discriminator_backward, generator_backward  # noqa: E402
 
 LOSS_CFG = VQGANTrainConfig()   # the trainer's default loss weights: L1 + LPIPS + the adaptive GAN term
 
 
-def build(preset: str, device: torch.device, ddp: bool) -> tuple[VQGANModels, list[torch.optim.Optimizer]]:
+def build(preset: str, device: torch.device, ddp: bool,
+          optimizer: str = "adam") -> tuple[VQGANModels, list[torch.optim.Optimizer]]:
     torch.manual_seed(0)
     config = VQGAN_PRESETS[preset]
     vqgan = VQGAN(config).to(device)
@@ -46,9 +50,8 @@ def build(preset: str, device: torch.device, ddp: bool) -> tuple[VQGANModels, li
     models = VQGANModels(vqgan, disc, vqgan, disc, perceptual)
     if ddp:
         models.vqgan, models.discriminator = distributed.wrap_ddp(vqgan, device), distributed.wrap_ddp(disc, device)
-    fused = device.type == "cuda"
-    optimizers = [torch.optim.Adam(vqgan.parameters(), 1e-4, betas=(0.5, 0.9), fused=fused),
-                  torch.optim.Adam(disc.parameters(), 1e-4, betas=(0.5, 0.9), fused=fused)]
+    optimizers = [vqgan_optimizer(vqgan, optimizer, 1e-4, (0.5, 0.9), device),
+                  adam(disc.parameters(), 1e-4, (0.5, 0.9), device)]
     return models, optimizers
 
 
@@ -134,6 +137,9 @@ def variant_rows(args, device: torch.device, base_dtype: torch.dtype, images: to
 def main() -> None:
     parser = training_bench_parser(__doc__, VQGAN_PRESETS, "b64", default_steps=4)
     parser.add_argument("--skip-reference", action="store_true", help="skip the taming-style reference step")
+    parser.add_argument("--muon", action="store_true",
+                        help="also time our step with --optimizer muon on fresh models (images_per_s_muon, "
+                             "muon_vs_adam against the first figure)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -153,6 +159,10 @@ def main() -> None:
                                                          args.steps)
         results["speedup_vs_reference"] = results["images_per_s"] / results["reference_images_per_s"]
     results.update(variant_rows(args, device, dtype, images, results["images_per_s"]))
+    if args.muon:
+        muon_models, muon_optimizers = build(args.preset, device, ddp=False, optimizer="muon")
+        results["images_per_s_muon"] = images_per_s(our_step, muon_models, muon_optimizers, images, dtype, args.steps)
+        results["muon_vs_adam"] = results["images_per_s_muon"] / results["images_per_s"]
     achieved = flops / 1e9 * results["images_per_s"] / args.batch_size
     results["achieved_gflops"] = achieved
     peak_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32

@@ -96,7 +96,7 @@ class VQGAN(nn.Module):
 
     def hidden_weights(self) -> list[nn.Parameter]:
         """The weight matrices / filters between the layer that reads pixels and the one that writes them,
-        without the codebook: what Muon orthogonalises (vqgpt/muon.py)."""
+        without the codebook: what Muon orthogonalises (vqgpt/optim.py)."""
         left_out = {id(self.encoder.conv_in.weight), id(self.decoder.conv_out.weight),
                     id(getattr(self.quantizer, "codebook", None))}
         return [p for p in self.parameters() if p.ndim >= 2 and id(p) not in left_out]

@@ -11,8 +11,9 @@ BENCHES = [
     ("bench/shards.py", ["--jpegs", "12", "--builtin", "64", "--reader-images", "256", "--batch-size", "16"],
      ["shardify_builtin32_images_per_s_w1", "bytes_per_image_256", "reader_images_per_s",
       "reader_speedup_vs_jpeg_decode"]),
-    ("bench/vqgan_step.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "0"],
-     ["images_per_s", "gflops_per_step", "mfu", "speedup_vs_reference", "images_per_s_bf16", "bf16_speedup"]),
+    ("bench/vqgan_step.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "0", "--muon"],
+     ["images_per_s", "gflops_per_step", "mfu", "speedup_vs_reference", "images_per_s_bf16", "bf16_speedup",
+      "images_per_s_muon", "muon_vs_adam"]),
     ("bench/quantizer.py", ["--preset", "tiny", "--batch-size", "8", "--images", "64"],
      ["images_per_s", "forward_images_per_s", "pipeline_vs_forward"]),
     ("bench/gpt.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "2"],   # + torchrun ranks

@@ -1,4 +1,4 @@
-"""Muon with Adam (vqgpt/muon.py): the orthogonalisation, the update by hand, Adam's half, state, the split."""
+"""Muon with Adam (vqgpt/optim.py): the orthogonalisation, the update by hand, Adam's half, state, the split."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.vqgan import VQGAN, VQGAN_PRESETS
-from vqgpt.muon import MuonWithAdam, orthogonalize
+from vqgpt.optim import MuonWithAdam, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(16, 40), (40, 16)])

@@ -1,4 +1,4 @@
-"""Muon for the VQGAN: orthogonalised momentum on the hidden layers' weights, Adam on everything else.
+"""The VQGAN's optimizers: Adam, or Muon on the hidden layers' weights with Adam on everything else.
 
 Muon (Keller Jordan et al., 2024) replaces the momentum of each hidden weight matrix by the nearest
 semi-orthogonal matrix, found by a few Newton-Schulz iterations, so the update moves every direction
@@ -17,7 +17,10 @@ from collections.abc import Iterable
 
 import torch
 
-# the quintic Newton-Schulz coefficients of Muon's authors: singular values reach [0.7, 1.2] in 5 steps
+from models.vqgan import VQGAN
+
+# the quintic Newton-Schulz coefficients of Muon's authors: fast, not exact; 5 steps bring singular values
+# into about [0.5, 1.2], not to 1 (tests/test_muon.py)
 _NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
@@ -94,3 +97,18 @@ class MuonWithAdam(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
         denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
         param.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** step))
+
+
+def adam(params, lr: float, betas: tuple[float, ...], device: torch.device) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type == "cuda")   # fused kernels on CUDA
+
+
+def vqgan_optimizer(vqgan: VQGAN, name: str, lr: float, betas: tuple[float, ...], device: torch.device,
+                    muon_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """`name` adam: Adam on every parameter; muon: MuonWithAdam on `vqgan.hidden_weights()` and the rest."""
+    if name == "adam":
+        return adam(vqgan.parameters(), lr, betas, device)
+    hidden = {id(p) for p in vqgan.hidden_weights()}
+    return MuonWithAdam([p for p in vqgan.parameters() if id(p) in hidden],
+                        [p for p in vqgan.parameters() if id(p) not in hidden], lr, betas,
+                        muon_lr_scale=muon_lr_scale)
