@@ -21,7 +21,6 @@ perception and cost our preset 0.9 dB val PSNR on the photographs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -38,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import emit  # noqa: E402
 from models.perceptual import find_vgg_weights  # noqa: E402
-from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig, config_to_dict, parse_config  # noqa: E402
+from vqgpt.config import (VQGAN_TRAIN_PRESETS, VQGANTrainConfig, config_to_dict, field_defaults,  # noqa: E402
+                          parse_config)
 from vqgpt.images import image_grid, save_png, to_uint8, to_unit_range  # noqa: E402
 from vqgpt.files import atomic_write_bytes  # noqa: E402
 from vqgpt.runlog import METRICS_NAME, read_metrics  # noqa: E402
@@ -89,8 +89,7 @@ def reusable(run: Path, command: list[str], steps: int) -> bool:
         raise SystemExit(f"quality: {run} holds a finished run without its config.json, so what it measured is "
                          "unknown: give another --out, or remove that run")
     saved = json.loads(config_path.read_text())["config"]
-    defaults = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(VQGANTrainConfig)
-                if f.default is not dataclasses.MISSING}
+    defaults = field_defaults(VQGANTrainConfig)
     differ = sorted(key for key, value in wanted.items() if key not in PATH_SETTINGS
                     and saved.get(key, defaults.get(key)) != value)
     if differ:

@@ -218,6 +218,22 @@ def test_bad_inputs_exit_2_with_one_line(shapes_shards, tmp_path):
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000001.pt", "step_00000002.pt"]
 
 
+def test_resume_refuses_another_optimizer_and_takes_older_runs_as_adam(shapes_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 2))
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--optimizer=muon"),
+                  contains="optimizer: run has 'adam', you gave 'muon'")
+    # a run from before --optimizer existed has no such key: it trained with Adam, and resumes on it
+    newest = latest_checkpoint(run_dir)
+    state = load(newest)
+    del state["config"]["optimizer"]
+    torch.save(state, newest)
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--optimizer=muon"), contains="incompatible config")
+    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 3))
+    assert "resumed from" in result.stdout + result.stderr
+    assert load(latest_checkpoint(run_dir))["step"] == 3
+
+
 def test_missing_lpips_weights_stop_before_training(shapes_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
     flags = [f for f in vqgan_args(shapes_shards, tmp_path / "run", 2) if "random-backbone" not in f]

@@ -134,6 +134,12 @@ def config_to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def field_defaults(cls: type) -> dict:
+    """Each setting's default as `config_to_dict` writes it (tuples as lists); required ones left out."""
+    return {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+
+
 def config_from_dict(cls: type[C], data: dict) -> C:
     """Rebuild a config saved with `config_to_dict` (lists back to tuples, unknown keys rejected)."""
     hints = typing.get_type_hints(cls)

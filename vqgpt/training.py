@@ -18,7 +18,7 @@ import torch
 
 from vqgpt import checkpoint as ckpt
 from vqgpt import distributed
-from vqgpt.config import config_to_dict, format_config
+from vqgpt.config import config_to_dict, field_defaults, format_config
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError, first_line
 from vqgpt.files import atomic_write_json, remove_stale_temporaries
@@ -118,7 +118,8 @@ class TrainingRun:
         if state["stage"] != self.stage:
             raise RunError(f"{path}: is a {state['stage']} checkpoint, this trainer continues {self.stage} runs")
         mine = config_to_dict(self.cfg)
-        differing = [k for k in self.compatible_fields if state["config"].get(k) != mine.get(k)]
+        defaults = field_defaults(type(self.cfg))   # a setting newer than the run was at its default then
+        differing = [k for k in self.compatible_fields if state["config"].get(k, defaults.get(k)) != mine.get(k)]
         if differing:
             details = ", ".join(f"{k}: run has {state['config'].get(k)!r}, you gave {mine.get(k)!r}" for k in differing)
             raise RunError(f"{path}: cannot resume with an incompatible config ({details}); "
