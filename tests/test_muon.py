@@ -61,7 +61,8 @@ def test_adam_half_matches_torch_adam():
         optimizer.step()
         torch_adam.step()
     for a, b in zip(ours, reference):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a, b)
+    assert [s["step"].item() for s in optimizer.state.values()] == [5.0, 5.0]
 
 
 def test_state_dict_continues_exactly():
@@ -104,19 +105,3 @@ def test_hidden_weights_leave_out_the_pixel_layers_and_the_codebook(preset):
     assert {"encoder.conv_out.weight", "decoder.conv_in.weight", "quant_conv.weight"} <= {
         n for n, p in vqgan.named_parameters() if id(p) in hidden}
 
-
-def test_same_shaped_weights_are_orthogonalised_each_on_its_own():
-    torch.manual_seed(0)
-    grads = [torch.randn(6, 2, 3, 3) for _ in range(3)]
-    together = [torch.nn.Parameter(torch.zeros(6, 2, 3, 3)) for _ in grads]
-    apart = [torch.nn.Parameter(torch.zeros(6, 2, 3, 3)) for _ in grads]
-    optimizer = MuonWithAdam(together, [], lr=0.1, betas=(0.9, 0.95))
-    for param, grad in zip(together, grads):
-        param.grad = grad
-    optimizer.step()   # one batched iteration for the three
-    for param, grad in zip(apart, grads):
-        param.grad = grad
-        MuonWithAdam([param], [], lr=0.1, betas=(0.9, 0.95)).step()
-    for a, b in zip(together, apart):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(together[0], together[1])

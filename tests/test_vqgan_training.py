@@ -228,7 +228,8 @@ def test_resume_refuses_another_optimizer_and_takes_older_runs_as_adam(shapes_sh
     state = load(newest)
     del state["config"]["optimizer"]
     torch.save(state, newest)
-    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--optimizer=muon"), contains="incompatible config")
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--optimizer=muon"),
+                  contains="optimizer: run has 'adam', you gave 'muon'")
     result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 3))
     assert "resumed from" in result.stdout + result.stderr
     assert load(latest_checkpoint(run_dir))["step"] == 3

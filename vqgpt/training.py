@@ -118,10 +118,11 @@ class TrainingRun:
         if state["stage"] != self.stage:
             raise RunError(f"{path}: is a {state['stage']} checkpoint, this trainer continues {self.stage} runs")
         mine = config_to_dict(self.cfg)
-        defaults = field_defaults(type(self.cfg))   # a setting newer than the run was at its default then
-        differing = [k for k in self.compatible_fields if state["config"].get(k, defaults.get(k)) != mine.get(k)]
+        # a setting newer than the run was at its default when the run was made
+        theirs = {**field_defaults(type(self.cfg)), **state["config"]}
+        differing = [k for k in self.compatible_fields if theirs.get(k) != mine.get(k)]
         if differing:
-            details = ", ".join(f"{k}: run has {state['config'].get(k)!r}, you gave {mine.get(k)!r}" for k in differing)
+            details = ", ".join(f"{k}: run has {theirs.get(k)!r}, you gave {mine.get(k)!r}" for k in differing)
             raise RunError(f"{path}: cannot resume with an incompatible config ({details}); "
                            "use the run's settings or another --out")
         state["path"] = str(path)
