@@ -1,7 +1,7 @@
 """Reconstruction quality on real images at a fixed budget: our preset beside taming's configuration.
 
     python bench/realsets.py                 # once: builds data/real/{clipart,photos}
-    python bench/quality.py                  # about 35 minutes on 2 cores
+    python bench/quality.py                  # about 30 minutes on 2 cores
     python bench/quality.py --sets photos --ours-flags="--lr 3e-4" --out runs/quality-try
     python bench/quality.py --seeds 0 1      # each run twice; figures are means, per-seed values beside them
 
