@@ -30,6 +30,12 @@ class Encoder(nn.Module):
             if level < len(config.ch_mult) - 1:
                 resolution //= 2
         self.levels = nn.ModuleList(levels)
+        # config.pooled_input: the output of each level (the input of the next, or of the middle) also gets the
+        # image average-pooled to its grid through a 1x1 conv; the last level does not downsample
+        last = len(config.ch_mult) - 1
+        self.pooled_factors = [2 ** min(level + 1, last) for level in range(len(config.ch_mult))]
+        self.pooled_in = nn.ModuleList(nn.Conv2d(3, config.ch * multiplier, 1) for multiplier in config.ch_mult) \
+            if config.pooled_input else nn.ModuleList()
         self.mid = nn.Sequential(ResnetBlock(in_channels, in_channels, config.dropout), AttnBlock(in_channels),
                                  ResnetBlock(in_channels, in_channels, config.dropout))
         self.norm_out = group_norm(in_channels)
@@ -37,9 +43,11 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(images)
-        for stage in self.levels:
+        for level, stage in enumerate(self.levels):
             for block in stage.blocks:
                 h = block(h)
             h = stage.downsample(h)
+            if self.pooled_in:
+                h = h + self.pooled_in[level](F.avg_pool2d(images, self.pooled_factors[level]))
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))

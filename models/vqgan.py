@@ -44,6 +44,9 @@ class VQGANConfig:
     # the encoder sees each pixel's chroma (the pixel minus its grey level) scaled by this: colour differences
     # are small beside light and dark, and at short budgets the encoder learns to carry light only (1: plain RGB)
     chroma_gain: float = 1.0
+    # every encoder level below the first also sees the image average-pooled to its own grid (1x1 conv, added):
+    # colour sits in thin strokes and small fills that the strided convolutions lose on the way down
+    pooled_input: bool = False
 
     def __post_init__(self):
         factor = self.downsample_factor
@@ -98,7 +101,8 @@ class VQGAN(nn.Module):
         """The weight matrices / filters between the layer that reads pixels and the one that writes them,
         without the codebook: what Muon orthogonalises (vqgpt/optim.py)."""
         left_out = {id(self.encoder.conv_in.weight), id(self.decoder.conv_out.weight),
-                    id(getattr(self.quantizer, "codebook", None))}
+                    id(getattr(self.quantizer, "codebook", None)),
+                    *(id(conv.weight) for conv in self.encoder.pooled_in)}
         return [p for p in self.parameters() if p.ndim >= 2 and id(p) not in left_out]
 
     def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -143,13 +147,15 @@ _F16 = dict(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, a
 # or 64-d codes, uniform init, beta on the codebook term) on its released f16 networks, and on our 64 px
 # network as taming-b64; for reproduction and imports. b64 restarts a code after 10 unused steps, not 20: under
 # Muon the photographs' val codes used went from 83% to 98% / 95% on the two low seeds (BENCHMARKS runs 83-84).
+# b64 takes the pooled input: without it the drawings' hue is gone by the encoder's 8 px level (a linear probe
+# explains none of it there) and they come back grey or in the training palette (BENCHMARKS runs 97-104).
 VQGAN_PRESETS = {
     "tiny": VQGANConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                         z_channels=32, codebook_size=256, codebook_dim=8, quantizer="l2", dead_code_steps=20,
                         disc_layers=2, disc_ndf=32),
     "b64": VQGANConfig(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(8,),
                        z_channels=64, codebook_size=1024, codebook_dim=8, quantizer="l2", dead_code_steps=10,
-                       disc_layers=3, disc_ndf=64),
+                       pooled_input=True, disc_layers=3, disc_ndf=64),
     "seed": VQGANConfig(**_F16, codebook_size=8192, codebook_dim=8, quantizer="l2", dead_code_steps=20),
     "f16-16384": VQGANConfig(**_F16, codebook_size=16384, codebook_dim=8, quantizer="l2", dead_code_steps=20),
     "taming-b64": VQGANConfig(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(8,),

@@ -76,10 +76,10 @@ def test_a_setting_newer_than_the_run_counts_as_its_default(tmp_path):
 def test_a_run_older_than_a_preset_default_stops_the_bench(tmp_path):
     run = tmp_path / "clipart-ours"
     config = fake_finished_run(run, command_for(run))
-    assert config["permute_channels"]   # b64 permutes now; a run from before the option trained without
-    del config["permute_channels"]
+    assert config["pooled_input"]   # b64 takes it now; a run from before the option trained without
+    del config["pooled_input"]
     save_config(run, config)
-    with pytest.raises(SystemExit, match="permute_channels"):
+    with pytest.raises(SystemExit, match="pooled_input"):
         reusable(run, command_for(run), BUDGET.steps)
 
 

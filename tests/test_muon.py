@@ -100,7 +100,8 @@ def test_hidden_weights_leave_out_the_pixel_layers_and_the_codebook(preset):
     vqgan = VQGAN(VQGAN_PRESETS[preset])
     hidden = {id(p) for p in vqgan.hidden_weights()}
     left_out = sorted(n for n, p in vqgan.named_parameters() if p.ndim >= 2 and id(p) not in hidden)
-    assert left_out == ["decoder.conv_out.weight", "encoder.conv_in.weight", "quantizer.codebook"]
+    pooled = [f"encoder.pooled_in.{i}.weight" for i in range(len(vqgan.config.ch_mult)) if vqgan.config.pooled_input]
+    assert left_out == sorted(["decoder.conv_out.weight", "encoder.conv_in.weight", "quantizer.codebook", *pooled])
     assert all(p.ndim >= 2 for p in vqgan.hidden_weights())
     assert {"encoder.conv_out.weight", "decoder.conv_in.weight", "quant_conv.weight"} <= {
         n for n, p in vqgan.named_parameters() if id(p) in hidden}

@@ -94,6 +94,32 @@ def test_chroma_gain_saturates_what_the_encoder_sees_and_nothing_else():
         VQGANConfig(chroma_gain=0.0)
 
 
+def test_pooled_input_adds_the_image_pooled_to_each_level_below_the_first():
+    torch.manual_seed(0)
+    config = dataclasses.replace(VQGAN_PRESETS["tiny"], pooled_input=True, chroma_gain=2.0)
+    plain, pooled = VQGAN(VQGAN_PRESETS["tiny"]).eval(), VQGAN(config).eval()
+    result = pooled.load_state_dict(plain.state_dict(), strict=False)
+    levels = len(config.ch_mult)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == sorted(
+        f"encoder.pooled_in.{i}.{name}" for i in range(levels) for name in ("weight", "bias"))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    seen = []
+    for conv in pooled.encoder.pooled_in:
+        conv.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output.shape)))
+    with torch.no_grad():
+        pooled(images)
+    # level i (and the middle, after the last level) reads the chroma-scaled image pooled to its own grid
+    factors = [2 ** min(i + 1, levels - 1) for i in range(levels)]
+    assert [tuple(shape) for _, shape in seen] == [
+        (2, config.ch * m, 32 // f, 32 // f) for m, f in zip(config.ch_mult, factors)]
+    for (read, _), factor in zip(seen, factors):
+        torch.testing.assert_close(read, F.avg_pool2d(pooled.encoder_input(images), factor))
+    with torch.no_grad():   # with the pooled paths at zero the network is the plain one
+        for p in pooled.encoder.pooled_in.parameters():
+            p.zero_()
+        torch.testing.assert_close(pooled(images)[0], plain(pooled.encoder_input(images))[0])
+
+
 def test_argmin_is_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     vq = quantizer(codebook_size=512, z_channels=8, codebook_dim=8)

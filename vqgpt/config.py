@@ -331,14 +331,13 @@ VQGAN_TRAIN_PRESETS = {
     # disc_weight 0.1: at this scale (and with the offline random LPIPS backbone) 0.8 lets GAN noise win
     "tiny": _vqgan_preset("tiny", batch_size=16, lr=5e-4, warmup_steps=100, max_steps=2000, disc_start=1000,
                           disc_weight=0.1, eval_every=500, ckpt_every=500, eval_batch_size=100, out="runs/vqgan-tiny"),
-    # permute_channels: on a few thousand images the model otherwise paints the training set's palette onto unseen
-    # ones (bench/quality.py photographs, four seeds: +1.0 dB, +0.044 SSIM; clip art -0.13 dB, -0.012 SSIM). Off for
-    # seed / f16-16384: on ImageNet-scale data the palette is worth learning, and nothing here measured it there.
-    # optimizer muon: the same network learns faster (bench/quality.py against Adam, same seeds: clip art +1.3 dB,
-    # +0.10 SSIM; photographs +2.2 dB and their unseen colours back; with restarts after 10 unused steps 92.7% of
-    # the codes used on val, Adam 92.8%); seed / f16-16384 stay on Adam, not measured at 256 px or on long runs.
-    "b64": _vqgan_preset("b64", **_OURS, permute_channels=True, optimizer="muon", batch_size=8, lr=2e-4,
-                         disc_start=10000, out="runs/vqgan-b64"),
+    # permute_channels off: it kept the training photographs' palette off unseen ones while the encoder did not carry
+    # colour; with the pooled input of the b64 network it does, and the permutation only turned the drawings grey
+    # (BENCHMARKS runs 97-104). optimizer muon: the same network learns faster (bench/quality.py against Adam, same
+    # seeds: clip art +1.3 dB, +0.10 SSIM; photographs +2.2 dB and their unseen colours back); seed / f16-16384
+    # stay on Adam, not measured at 256 px or on long runs.
+    "b64": _vqgan_preset("b64", **_OURS, optimizer="muon", batch_size=8, lr=2e-4, disc_start=10000,
+                         out="runs/vqgan-b64"),
     "seed": _vqgan_preset("seed", **{**_OURS, "warmup_steps": 100}, batch_size=8, lr=1e-4, disc_start=30000,
                           max_steps=300000, eval_every=5000, ckpt_every=5000, out="runs/vqgan-seed"),
     "f16-16384": _vqgan_preset("f16-16384", **{**_OURS, "warmup_steps": 100}, batch_size=12, lr=1e-4,
