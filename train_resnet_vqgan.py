@@ -75,7 +75,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         raise RunError(f"{cfg.data}: --eval-fid measures rFID on the val split, and there is none; re-shard with --val-count")
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
     val_reference = None   # FID statistics of the val originals, made at the first eval (and cached beside the shards)
-    run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS + ("optimizer",))   # the optimizer's state differs
+    # the optimizer's state differs; the channel orders are part of the data order an exact resume replays
+    run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS + ("optimizer", "permute_channels"))
     resume = run.load_resume_state()
     seed_everything(cfg.seed)   # identical init on every rank (a random LPIPS backbone too)
     perceptual = build_perceptual(cfg)

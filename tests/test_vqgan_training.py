@@ -223,6 +223,8 @@ def test_resume_refuses_another_optimizer_and_takes_older_runs_as_adam(shapes_sh
     run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 2))
     expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--optimizer=muon"),
                   contains="optimizer: run has 'adam', you gave 'muon'")
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--permute-channels"),
+                  contains="permute_channels: run has False, you gave True")
     # a run from before --optimizer existed has no such key: it trained with Adam, and resumes on it
     newest = latest_checkpoint(run_dir)
     state = load(newest)
