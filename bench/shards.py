@@ -98,7 +98,7 @@ def main() -> None:
                 next(loader)
             results[key] = batches * args.batch_size / (time.perf_counter() - start)
             loader.close()
-        # the b64 preset's --permute-channels: one more copy of each batch on the reader thread
+        # --permute-channels (the b64 preset's until e45a415): one more copy of each batch on the reader thread
         results["reader_permuted_vs_plain"] = results["reader_permuted_channels_images_per_s"] / results["reader_images_per_s"]
     results["reader_speedup_vs_jpeg_decode"] = results["reader_images_per_s"] / results["reference_jpeg_decode_images_per_s"]
     emit(results)
