@@ -44,7 +44,7 @@ class VQGANConfig:
     # the encoder sees each pixel's chroma (the pixel minus its grey level) scaled by this: colour differences
     # are small beside light and dark, and at short budgets the encoder learns to carry light only (1: plain RGB)
     chroma_gain: float = 1.0
-    # every encoder level below the first also sees the image average-pooled to its own grid (1x1 conv, added):
+    # every encoder level after the first also sees the image average-pooled to its own grid (1x1 conv, added):
     # colour sits in thin strokes and small fills that the strided convolutions lose on the way down
     pooled_input: bool = False
 
@@ -148,7 +148,7 @@ _F16 = dict(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, a
 # network as taming-b64; for reproduction and imports. b64 restarts a code after 10 unused steps, not 20: under
 # Muon the photographs' val codes used went from 83% to 98% / 95% on the two low seeds (BENCHMARKS runs 83-84).
 # b64 takes the pooled input: without it the drawings' hue is gone by the encoder's 8 px level (a linear probe
-# explains none of it there) and they come back grey or in the training palette (BENCHMARKS runs 97-104).
+# explains none of it there) and they come back grey or in the training palette (BENCHMARKS runs 97-106).
 VQGAN_PRESETS = {
     "tiny": VQGANConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                         z_channels=32, codebook_size=256, codebook_dim=8, quantizer="l2", dead_code_steps=20,
