@@ -76,7 +76,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
     val_reference = None   # FID statistics of the val originals, made at the first eval (and cached beside the shards)
     # the optimizer's state differs; the channel orders are part of the data order an exact resume replays
-    run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS + ("optimizer", "permute_channels"))
+    run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS + ("optimizer", "permute_channels",
+                                                                      "permuted_share"))
     resume = run.load_resume_state()
     seed_everything(cfg.seed)   # identical init on every rank (a random LPIPS backbone too)
     perceptual = build_perceptual(cfg)
@@ -91,7 +92,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     opt_d = adam(discriminator.parameters(), cfg.disc_lr or cfg.lr, cfg.adam_betas, device)
     scaler_g, scaler_d = grad_scaler(device, dtype), grad_scaler(device, dtype)   # fp16: one per optimizer
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
-                         flip=cfg.flip, permute_channels=cfg.permute_channels,
+                         flip=cfg.flip, permute_channels=cfg.permute_channels, permuted_share=cfg.permuted_share,
                          device=device, prefetch=cfg.prefetch)
     run.track({"vqgan": vqgan, "discriminator": discriminator}, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g,
               scaler_d=scaler_d, loader=loader)

@@ -284,6 +284,8 @@ def test_token_ids_outside_the_codebook_are_refused_when_opened(tmp_path, bad_id
     (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--disc-weight=inf"]),
     (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--adam-betas=nan,0.9"]),
     (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--min-lr-ratio=nan"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--permuted-share=1.5"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--permuted-share=nan"]),
 ])
 def test_non_finite_and_out_of_range_settings_are_refused_when_parsed(cls, presets, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -128,6 +128,38 @@ def test_permuted_channels_follow_the_plan_on_every_rank_and_after_resume(shapes
         loader.close()
 
 
+def test_permuted_share_sets_how_many_images_leave_rgb_order(shapes_shards):
+    images = ShardSplit(shapes_shards, "train")
+    count = len(images)
+
+    def orders(share=None, **kw):
+        loader = ShardLoader(images, 16, seed=3, flip=True, permute_channels=True,
+                             **({} if share is None else {"permuted_share": share}), **kw)
+        return loader.epoch_plan(1).channel_orders
+
+    legacy = orders()   # the default: all six orders alike, the same draw as before the share existed
+    rng = np.random.default_rng([3, 1])
+    rng.permutation(count), rng.random(count)
+    assert np.array_equal(legacy, rng.integers(0, len(CHANNEL_ORDERS), count))
+    assert not orders(0.0).any()                       # none permuted
+    assert orders(1.0).all()                           # every image in one of the five other orders
+    half = orders(0.5)
+    assert 0.4 < (half != 0).mean() < 0.6 and len(set(half.tolist())) == 6
+    # the same plan on every rank, and a resumed loader replays it
+    halves = [next(ShardLoader(images, 8, rank=r, world_size=2, seed=3, flip=True, permute_channels=True,
+                               permuted_share=0.5)) for r in range(2)]
+    whole = ShardLoader(images, 16, seed=3, flip=True, permute_channels=True, permuted_share=0.5)
+    assert torch.equal(torch.cat([h.items for h in halves]), next(whole).items)
+    second = next(whole).items
+    resumed = ShardLoader(images, 16, seed=3, flip=True, permute_channels=True, permuted_share=0.5)
+    resumed.load_state_dict({**whole.state_dict(), "cursor": 16})
+    assert torch.equal(next(resumed).items, second)
+    for loader in (whole, resumed):
+        loader.close()
+    with pytest.raises(ValueError, match="permuted_share"):
+        ShardLoader(images, 16, permute_channels=True, permuted_share=1.5)
+
+
 def test_sha_verification_and_missing_manifest(tmp_path, shapes_shards):
     copy = tmp_path / "copy"
     shutil.copytree(shapes_shards, copy)

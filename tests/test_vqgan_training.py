@@ -225,6 +225,8 @@ def test_resume_refuses_another_optimizer_and_takes_older_runs_as_adam(shapes_sh
                   contains="optimizer: run has 'adam', you gave 'muon'")
     expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--permute-channels"),
                   contains="permute_channels: run has False, you gave True")
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--permuted-share=0.5"),
+                  contains="permuted_share: run has 0.8333333333333334, you gave 0.5")
     # a run from before --optimizer existed has no such key: it trained with Adam, and resumes on it
     newest = latest_checkpoint(run_dir)
     state = load(newest)

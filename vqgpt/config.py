@@ -278,6 +278,8 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     permute_channels: bool = _help("give each training image its RGB channels in a random order (one of six): on a small "
                                    "set the model cannot learn the training images' palette and paint it onto unseen "
                                    "images", False)
+    permuted_share: float = _help("with --permute-channels: the share of training images given one of the five "
+                                  "orders other than RGB, the rest keep theirs (5/6: all six orders alike)", 5 / 6)
     l1_weight: float = _help("weight of the L1 reconstruction term (taming's)", 1.0)
     l2_weight: float = _help("weight of the squared-error reconstruction term (LlamaGen's)", 0.0)
     chroma_weight: float = _help("weight of the colour part of the L1 / squared error (the error minus its grey "
@@ -307,6 +309,8 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
         if self.weight_decay:   # accepted and ignored before; taming and LlamaGen train their VQGANs without
             raise ValueError(f"--weight-decay {self.weight_decay}: the VQGAN trains with Adam without weight decay; "
                              "it applies to the GPT only")
+        if not 0 <= self.permuted_share <= 1:
+            raise ValueError(f"--permuted-share must be in [0, 1], got {self.permuted_share}")
         _check_not_negative(self, ("l1_weight", "l2_weight", "chroma_weight", "perceptual_weight", "disc_weight",
                                    "disc_weight_max", "disc_lr", "disc_start", "beta", "muon_lr_scale"))
 

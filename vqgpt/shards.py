@@ -354,6 +354,8 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 # the six orders of the RGB channels, identity first; ShardLoader(permute_channels=True) gives each image one
 CHANNEL_ORDERS = np.array(list(itertools.permutations(range(3))))
+# the share of images whose channels leave RGB order when all six orders are alike
+ALL_ORDERS_ALIKE = 5 / 6
 
 
 def reorder_channels(images: np.ndarray, channel_orders: np.ndarray) -> np.ndarray:
@@ -393,7 +395,7 @@ class ShardLoader:
 
     def __init__(self, split: ShardSplit, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, flip: bool = False, permute_channels: bool = False,
-                 device: torch.device | str = "cpu", prefetch: int = 4):
+                 permuted_share: float = ALL_ORDERS_ALIKE, device: torch.device | str = "cpu", prefetch: int = 4):
         if batch_size * world_size > len(split):
             raise ShardError(f"{split.root}: split {split.split!r} has {len(split)} samples, fewer than one "
                              f"global batch ({batch_size} x {world_size} ranks)")
@@ -405,6 +407,9 @@ class ShardLoader:
         self.shuffle = shuffle
         self.flip = flip and len(split.item_shape) == 3
         self.permute_channels = permute_channels and len(split.item_shape) == 3
+        if not 0 <= permuted_share <= 1:
+            raise ValueError(f"permuted_share must be in [0, 1], got {permuted_share}")
+        self.permuted_share = permuted_share
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.epoch = 0
@@ -429,6 +434,10 @@ class ShardLoader:
         flips = rng.random(count) < 0.5 if self.flip else None
         # drawn after the flips: runs without it see the same data as before the option existed
         channel_orders = rng.integers(0, len(CHANNEL_ORDERS), count) if self.permute_channels else None
+        if self.permute_channels and self.permuted_share != ALL_ORDERS_ALIKE:
+            # drawn after the draw above, which then goes unused: at 5/6 the stream stays as it was before the share
+            permuted = rng.random(count) < self.permuted_share
+            channel_orders = np.where(permuted, rng.integers(1, len(CHANNEL_ORDERS), count), 0)
         return EpochPlan(order, flips, channel_orders)
 
     def state_dict(self) -> dict:
