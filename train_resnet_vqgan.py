@@ -75,9 +75,10 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         raise RunError(f"{cfg.data}: --eval-fid measures rFID on the val split, and there is none; re-shard with --val-count")
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
     val_reference = None   # FID statistics of the val originals, made at the first eval (and cached beside the shards)
-    # the optimizer's state differs; the channel orders are part of the data order an exact resume replays
-    run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS + ("optimizer", "permute_channels",
-                                                                      "permuted_share"))
+    # the optimizer's state differs; the channel orders are part of the data order an exact resume replays (the
+    # share of permuted images only where the orders are drawn: a run that keeps RGB resumes under any share)
+    orders = ("permute_channels", "permuted_share") if cfg.permute_channels else ("permute_channels",)
+    run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS + ("optimizer",) + orders)
     resume = run.load_resume_state()
     seed_everything(cfg.seed)   # identical init on every rank (a random LPIPS backbone too)
     perceptual = build_perceptual(cfg)

@@ -225,8 +225,6 @@ def test_resume_refuses_another_optimizer_and_takes_older_runs_as_adam(shapes_sh
                   contains="optimizer: run has 'adam', you gave 'muon'")
     expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--permute-channels"),
                   contains="permute_channels: run has False, you gave True")
-    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--permuted-share=0.5"),
-                  contains="permuted_share: run has 0.8333333333333334, you gave 0.5")
     # a run from before --optimizer existed has no such key: it trained with Adam, and resumes on it
     newest = latest_checkpoint(run_dir)
     state = load(newest)
@@ -234,9 +232,18 @@ def test_resume_refuses_another_optimizer_and_takes_older_runs_as_adam(shapes_sh
     torch.save(state, newest)
     expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--optimizer=muon"),
                   contains="optimizer: run has 'adam', you gave 'muon'")
-    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 3))
+    # the share of permuted images means nothing to a run that keeps RGB order
+    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 3, "--permuted-share=0.5"))
     assert "resumed from" in result.stdout + result.stderr
     assert load(latest_checkpoint(run_dir))["step"] == 3
+
+
+def test_resume_of_a_permuting_run_refuses_another_share(shapes_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 2, "--permute-channels"))
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--permute-channels", "--permuted-share=0.5"),
+                  contains="permuted_share: run has 0.8333333333333334, you gave 0.5")
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3), contains="permute_channels: run has True, you gave False")
 
 
 def test_missing_lpips_weights_stop_before_training(shapes_shards, tmp_path, monkeypatch):
