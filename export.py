@@ -4,7 +4,7 @@
     python export.py runs/gpt/step_00003000.pt --out exports/gpt
     python image_quantizer.py --vqgan exports/vqgan --data data/shapes --out data/shapes-tokens
 
-`VQGAN.from_pretrained(DIR)` / `GPT.from_pretrained(DIR)` load the folder, and every --vqgan /
+`vqgpt.export.from_pretrained(DIR)` loads the folder, and every --vqgan /
 --gpt option takes it. `--help` lists every setting.
 """
 from __future__ import annotations

@@ -72,7 +72,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
         raise RunError(f"--eval-fid compares samples with the images the tokens were made from, but {image_shards!r} "
                        f"(named in {cfg.tokens}) is missing")
     fid_reference = None   # FID statistics of those train images, made at the first eval (and cached beside them)
-    run = TrainingRun(cfg, dist, "gpt", ARCHITECTURE_FIELDS)
+    run = TrainingRun(cfg, dist, "gpt", ARCHITECTURE_FIELDS + ("seed",))   # the seed draws the data order
     resume = run.load_resume_state()
     vqgan = None
     if (cfg.sample_count > 0 or cfg.eval_fid) and dist.is_main:

@@ -35,7 +35,7 @@ from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
 from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
                             seed_everything, summary_line)
-from vqgpt.vqgan_step import (VQGANModels, discriminator_backward, evaluate, generator_backward, mark_micro_step,
+from vqgpt.vqgan_step import (VQGANModels, after_optimizer_step, discriminator_backward, evaluate, generator_backward,
                               state_changed_by_forward)
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(VQGANConfig))
@@ -75,9 +75,9 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         raise RunError(f"{cfg.data}: --eval-fid measures rFID on the val split, and there is none; re-shard with --val-count")
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
     val_reference = None   # FID statistics of the val originals, made at the first eval (and cached beside the shards)
-    # the optimizer's state differs; the channel orders are part of the data order an exact resume replays (the
-    # share of permuted images only where the orders are drawn: a run that keeps RGB resumes under any share)
-    orders = ("permute_channels", "permuted_share") if cfg.permute_channels else ("permute_channels",)
+    # the optimizer's state differs; seed, flips and channel orders are part of the data order an exact resume
+    # replays (the share of permuted images only where the orders are drawn: an RGB run resumes under any share)
+    orders = ("seed", "flip", "permute_channels") + (("permuted_share",) if cfg.permute_channels else ())
     run = TrainingRun(cfg, dist, "vqgan", ARCHITECTURE_FIELDS + ("optimizer",) + orders)
     resume = run.load_resume_state()
     seed_everything(cfg.seed)   # identical init on every rank (a random LPIPS backbone too)
@@ -123,6 +123,9 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
               f"{dist.world_size} rank(s) on {device.type}, {str(dtype).replace('torch.', '')}, "
               f"global batch {cfg.batch_size * dist.world_size * cfg.grad_accum}, LPIPS backbone: {lpips_backbone}"
               + (f"; resumed from {resume['path']} at step {step}" if resume else ""))
+    if cfg.disc_start >= cfg.max_steps and cfg.disc_weight > 0:
+        log.print(f"WARNING: the GAN starts at step {cfg.disc_start} (--disc-start), not before this run ends at "
+                  f"{cfg.max_steps}: it trains without the GAN (--disc-weight 0 says so and silences this)")
     if lpips_backbone == "random":
         log.print("WARNING: --lpips-random-backbone: the perceptual term uses an untrained VGG (smoke runs only)")
     if init is not None and resume is None:
@@ -145,7 +148,6 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             sync = micro == cfg.grad_accum - 1
-            mark_micro_step(vqgan, last=sync)
             with distributed.no_sync(models.vqgan, not sync):
                 recon, micro_terms = generator_backward(models, images, cfg, gan_active, 1 / cfg.grad_accum, dtype,
                                                         scaler_g)
@@ -172,6 +174,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
             with torch.no_grad():
                 for saved, tensor in zip(before_forward, state_changed_by_forward(models, gan_active)):
                     tensor.copy_(saved)
+        terms["codes_restarted"] = torch.tensor(float(after_optimizer_step(vqgan, opt_g, skip)))
         scaler_g.update()   # after an overflow: a smaller scale
         if gan_active:
             scaler_d.update()

@@ -188,13 +188,6 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @classmethod
-    def from_pretrained(cls, folder) -> "GPT":
-        """A GPT written by export.py (config.json + model.safetensors), in eval mode without grads."""
-        from vqgpt.export import load_exported   # late: models/ does not import the library
-
-        return load_exported(folder, "gpt").model
-
     def num_params(self) -> int:
         """Parameters counted once (the tied head adds none)."""
         return sum(p.numel() for p in self.parameters())

@@ -6,14 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def scale_chroma(images: torch.Tensor, factor: float) -> torch.Tensor:
-    """(B, 3, H, W) with each pixel's chroma (the pixel minus its grey level, the mean of its channels) x factor."""
-    if factor == 1:
-        return images
-    grey = images.mean(1, keepdim=True)
-    return grey + factor * (images - grey)
-
-
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=min(32, channels), num_channels=channels, eps=1e-6)
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
 
 
-class LPIPSWeightsMissing(RuntimeError):
+class LPIPSWeightsMissing(OSError):
     """The VGG16 backbone weights are not where we look, or are not VGG16's; the message says what to do."""
 
 

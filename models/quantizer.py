@@ -1,13 +1,11 @@
-"""Quantizers: a latent grid (B, z_channels, h, w) -> code vectors and integer codes.
+"""The vector quantizer: a latent grid (B, z_channels, h, w) -> code vectors and integer codes.
 
-`VectorQuantizer`: the nearest codebook vector per position. Classic VQ, or l2-normalised codes
-(cosine lookup) in a low-dimensional lookup space (`codebook_dim` < `z_channels`, LlamaGen's
-choice); EMA codebook updates; restarts of codes left unused for a number of steps, identical on
-every DDP rank; the rotation trick instead of the plain straight-through estimator.
-
-`FiniteScalarQuantizer` (FSQ, Mentzer et al. 2023): each of a few channels is bounded and rounded
-to one of `levels[i]` values; the code is the mixed-radix number of those digits. No codebook to
-learn, so none to collapse, and no auxiliary loss.
+The nearest codebook vector per position, with the straight-through estimator. Classic VQ, or
+l2-normalised codes (cosine lookup) in a low-dimensional lookup space (`codebook_dim` <
+`z_channels`, LlamaGen's choice). Codes left unused for `dead_code_steps` optimizer steps are
+re-seeded from encoder outputs by `restart_dead_codes`, which the trainer calls after the
+optimizer step (never inside the forward, whose graph holds the codebook), identically on every
+DDP rank.
 """
 from __future__ import annotations
 
@@ -47,21 +45,6 @@ def usage_perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum()).detach()
 
 
-def rotate_onto(vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The rotation trick (Fifty et al. 2024): `targets` in the forward pass, while the gradient
-    reaches `vectors` through the (constant) rotation and scaling that maps each onto its target,
-    so it carries the angle between them instead of being copied unchanged. (N, D) -> (N, D)."""
-    norms = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    with torch.no_grad():
-        unit_v = vectors / norms
-        unit_t = F.normalize(targets, dim=1)
-        mirror = F.normalize(unit_v + unit_t, dim=1)
-        scale = targets.norm(dim=1, keepdim=True) / norms
-    # R v = v - 2 (v.r) r + 2 (v.unit_v) unit_t, with v.unit_v = |v|
-    rotated = scale * (vectors - 2 * (vectors * mirror).sum(1, keepdim=True) * mirror + 2 * norms * unit_t)
-    return rotated + (targets - rotated).detach()   # the exact code forward, even for a zero vector
-
-
 class VectorQuantizer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -70,8 +53,6 @@ class VectorQuantizer(nn.Module):
         self.normalized = config.quantizer == "l2"
         self.beta = config.beta
         self.taming_loss = config.vq_loss == "taming"
-        self.rotation_trick = config.rotation_trick
-        self.ema_decay = config.ema_decay
         self.dead_code_steps = config.dead_code_steps
         projected = config.codebook_dim != config.z_channels
         self.project_in = nn.Conv2d(config.z_channels, config.codebook_dim, 1) if projected else nn.Identity()
@@ -81,13 +62,13 @@ class VectorQuantizer(nn.Module):
             nn.init.normal_(codebook)
         else:
             nn.init.uniform_(codebook, -1.0 / config.codebook_size, 1.0 / config.codebook_size)
-        self.codebook = nn.Parameter(codebook, requires_grad=self.ema_decay == 0)
-        if self.ema_decay > 0:
-            self.register_buffer("ema_cluster_size", torch.ones(config.codebook_size))
-            self.register_buffer("ema_sum", codebook.clone())
+        self.codebook = nn.Parameter(codebook)
         self.register_buffer("steps_unused", torch.zeros(config.codebook_size, dtype=torch.long))
-        self.accumulating = False     # set by the trainer on the micro-steps before an optimizer step
-        self._usage_this_step = None  # code usage summed over those micro-steps
+        # what the training forwards since the last optimizer step saw: code counts (summed over the
+        # micro-steps) and the latest encoder outputs, the candidates for a restart. Plain attributes, not
+        # buffers: DDP would overwrite each rank's own counts with rank 0's before every forward
+        self.usage_this_step: torch.Tensor | None = None
+        self.restart_candidates: torch.Tensor | None = None
 
     def lookup_vectors(self) -> torch.Tensor:
         """Codebook in the lookup space, fp32 (normalised for the l2 variant)."""
@@ -124,27 +105,18 @@ class VectorQuantizer(nn.Module):
             indices = self.nearest_codes(flat)
             quantized = self.lookup_vectors()[indices]
             commitment = F.mse_loss(flat, quantized.detach())   # pulls the encoder towards its codes
-            if self.ema_decay > 0:
-                loss = self.beta * commitment
-            elif self.taming_loss:   # taming's released models (legacy=True): beta on the codebook term
+            if self.taming_loss:   # taming's released models (legacy=True): beta on the codebook term
                 loss = commitment + self.beta * F.mse_loss(quantized, flat.detach())
-            else:                    # VQ-VAE (van den Oord et al.): beta on the commitment term
+            else:                  # VQ-VAE (van den Oord et al.): beta on the commitment term
                 loss = F.mse_loss(quantized, flat.detach()) + self.beta * commitment
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
-            restarted = counts.new_zeros(())   # a device tensor: logging it costs no host-device copy
-            if self.training:
-                if self.ema_decay > 0:
-                    self._ema_update(flat.detach(), indices, counts)
-                if self.dead_code_steps > 0:
-                    encoder_vectors = flatten_positions(z_lookup.detach())
-                    restarted = restarted + self._restart_dead_codes(encoder_vectors, counts)
-            if flat.requires_grad:   # without a graph keep the exact code vectors
-                if self.rotation_trick:
-                    quantized = rotate_onto(flat, quantized.detach())
-                else:                # straight-through estimator
-                    quantized = flat + (quantized - flat).detach()
+            if self.training and self.dead_code_steps > 0:
+                self.usage_this_step = counts if self.usage_this_step is None else self.usage_this_step + counts
+                self.restart_candidates = flatten_positions(z_lookup.detach())
+            if flat.requires_grad:   # straight-through estimator; without a graph keep the exact code vectors
+                quantized = flat + (quantized - flat).detach()
         z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
-        stats = {"perplexity": usage_perplexity(counts), "restarted": restarted}
+        stats = {"perplexity": usage_perplexity(counts)}
         return self.project_out(z_q), loss, indices.view(batch, height, width), stats
 
     def indices_to_embedding(self, indices: torch.Tensor) -> torch.Tensor:
@@ -152,122 +124,32 @@ class VectorQuantizer(nn.Module):
         quantized = self.lookup_vectors()[indices]              # (B, h, w, D)
         return self.project_out(quantized.permute(0, 3, 1, 2).to(self.codebook.dtype))
 
-    @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
-        counts = counts.clone()
-        if _distributed():
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
-        # a non-finite batch (the trainer skips that step) must not poison the codebook; a device-side
-        # select, not an `if`, so no host sync per step; every rank sees the same reduced sums
-        finite = torch.isfinite(sums).all()
-        cluster_size = self.ema_cluster_size * self.ema_decay + counts * (1 - self.ema_decay)
-        ema_sum = self.ema_sum * self.ema_decay + sums * (1 - self.ema_decay)
-        total = cluster_size.sum()
-        # Laplace smoothing keeps never-assigned codes from dividing by zero
-        smoothed = (cluster_size + 1e-5) / (total + self.codebook_size * 1e-5) * total
-        for state, update in ((self.ema_cluster_size, cluster_size), (self.ema_sum, ema_sum),
-                              (self.codebook.data, ema_sum / smoothed.unsqueeze(1))):
-            state.copy_(torch.where(finite, update, state))
+    def discard_step_usage(self) -> None:
+        """Forget what the forwards of a skipped step saw: it ages no code."""
+        self.usage_this_step = self.restart_candidates = None
 
     @torch.no_grad()
-    def _restart_dead_codes(self, encoder_vectors: torch.Tensor, counts: torch.Tensor) -> int:
-        """Re-seed codes unused for `dead_code_steps` optimizer steps with current encoder outputs (rank 0's).
-
-        Under gradient accumulation the trainer sets `accumulating` on every micro-step but the
-        last: usage is summed over the step's micro-steps and the counter advances once per step.
-        """
-        # the last entry counts non-finite micro-batches: the trainer skips such a step, so no code ages (a step
-        # skipped for another reason, an fp16 overflow or a NaN GAN term, is undone by the trainer)
-        usage = torch.cat([counts, (~torch.isfinite(encoder_vectors).all()).float().view(1)])
-        if self._usage_this_step is not None:
-            usage = usage + self._usage_this_step
-        if self.accumulating:
-            self._usage_this_step = usage
-            return 0
-        self._usage_this_step = None
+    def restart_dead_codes(self) -> torch.Tensor:
+        """After an optimizer step: age the codes the step's forwards did not use and re-seed those unused for
+        `dead_code_steps` steps with encoder outputs of the last micro-batch (rank 0's, on every rank).
+        Returns the restarted rows (the caller resets their optimizer moments); a collective under DDP."""
+        usage, candidates = self.usage_this_step, self.restart_candidates
+        self.discard_step_usage()
+        none = torch.zeros(0, dtype=torch.long, device=self.codebook.device)
+        if usage is None:   # no training forward since the last step (or no restarts configured)
+            return none
         if _distributed():
             dist.all_reduce(usage)
-        used, non_finite = usage[:-1], usage[-1]
-        if non_finite > 0:
-            return 0
-        self.steps_unused.add_(1).masked_fill_(used > 0, 0)
+        self.steps_unused.add_(1).masked_fill_(usage > 0, 0)
         dead = (self.steps_unused >= self.dead_code_steps).nonzero().flatten()
         if len(dead) == 0:
-            return 0
-        picks = torch.randint(0, len(encoder_vectors), (len(dead),), device=encoder_vectors.device)
-        replacements = encoder_vectors[picks].contiguous()
+            return none
+        picks = torch.randint(0, len(candidates), (len(dead),), device=candidates.device)
+        replacements = candidates[picks].contiguous()
         if _distributed():
             dist.broadcast(replacements, src=0)
         if not torch.isfinite(replacements).all():   # same on every rank after the broadcast
-            return 0
-        if self.ema_decay > 0 and self.normalized:   # the EMA averages unit vectors: seed it with one
-            replacements = F.normalize(replacements, dim=1)
-        self.codebook.data[dead] = replacements.to(self.codebook.dtype)
-        if self.ema_decay > 0:
-            self.ema_cluster_size[dead] = 1.0
-            self.ema_sum[dead] = replacements
+            return none
+        self.codebook[dead] = replacements.to(self.codebook.dtype)
         self.steps_unused[dead] = 0
-        return int(len(dead))
-
-
-class FiniteScalarQuantizer(nn.Module):
-    """FSQ: project to len(levels) channels, bound each with tanh, round to its grid (straight-through)."""
-
-    def __init__(self, config):
-        super().__init__()
-        levels = torch.tensor(config.fsq_levels, dtype=torch.long)
-        self.codebook_size = int(levels.prod())
-        self.codebook_dim = len(levels)
-        self.project_in = nn.Conv2d(config.z_channels, self.codebook_dim, 1)
-        self.project_out = nn.Conv2d(self.codebook_dim, config.z_channels, 1)
-        self.register_buffer("levels", levels, persistent=False)
-        self.register_buffer("radix", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0), persistent=False)
-
-    def _digits(self, flat: torch.Tensor) -> torch.Tensor:
-        """(N, d) fp32 -> (N, d) integers in [-(L//2), L - 1 - L//2] as floats, straight-through."""
-        levels = self.levels.float()
-        half_range = (levels - 1) * (1 + 1e-3) / 2          # just over (L-1)/2 so both ends round inwards
-        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)   # even L: a grid shifted by half a step
-        bounded = torch.tanh(flat + torch.atanh(offset / half_range)) * half_range - offset
-        return bounded + (bounded.round() - bounded).detach()
-
-    def _codes_from_digits(self, digits: torch.Tensor) -> torch.Tensor:
-        return ((digits.detach().round().long() + self.levels // 2) * self.radix).sum(1)
-
-    def _vectors(self, digits: torch.Tensor) -> torch.Tensor:
-        return digits / (self.levels // 2).float()          # every channel in [-1, 1]
-
-    @torch.no_grad()
-    def indices_for(self, z: torch.Tensor) -> torch.Tensor:
-        z_lookup = self.project_in(z)
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = flatten_positions(z_lookup)
-            indices = self._codes_from_digits(self._digits(flat))
-        return indices.view(z_lookup.shape[0], *z_lookup.shape[2:])
-
-    def forward(self, z: torch.Tensor):
-        """z (B, z_channels, h, w) -> z_q (same shape), loss (0), indices (B, h, w), stats."""
-        z_lookup = self.project_in(z)
-        batch, dim, height, width = z_lookup.shape
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = flatten_positions(z_lookup)
-            digits = self._digits(flat)
-            indices = self._codes_from_digits(digits)
-            quantized = self._vectors(digits)
-            counts = torch.bincount(indices, minlength=self.codebook_size).float()
-            loss = flat.sum() * 0.0   # no auxiliary loss; a graph-carrying zero keeps the trainer's backward uniform
-        z_q = quantized.view(batch, height, width, dim).permute(0, 3, 1, 2).to(z_lookup.dtype)
-        stats = {"perplexity": usage_perplexity(counts), "restarted": counts.new_zeros(())}
-        return self.project_out(z_q), loss, indices.view(batch, height, width), stats
-
-    def indices_to_embedding(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (B, h, w) -> z_q (B, z_channels, h, w), the vectors the forward pass uses."""
-        digits = (indices.unsqueeze(-1) // self.radix) % self.levels - self.levels // 2   # (B, h, w, d)
-        quantized = self._vectors(digits.float())
-        return self.project_out(quantized.permute(0, 3, 1, 2).to(self.project_out.weight.dtype))
-
-
-def build_quantizer(config) -> nn.Module:
-    return FiniteScalarQuantizer(config) if config.quantizer == "fsq" else VectorQuantizer(config)
+        return dead

@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from models.decoder import Decoder
 from models.encoder import Encoder
-from models.layers import scale_chroma
-from models.quantizer import build_quantizer
+from models.quantizer import VectorQuantizer
 
-QUANTIZERS = ("vq", "l2", "fsq")
+QUANTIZERS = ("vq", "l2")
 VQ_LOSSES = ("vqvae", "taming")
 
 
@@ -29,21 +26,15 @@ class VQGANConfig:
     dropout: float = 0.0
     codebook_size: int = 1024
     codebook_dim: int = 64
-    quantizer: str = "vq"         # vq | l2 (normalised, low-dim lookup) | fsq (finite scalar quantization)
+    quantizer: str = "vq"         # vq | l2 (normalised, low-dim lookup)
     beta: float = 0.25
     vq_loss: str = "vqvae"        # vqvae: beta weighs the commitment term; taming: beta weighs the codebook term
-    rotation_trick: bool = False  # gradients through the rotation onto the code instead of straight through
-    ema_decay: float = 0.0
     dead_code_steps: int = 0
-    fsq_levels: tuple[int, ...] = ()   # fsq: values per channel; codebook_size = their product
     # quant_conv / post_quant_conv map z_channels <-> codebook_dim themselves (taming's and LlamaGen's layout)
     # instead of the quantizer's project_in / project_out
     quant_conv_to_codebook: bool = False
     disc_layers: int = 3
     disc_ndf: int = 64
-    # the encoder sees each pixel's chroma (the pixel minus its grey level) scaled by this: colour differences
-    # are small beside light and dark, and at short budgets the encoder learns to carry light only (1: plain RGB)
-    chroma_gain: float = 1.0
     # every encoder level after the first also sees the image average-pooled to its own grid (1x1 conv, added):
     # colour sits in thin strokes and small fills that the strided convolutions lose on the way down
     pooled_input: bool = False
@@ -56,19 +47,6 @@ class VQGANConfig:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.vq_loss not in VQ_LOSSES:
             raise ValueError(f"vq_loss must be one of {VQ_LOSSES}, got {self.vq_loss!r}")
-        if self.quantizer == "fsq":
-            size = math.prod(self.fsq_levels)
-            if not self.fsq_levels or min(self.fsq_levels) < 2:
-                raise ValueError(f"quantizer fsq needs --fsq-levels of at least 2 values each, e.g. 8,5,5,5; got {self.fsq_levels}")
-            if (size, len(self.fsq_levels)) != (self.codebook_size, self.codebook_dim):
-                raise ValueError(f"fsq levels {self.fsq_levels} give {size} codes of {len(self.fsq_levels)} channels: "
-                                 f"pass --codebook-size {size} --codebook-dim {len(self.fsq_levels)}")
-            if self.ema_decay or self.dead_code_steps or self.rotation_trick:
-                raise ValueError("fsq has no codebook: --ema-decay, --dead-code-steps and --rotation-trick do not apply")
-        if not 0 < self.chroma_gain < math.inf:
-            raise ValueError(f"chroma_gain must be a positive number, got {self.chroma_gain}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if min(self.ch, self.z_channels, self.codebook_size, self.codebook_dim, self.num_res_blocks) < 1:
             raise ValueError("ch, z_channels, codebook_size, codebook_dim and num_res_blocks must be positive")
 
@@ -84,7 +62,7 @@ class VQGAN(nn.Module):
         self.encoder = Encoder(config)
         latent = config.codebook_dim if config.quant_conv_to_codebook else config.z_channels
         self.quant_conv = nn.Conv2d(config.z_channels, latent, 1)
-        self.quantizer = build_quantizer(dataclasses.replace(config, z_channels=latent))
+        self.quantizer = VectorQuantizer(dataclasses.replace(config, z_channels=latent))
         self.post_quant_conv = nn.Conv2d(latent, config.z_channels, 1)
         self.decoder = Decoder(config)
 
@@ -101,16 +79,13 @@ class VQGAN(nn.Module):
         """The weight matrices / filters between the layer that reads pixels and the one that writes them,
         without the codebook: what Muon orthogonalises (vqgpt/optim.py)."""
         left_out = {id(self.encoder.conv_in.weight), id(self.decoder.conv_out.weight),
-                    id(getattr(self.quantizer, "codebook", None)),
+                    id(self.quantizer.codebook),
                     *(id(conv.weight) for conv in self.encoder.pooled_in)}
         return [p for p in self.parameters() if p.ndim >= 2 and id(p) not in left_out]
 
-    def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
-        return scale_chroma(images, self.config.chroma_gain)
-
     def encode(self, images: torch.Tensor):
         """images in [-1, 1] (B, 3, H, W) -> z_q, quantizer loss, indices (B, h, w), stats."""
-        return self.quantizer(self.quant_conv(self.encoder(self.encoder_input(images))))
+        return self.quantizer(self.quant_conv(self.encoder(images)))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
@@ -122,14 +97,7 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h*w) int64 codes in raster order; no decoder, no graph."""
-        return self.quantizer.indices_for(self.quant_conv(self.encoder(self.encoder_input(images)))).flatten(1)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "VQGAN":
-        """A VQGAN written by export.py (config.json + model.safetensors), in eval mode without grads."""
-        from vqgpt.export import load_exported   # late: models/ does not import the library
-
-        return load_exported(folder, "vqgan").model
+        return self.quantizer.indices_for(self.quant_conv(self.encoder(images))).flatten(1)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h*w) codes -> images (B, 3, H, W) in about [-1, 1]."""

@@ -3,6 +3,7 @@ import pytest
 
 from vqgpt.config import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, QuantizeConfig, SampleConfig,
                           ShardifyConfig, VQGANTrainConfig, config_from_dict, config_to_dict, parse_config)
+from vqgpt.errors import ConfigError
 
 
 def test_both_flag_spellings_and_preset_overrides():
@@ -27,6 +28,28 @@ def test_bad_flags_exit_2_with_a_reason(argv, message, capsys):
         parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--tokens=t", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(VQGAN_TRAIN_PRESETS))
+def test_every_preset_turns_its_gan_on_before_its_run_ends(name):
+    preset = VQGAN_TRAIN_PRESETS[name]
+    assert preset.disc_weight > 0 and preset.disc_start < preset.max_steps
+
+
+def test_a_run_that_ends_before_its_gan_starts_says_so(shapes_shards, tmp_path):
+    from tests.helpers import run_script, vqgan_args
+
+    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "run", 1, "--disc-start=5"))
+    assert "trains without the GAN" in result.stdout + result.stderr
+
+
+def test_saved_configs_with_a_removed_setting_load_only_where_it_was_off():
+    saved = config_to_dict(parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--preset=b64", "--data=d"]))
+    off = {**saved, "rotation_trick": False, "ema_decay": 0.0, "fsq_levels": [], "chroma_gain": 1.0}
+    assert config_from_dict(VQGANTrainConfig, off) == config_from_dict(VQGANTrainConfig, saved)
+    for key, value in (("chroma_gain", 2.3), ("ema_decay", 0.99), ("rotation_trick", True), ("quantizer", "fsq")):
+        with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')} .*no longer has"):
+            config_from_dict(VQGANTrainConfig, {**saved, key: value})
 
 
 def test_saved_config_round_trips():

@@ -79,6 +79,26 @@ def refused(capsys, *flags: str) -> str:
     return lines[0]
 
 
+def test_inception_runs_in_strict_fp32_whatever_the_trainer_switched_on():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    seen = []
+
+    def network(batch):
+        seen.append((cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32,
+                     torch.is_autocast_enabled("cpu")))
+        return torch.zeros(len(batch), 2048), torch.zeros(len(batch), 1008)
+
+    saved = cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32
+    try:   # what configure_backends sets for training on CUDA (settable on any build)
+        cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32 = True, True, False, True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fid.Inception(network, Path("w"), "0", torch.device("cpu")).features([np.zeros((8, 8, 3), np.uint8)])
+        assert seen == [(False, False, True, False, False)]
+        assert (cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32) == (True, True, False, True)
+    finally:
+        cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32 = saved
+
+
 def test_fid_equals_torch_fidelity_and_separates_different_images(image_sets, weights, tmp_path):
     from torch_fidelity import calculate_metrics
 

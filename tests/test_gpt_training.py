@@ -39,6 +39,19 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shapes_tokens, tmp_path
                              load(latest_checkpoint(tmp_path / "split"))["gpt"])
 
 
+def test_resume_applies_new_optimizer_settings_and_refuses_another_seed(shapes_tokens, tmp_path):
+    run = tmp_path / "run"
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, run, 1, "--sample-count=0"))
+    refused = run_script("train_gpt.py", *gpt_args(shapes_tokens, run, 2, "--sample-count=0", "--seed=3"), check=False)
+    assert refused.returncode == 2 and "seed: run has 0, you gave 3" in refused.stderr
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, run, 2, "--sample-count=0", "--beta2=0.99",
+                                          "--weight-decay=0.05"))
+    state = load(latest_checkpoint(run))
+    groups = state["optimizer"]["param_groups"]
+    assert state["step"] == 2 and {tuple(g["betas"]) for g in groups} == {(0.9, 0.99)}
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]   # decay on the matrices only
+
+
 def test_refuses_a_vqgan_that_did_not_make_the_tokens(shapes_tokens, tiny_vqgan_run, tmp_path):
     import shutil
     import torch

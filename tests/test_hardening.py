@@ -610,13 +610,20 @@ def test_every_user_error_is_one_line_exit_2_and_errors_imports_nothing(capsys):
 
     for cls in (RunError, ConfigError, ShardError, CheckpointError, DataPrepError, InceptionWeightsError):
         assert issubclass(cls, UserError), cls
+    from models.perceptual import LPIPSWeightsMissing
+
     for error in (RunError("a"), ConfigError("b"), ShardError("c"), CheckpointError("d"), DataPrepError("e"),
-                  InceptionWeightsError("f"), PermissionError(13, "Permission denied", "/run")):
+                  InceptionWeightsError("f"), PermissionError(13, "Permission denied", "/run"), LPIPSWeightsMissing("g")):
         assert exit_on_user_error(raising(error), "prog") == 2
         assert one_error_line(capsys).startswith("prog: error: ")
     code = "import sys, vqgpt.errors; print(sorted(m for m in sys.modules if m.startswith(('vqgpt', 'models'))))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True)
     assert result.stdout.strip() == "['vqgpt', 'vqgpt.errors']", result.stdout + result.stderr
+    # nor does models/: networks only, usable without the library
+    code = ("import sys, pathlib, importlib; [importlib.import_module('models.' + p.stem) for p in "
+            "pathlib.Path('models').glob('*.py')]; print(sorted(m for m in sys.modules if m.startswith('vqgpt')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def train_three_steps_spoiling_the_third(chain, run, function_name: str, spoil) -> tuple[dict, dict]:
@@ -709,22 +716,19 @@ def test_a_saved_config_of_the_wrong_types_is_a_config_error(chain, tmp_path, fi
         load_gpt(tmp_path / "gpt")
 
 
-def test_only_the_main_rank_prints_a_user_error_and_the_rank_comes_from_dist_info(capsys, monkeypatch):
-    from vqgpt import distributed
+def test_only_the_main_rank_prints_a_user_error(capsys, monkeypatch):
     from vqgpt.errors import exit_on_user_error
 
     def failing():
         raise RunError("same on every rank")
 
-    monkeypatch.setenv("RANK", "0")   # the environment says main; the set-up run says otherwise and wins
-    monkeypatch.setattr(distributed, "_current", DistInfo(1, 1, 2, torch.device("cpu"), False))
+    monkeypatch.setenv("RANK", "1")   # torchrun's rank of this process
     assert exit_on_user_error(failing, "prog") == 2 and capsys.readouterr().err == ""
-    monkeypatch.setattr(distributed, "_current", DistInfo(0, 0, 2, torch.device("cpu"), True))
+    monkeypatch.setenv("RANK", "0")
     assert exit_on_user_error(failing, "prog") == 2
     assert capsys.readouterr().err == "prog: error: same on every rank\n"
-    monkeypatch.setattr(distributed, "_current", None)   # before set-up: torchrun's RANK is all there is
-    monkeypatch.setenv("RANK", "1")
-    assert exit_on_user_error(failing, "prog") == 2 and capsys.readouterr().err == ""
+    monkeypatch.delenv("RANK")   # a plain `python` run
+    assert exit_on_user_error(failing, "prog") == 2 and capsys.readouterr().err != ""
 
 
 def test_resume_restores_every_tracked_object_and_the_skipped_step_count(tmp_path):

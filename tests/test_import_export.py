@@ -21,8 +21,8 @@ from models.vqgan import VQGAN
 from tests.helpers import load, run_script
 from vqgpt.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from vqgpt.config import ExportConfig, ImportConfig, VQGANTrainConfig, config_to_dict, parse_config
-from vqgpt.errors import exit_on_user_error
-from vqgpt.export import export_run
+from vqgpt.errors import ConfigError, exit_on_user_error
+from vqgpt.export import export_run, from_pretrained
 from vqgpt.safe_pickle import load_foreign_checkpoint
 from vqgpt.trained_models import load_gpt, load_vqgan
 
@@ -257,6 +257,25 @@ def test_init_from_refuses_a_conflicting_architecture_flag(taming_run, shards16,
     assert not (tmp_path / "ft").exists()
 
 
+def test_init_from_keeps_every_setting_given_even_at_its_default(tmp_path):
+    import dataclasses
+
+    from models.vqgan import VQGANConfig
+    from vqgpt.config import VQGAN_TRAIN_PRESETS
+    from vqgpt.finetune import InitSource, adopt_architecture
+
+    source = InitSource(tmp_path, dataclasses.replace(VQGANConfig(), dead_code_steps=10, beta=0.5, ch=32), {}, None)
+
+    def adopted(*flags: str) -> VQGANTrainConfig:
+        return adopt_architecture(parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--data=d", *flags]), source)
+
+    assert (adopted().dead_code_steps, adopted().beta, adopted().ch) == (10, 0.5, 32)   # not given: the source's
+    given = adopted("--dead-code-steps=0", "--beta=0.25")   # both equal the defaults, and were asked for
+    assert (given.dead_code_steps, given.beta, given.ch) == (0, 0.25, 32)
+    with pytest.raises(ConfigError, match="--ch 64 .the source has 32."):   # an architecture flag at its default
+        adopted("--ch=64")
+
+
 def safetensors_tensor_bytes(path: Path) -> tuple[dict, int]:
     """(header, bytes after it); a safetensors file is an 8-byte length, a JSON header and raw tensor data."""
     data = path.read_bytes()
@@ -273,7 +292,8 @@ def test_export_vqgan_round_trip_without_pickle(taming_run, shards16, tmp_path):
     assert payload == max(v["data_offsets"][1] for v in tensors.values())   # nothing but tensors: no pickle
     assert header["__metadata__"]["stage"] == "vqgan"
     images = load_file(FIXTURES / "taming_reference.safetensors")["images"]
-    original, exported = load_vqgan(taming_run), VQGAN.from_pretrained(out)
+    original, exported = load_vqgan(taming_run), from_pretrained(out)
+    assert isinstance(exported, VQGAN)
     with torch.no_grad():
         assert torch.equal(original.model(images)[0], exported(images)[0])
         assert torch.equal(original.model.encode_to_indices(images), exported.encode_to_indices(images))
@@ -309,7 +329,8 @@ def test_export_gpt_round_trip(tmp_path):
     out = tmp_path / "export"
     assert exit_on_user_error(lambda: __import__("export").main(
         parse_config(ExportConfig, {}, ["--run", str(tmp_path / "gpt"), "--out", str(out)])), "export") == 0
-    exported = GPT.from_pretrained(out)
+    exported = from_pretrained(out)
+    assert isinstance(exported, GPT)
     tokens = torch.randint(0, 64, (3, 16))
     with torch.no_grad():
         assert torch.equal(model(tokens)[0], exported(tokens)[0])

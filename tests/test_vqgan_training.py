@@ -55,6 +55,14 @@ def test_chroma_weight_scales_only_the_colour_part_of_the_error():
         pytest.approx(reconstruction_loss(images, grey_error, None, 1.0, 0.0, 1.0)[0].item())
 
 
+def test_logged_errors_are_the_plain_ones_whatever_the_chroma_weight():
+    images = torch.zeros(1, 3, 1, 1)
+    recon = torch.tensor([-0.6, 0.0, 0.0]).view(1, 3, 1, 1)   # |error| (0.6, 0, 0): L1 0.2, squared error 0.12
+    for weight in (1.0, 2.0, 4.0):
+        terms = reconstruction_loss(images, recon, None, 1.0, 0.0, l2_weight=1.0, chroma_weight=weight)[1]
+        assert terms["l1"].item() == pytest.approx(0.2) and terms["mse"].item() == pytest.approx(0.12)
+
+
 def test_adaptive_weight_by_hand_and_safe_in_half_precision():
     grad_rec = torch.tensor([3.0, 4.0])     # norm 5
     grad_gan = torch.tensor([0.0, 2.0])     # norm 2
@@ -121,7 +129,7 @@ def test_ddp_two_processes_end_with_identical_weights(ddp_run):
     assert len(state["rank_checksums"]) == 2 and len(set(state["rank_checksums"])) == 1
     assert [group["muon"] for group in state["opt_g"]["param_groups"]] == [True, False]
     restarts = [r["codes_restarted"] for r in read_metrics(ddp_run) if r["kind"] == "train"]
-    assert sum(restarts) > 0
+    assert sum(restarts) > 0 and all(float(count).is_integer() for count in restarts)   # a count, not a mean
     assert state["loader"]["cursor"] == 4 * 2 * 2 * 4   # steps x micro-steps x ranks x batch
     config = json.loads((ddp_run / "config.json").read_text())
     assert config["lpips_backbone"] == "random" and config["config"]["lpips_random_backbone"] is True
@@ -151,7 +159,7 @@ def test_two_node_rendezvous_on_localhost(shapes_shards, tmp_path):
         commands.append([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
                          "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                          "--rdzv-id=vqgan-test", "train_resnet_vqgan.py",
-                         *vqgan_args(shapes_shards, tmp_path / "run", 2, "--ema-decay=0.9")])
+                         *vqgan_args(shapes_shards, tmp_path / "run", 2, "--dead-code-steps=1")])
     processes = [subprocess.Popen(c, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for c in commands]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
@@ -232,10 +240,25 @@ def test_resume_refuses_another_optimizer_and_takes_older_runs_as_adam(shapes_sh
     torch.save(state, newest)
     expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--optimizer=muon"),
                   contains="optimizer: run has 'adam', you gave 'muon'")
+    # seed and flips draw the data order an exact resume replays
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--seed=1"), contains="seed: run has 0, you gave 1")
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--flip=false"), contains="flip: run has True, you gave False")
     # the share of permuted images means nothing to a run that keeps RGB order
     result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 3, "--permuted-share=0.5"))
     assert "resumed from" in result.stdout + result.stderr
     assert load(latest_checkpoint(run_dir))["step"] == 3
+
+
+def test_resume_runs_with_the_optimizer_settings_config_json_records(shapes_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 1, "--optimizer=muon"))
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 2, "--optimizer=muon",
+                                                    "--adam-betas=0.8,0.99", "--muon-lr-scale=2"))
+    state = load(latest_checkpoint(run_dir))
+    assert state["step"] == 2 and state["config"]["adam_betas"] == [0.8, 0.99]
+    for name in ("opt_g", "opt_d"):   # the groups the step ran with, not the first run's (0.5, 0.9) and 3.0
+        assert {tuple(group["betas"]) for group in state[name]["param_groups"]} == {(0.8, 0.99)}
+    assert {group["muon_lr_scale"] for group in state["opt_g"]["param_groups"]} == {2.0}
 
 
 def test_resume_of_a_permuting_run_refuses_another_share(shapes_shards, tmp_path):
@@ -274,7 +297,7 @@ def test_nan_steps_are_skipped_then_stop(tmp_path):
 
 def test_help_lists_every_setting():
     result = run_script("train_resnet_vqgan.py", "--help")
-    for flag in ("--max-steps", "--disc-start", "--lpips-weights", "--codebook-dim", "--ema-decay", "--preset"):
+    for flag in ("--max-steps", "--disc-start", "--lpips-weights", "--codebook-dim", "--dead-code-steps", "--preset"):
         assert flag in result.stdout
     bad = run_script("train_resnet_vqgan.py", "--max-stepz=3", check=False)
     assert bad.returncode == 2 and "valid settings" in bad.stderr and "--max-steps" in bad.stderr

@@ -125,9 +125,23 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
     preset = args.pop("preset", None)
     args = {key: tuple(value) if isinstance(value, list) else value for key, value in args.items()}
     try:   # without a preset the defaults are not built first: they may lack a setting only the user can give
-        return dataclasses.replace(presets[preset], **args) if preset else cls(**args)
+        cfg = dataclasses.replace(presets[preset], **args) if preset else cls(**args)
     except (TypeError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    defaults = field_defaults(cls)
+    from_preset = {k for k, v in config_to_dict(presets[preset]).items() if v != defaults.get(k)} if preset else set()
+    object.__setattr__(cfg, "_given", frozenset(args) | from_preset)
+    return cfg
+
+
+def given_settings(cfg: Any) -> frozenset[str]:
+    """The settings the command line gave (a flag, or a preset's value other than the default), even where the
+    value equals the default; for a config built in code, the settings that differ from the defaults."""
+    given = getattr(cfg, "_given", None)
+    if given is not None:
+        return given
+    defaults = field_defaults(type(cfg))
+    return frozenset(k for k, v in config_to_dict(cfg).items() if v != defaults.get(k))
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -140,8 +154,25 @@ def field_defaults(cls: type) -> dict:
             if f.default is not dataclasses.MISSING}
 
 
+# settings removed after they lost every measurement, with the value that meant "off": a saved config that
+# holds that value loads as before; one that used the setting was trained by another network or loss
+REMOVED_SETTINGS = {"rotation_trick": False, "ema_decay": 0.0, "fsq_levels": [], "chroma_gain": 1.0}
+
+
+def check_removed_settings(saved: dict, source: str) -> None:
+    """Refuse a saved config made with a setting this version no longer has; ConfigError names it."""
+    used = [f"{flag_name(k)} {saved[k]}" for k, off in REMOVED_SETTINGS.items() if k in saved and saved[k] != off]
+    if saved.get("quantizer") == "fsq":
+        used.append("--quantizer fsq")
+    if used:
+        raise ConfigError(f"{source}: made with {', '.join(used)}, which this version of vqgpt no longer has "
+                          "(removed 2026-12-07: no preset used it and it lost every measurement)")
+
+
 def config_from_dict(cls: type[C], data: dict) -> C:
     """Rebuild a config saved with `config_to_dict` (lists back to tuples, unknown keys rejected)."""
+    check_removed_settings(data, "saved config")
+    data = {k: v for k, v in data.items() if k not in REMOVED_SETTINGS}
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -283,8 +314,7 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     l1_weight: float = _help("weight of the L1 reconstruction term (taming's)", 1.0)
     l2_weight: float = _help("weight of the squared-error reconstruction term (LlamaGen's)", 0.0)
     chroma_weight: float = _help("weight of the colour part of the L1 / squared error (the error minus its grey "
-                                 "level) against the grey part; with --chroma-gain it makes a short run learn colour",
-                                 1.0)
+                                 "level) against the grey part", 1.0)
     perceptual_weight: float = _help("weight of the LPIPS term (0: off, no VGG weights needed)", 1.0)
     lpips_weights: str = _help("path to vgg16-397923af.pth (default: the torch hub cache)", "")
     lpips_random_backbone: bool = _help("LPIPS with a RANDOM VGG backbone, for offline smoke runs only", False)
@@ -342,7 +372,8 @@ VQGAN_TRAIN_PRESETS = {
     # optimizer muon: the same network learns faster (bench/quality.py against Adam, same seeds: clip art +1.3 dB,
     # +0.10 SSIM; photographs +2.2 dB and their unseen colours back); seed / f16-16384 stay on Adam, not measured
     # at 256 px or on long runs.
-    "b64": _vqgan_preset("b64", **_OURS, optimizer="muon", batch_size=8, lr=2e-4, disc_start=10000,
+    # disc_start: the GAN for the second half of the default 10,000 steps
+    "b64": _vqgan_preset("b64", **_OURS, optimizer="muon", batch_size=8, lr=2e-4, disc_start=5000,
                          permute_channels=True, permuted_share=0.5, chroma_weight=2.0, out="runs/vqgan-b64"),
     "seed": _vqgan_preset("seed", **{**_OURS, "warmup_steps": 100}, batch_size=8, lr=1e-4, disc_start=30000,
                           max_steps=300000, eval_every=5000, ckpt_every=5000, out="runs/vqgan-seed"),
@@ -350,7 +381,8 @@ VQGAN_TRAIN_PRESETS = {
                                disc_start=250001, max_steps=1000000, eval_every=5000, ckpt_every=5000,
                                out="runs/vqgan-f16-16384"),
     # taming's configs: custom_vqgan.yaml, vqgan_imagenet_f16_1024.yaml, vqgan_imagenet_f16_16384.yaml
-    "taming-b64": _taming_preset("taming-b64", batch_size=8, disc_start=10000, out="runs/vqgan-taming-b64"),
+    "taming-b64": _taming_preset("taming-b64", batch_size=8, disc_start=10000, max_steps=20000,
+                                 out="runs/vqgan-taming-b64"),
     "taming-f16-1024": _taming_preset("taming-f16-1024", batch_size=12, disc_start=250001, max_steps=1000000,
                                       eval_every=5000, ckpt_every=5000, out="runs/vqgan-taming-f16-1024"),
     "taming-f16-16384": _taming_preset("taming-f16-16384", batch_size=12, disc_start=0, disc_weight=0.75,
@@ -465,6 +497,7 @@ EXPORT_PRESETS: dict[str, ExportConfig] = {}
 
 def subconfig_from_dict(target_cls: type[C], data: dict) -> C:
     """Build `target_cls` from the same-named entries of a saved flat config dict."""
+    check_removed_settings(data, "saved config")
     names = {f.name for f in dataclasses.fields(target_cls)}
     return config_from_dict(target_cls, {k: v for k, v in data.items() if k in names})
 

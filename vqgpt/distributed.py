@@ -46,23 +46,13 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-_current: DistInfo | None = None   # this process's, once setup() ran
-
-
 def launcher_rank() -> int:
     """The rank torchrun gave this process (0 for a plain `python` run)."""
     return int(os.environ.get("RANK", "0"))
 
 
-def is_main_process() -> bool:
-    """Whether this process speaks for the run: the DistInfo's answer once set up; before that (a bad flag,
-    a missing file) the launcher's rank, the only one there is yet."""
-    return _current.is_main if _current is not None else launcher_rank() == 0
-
-
 def setup(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
     """Initialise the process group when launched by torchrun; a plain `python` run is world size 1."""
-    global _current
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = launcher_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -73,9 +63,7 @@ def setup(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=torch_device if backend == "nccl" else None)
-    _current = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size,
-                        device=torch_device, is_main=rank == 0)
-    return _current
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device, is_main=rank == 0)
 
 
 def launch(train_fn, cfg) -> int:

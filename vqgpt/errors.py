@@ -5,6 +5,7 @@ so any module can raise these without an import cycle.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -38,20 +39,16 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from models.perceptual import LPIPSWeightsMissing  # late: models/ holds modules only and imports no vqgpt
-
-    # OSError: a read-only run folder, a full disk, a file where a folder should be; its message names the path
-    return (UserError, LPIPSWeightsMissing, OSError)
+# OSError: a read-only run folder, a full disk, a file where a folder should be, LPIPS weights missing
+# (models.perceptual.LPIPSWeightsMissing is one); its message names the path
+USER_ERRORS = (UserError, OSError)
 
 
 def exit_on_user_error(main: Callable[[], int | None], program: str) -> int:
     """Run `main`; a known user error prints `program: error: ...` once and returns 2."""
     try:
         return main() or 0
-    except user_errors() as err:
-        from vqgpt.distributed import is_main_process   # late: this module imports nothing of the project
-
-        if is_main_process():   # torchrun's other ranks hit the same error: one line, not N
+    except USER_ERRORS as err:
+        if os.environ.get("RANK", "0") == "0":   # torchrun's other ranks hit the same error: one line, not N
             print(f"{program}: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -1,8 +1,8 @@
 """Exported models: a folder with config.json, model.safetensors (weights only, no pickle) and a model card.
 
 `export_run` writes one from a VQGAN or GPT checkpoint (or a run's latest); `load_exported` reads
-it back, checking every tensor against the config. Every `--vqgan` / `--gpt` option and
-`VQGAN.from_pretrained` / `GPT.from_pretrained` take such a folder.
+it back, checking every tensor against the config; `from_pretrained` returns its model. Every
+`--vqgan` / `--gpt` option takes such a folder.
 """
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ def ensure_fresh_folder(out: str | Path, flag: str = "--out") -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunError(f"{flag} {out}: already exists and is not empty; choose a new folder (nothing was written)")
     return out
+
+
+def from_pretrained(folder: str | Path) -> VQGAN | GPT:
+    """The VQGAN or GPT of a folder written by export.py, in eval mode without grads."""
+    try:
+        stage = json.loads((Path(folder) / CONFIG_NAME).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None   # load_exported says what is wrong with the file
+    return load_exported(folder, stage if stage in MODELS else "vqgan").model
 
 
 def load_exported(folder: str | Path, stage: str) -> Exported:
@@ -155,8 +164,8 @@ def model_card(info: dict, parameters: int) -> str:
     lines = [f"# vqgpt {stage.upper()}", "",
              f"{parameters / 1e6:.2f}M parameters, exported from `{info['source']['checkpoint']}` "
              f"(step {info['source']['step']}, sha256 `{info['source']['sha256'][:16]}...`).", "",
-             "```python", f"from models.{stage} import {stage.upper()}",
-             f"model = {stage.upper()}.from_pretrained(\"PATH/TO/THIS/FOLDER\")", "```", "",
+             "```python", "from vqgpt.export import from_pretrained",
+             "model = from_pretrained(\"PATH/TO/THIS/FOLDER\")", "```", "",
              "## Config", "", "```json", json.dumps(info["config"], indent=2), "```", "",
              "## Metrics (last evaluation of the run)", "",
              ("\n".join(f"- {k}: {v}" for k, v in metrics.items()) if metrics else "none recorded"), "",

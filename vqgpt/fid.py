@@ -25,7 +25,7 @@ from vqgpt.files import atomic_path, sha256_file
 from vqgpt.images import IMAGE_SUFFIXES, to_uint8
 from vqgpt.sampling import sample_tokens
 from vqgpt.shards import MANIFEST_NAME, ShardError, ShardSplit
-from vqgpt.training import autocast
+from vqgpt.training import autocast, strict_fp32
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -84,7 +84,8 @@ class Inception:
         pool, logits = [], []
         for run in runs:
             batch = torch.from_numpy(np.ascontiguousarray(np.stack(run))).to(self.device).permute(0, 3, 1, 2)
-            run_pool, run_logits = self.network(batch)
+            with strict_fp32(), torch.autocast(self.device.type, enabled=False):   # the published protocol: fp32
+                run_pool, run_logits = self.network(batch)
             pool.append(run_pool.float().cpu().numpy())
             logits.append(run_logits.float().cpu().numpy())
         return Features(np.concatenate(pool), np.concatenate(logits))

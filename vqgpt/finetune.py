@@ -1,8 +1,9 @@
 """--init-from: a new VQGAN run that starts from the weights of another one (imported, exported or our own).
 
 The networks (and the discriminator, when the source has one) are loaded; optimizers, step and
-data order start fresh. The architecture is the source's: a setting changed from its default to
-a value the source does not have is refused, except the few that only steer training.
+data order start fresh. Every network setting the user did not give is the source's; one the
+user gave (a flag or a preset) is kept where it only steers training, and refused where it would
+change the architecture.
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 
 from models.vqgan import VQGANConfig
 from vqgpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from vqgpt.config import ConfigError, flag_name, subconfig_from_dict
+from vqgpt.config import ConfigError, flag_name, given_settings, subconfig_from_dict
 from vqgpt.export import is_exported, load_exported
 
 # VQGANConfig fields a fine-tune may change: they shape no tensor
-TRAINING_FIELDS = ("beta", "vq_loss", "rotation_trick", "dead_code_steps", "dropout")
+TRAINING_FIELDS = ("beta", "vq_loss", "dead_code_steps", "dropout")
 DISCRIMINATOR_FIELDS = ("disc_layers", "disc_ndf")
 
 
@@ -42,15 +43,16 @@ def load_init_source(path: str | Path) -> InitSource:
 
 
 def adopt_architecture(cfg, source: InitSource):
-    """`cfg` with the source's VQGANConfig values; a conflicting non-default setting raises ConfigError."""
-    defaults = type(cfg)()
+    """`cfg` with the source's VQGANConfig values where the user gave none; a setting the user gave that would
+    change the architecture raises ConfigError."""
+    given = given_settings(cfg)
     free = TRAINING_FIELDS + (DISCRIMINATOR_FIELDS if source.discriminator is None else ())
     adopted, conflicts = {}, []
     for f in dataclasses.fields(VQGANConfig):
         mine, theirs = getattr(cfg, f.name), getattr(source.config, f.name)
         if mine == theirs:
             continue
-        if mine == getattr(defaults, f.name):
+        if f.name not in given:
             adopted[f.name] = theirs
         elif f.name not in free:
             conflicts.append(f"{flag_name(f.name)} {_shown(mine)} (the source has {_shown(theirs)})")

@@ -4,7 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.layers import scale_chroma
+
+
+def scale_chroma(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, 3, H, W) with each pixel's chroma (the pixel minus its grey level, the mean of its channels) x factor."""
+    if factor == 1:
+        return images
+    grey = images.mean(1, keepdim=True)
+    return grey + factor * (images - grey)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -33,15 +40,14 @@ def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, perceptual: t
                         chroma_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """l1_weight * |e| + l2_weight * e^2 + perceptual_weight * LPIPS, means over the batch, where e = x - y with
     its chroma part (e minus its mean over the colour channels) scaled so that chroma_weight multiplies its share
-    of the squared error."""
-    error = scale_chroma(images - recon, chroma_weight ** 0.5)
-    l1 = error.abs().mean()
-    terms = {"l1": l1.detach()}
-    loss = l1_weight * l1
+    of the squared error. The logged `l1` and `mse` are of the plain error e, comparable with the eval's."""
+    plain = images - recon
+    error = scale_chroma(plain, chroma_weight ** 0.5)
+    loss = l1_weight * error.abs().mean()
+    terms = {"l1": plain.detach().abs().mean()}
     if l2_weight > 0:
-        mse = error.square().mean()
-        loss = loss + l2_weight * mse
-        terms["mse"] = mse.detach()
+        loss = loss + l2_weight * error.square().mean()
+        terms["mse"] = plain.detach().square().mean()
     if perceptual is not None and perceptual_weight > 0:
         lpips_value = perceptual(images, recon).mean()
         loss = loss + perceptual_weight * lpips_value

@@ -20,8 +20,8 @@ from torch.optim.adam import adam as adam_functional
 
 from models.vqgan import VQGAN
 
-# the quintic Newton-Schulz coefficients of Muon's authors: fast, not exact; 5 steps bring singular values
-# into about [0.5, 1.2], not to 1 (tests/test_muon.py)
+# the quintic Newton-Schulz coefficients of Muon's authors: fast, not exact; 5 steps bring singular values above
+# about 1e-3 of the Frobenius norm into about [0.5, 1.2], not to 1 (tests/test_muon.py)
 _NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
@@ -43,7 +43,7 @@ class MuonWithAdam(torch.optim.Optimizer):
     """Muon on `hidden` (each a weight of 2 or more dims), Adam (no weight decay) on `others`.
 
     One learning rate drives both (set per group by the trainer's schedule): a Muon update is scaled to
-    RMS 0.2 x lr x `muon_lr_scale` (0.2 x lr is Moonlight's match to Adam's typical update), so the
+    RMS about 0.2 x lr x `muon_lr_scale` (0.2 x lr is Moonlight's match to Adam's typical update), so the
     Adam presets' learning rates carry over.
     """
 
@@ -85,6 +85,15 @@ class MuonWithAdam(torch.optim.Optimizer):
                         [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
                         beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=0.0, eps=group["eps"],
                         maximize=False)
+
+
+@torch.no_grad()
+def reset_moments(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, rows: torch.Tensor) -> None:
+    """Zero the optimizer's per-element state (Adam's moments) of `rows` of `param`: re-seeded codebook rows
+    must not move by the gradients of the vectors they replaced."""
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value[rows] = 0
 
 
 def adam(params, lr: float, betas: tuple[float, ...], device: torch.device) -> torch.optim.Adam:

@@ -356,6 +356,9 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 CHANNEL_ORDERS = np.array(list(itertools.permutations(range(3))))
 # the share of images whose channels leave RGB order when all six orders are alike
 ALL_ORDERS_ALIKE = 5 / 6
+# how an epoch's channel orders are drawn, saved with the reader's position: 2 draws once per image (1 drew an
+# unused six-way order first); a resume replays only the draw it was made with
+CHANNEL_DRAW = 2
 
 
 def reorder_channels(images: np.ndarray, channel_orders: np.ndarray) -> np.ndarray:
@@ -432,17 +435,15 @@ class ShardLoader:
         count = len(self.split)
         order = rng.permutation(count) if self.shuffle else np.arange(count)
         flips = rng.random(count) < 0.5 if self.flip else None
-        # drawn after the flips: runs without it see the same data as before the option existed
-        channel_orders = rng.integers(0, len(CHANNEL_ORDERS), count) if self.permute_channels else None
-        if self.permute_channels and self.permuted_share != ALL_ORDERS_ALIKE:
-            # drawn after the draw above, which then goes unused: at 5/6 the stream stays as it was before the share
+        channel_orders = None
+        if self.permute_channels:   # drawn after the flips: runs without it see the data of runs before it existed
             permuted = rng.random(count) < self.permuted_share
             channel_orders = np.where(permuted, rng.integers(1, len(CHANNEL_ORDERS), count), 0)
         return EpochPlan(order, flips, channel_orders)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_samples": len(self.split),
-                "shards_sha256": self.split.fingerprint}
+                "shards_sha256": self.split.fingerprint, "channel_draw": CHANNEL_DRAW}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool)
@@ -454,6 +455,9 @@ class ShardLoader:
         if state.get("shards_sha256", self.split.fingerprint) != self.split.fingerprint:   # older checkpoints: no key
             raise ShardError(f"{self.split.root}: split {self.split.split!r} holds other shards than the checkpoint "
                              "was made on (same size, other content); resume on the same data or start a new --out")
+        if self.permute_channels and state.get("channel_draw") != CHANNEL_DRAW:
+            raise ShardError(f"{self.split.root}: the checkpoint's run drew its channel orders the way vqgpt did "
+                             "before 2026-12-07; they cannot be replayed: start a new --out (or --init-from it)")
         self.close()
         self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
 

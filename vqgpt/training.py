@@ -18,7 +18,7 @@ import torch
 
 from vqgpt import checkpoint as ckpt
 from vqgpt import distributed
-from vqgpt.config import config_to_dict, field_defaults, format_config
+from vqgpt.config import check_removed_settings, config_to_dict, field_defaults, format_config
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError, first_line
 from vqgpt.files import atomic_write_json, remove_stale_temporaries
@@ -65,6 +65,19 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """IEEE fp32 and cuDNN's deterministic algorithms inside, whatever configure_backends chose for training:
+    for measurements (Inception's features) that must not change with the GPU generation or between runs."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32
+    cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32 = False, False, True, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32 = saved
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -117,6 +130,7 @@ class TrainingRun:
         state = ckpt.load_checkpoint(path, required_keys=("stage", "step", "config"))
         if state["stage"] != self.stage:
             raise RunError(f"{path}: is a {state['stage']} checkpoint, this trainer continues {self.stage} runs")
+        check_removed_settings(state["config"], str(path))
         mine = config_to_dict(self.cfg)
         # a setting newer than the run was at its default when the run was made
         theirs = {**field_defaults(type(self.cfg)), **state["config"]}
@@ -223,7 +237,10 @@ class TrainingRun:
 
     def restore(self, resume: dict) -> int:
         """Load every tracked object from its saved state and continue the RNG streams; returns the step.
-        A crafted or mismatched state is one CheckpointError."""
+        A crafted or mismatched state is one CheckpointError. Optimizers keep their moments but take this
+        run's settings (betas, weight decay, Muon's scale), the ones config.json records."""
+        fresh_hyperparameters = {name: hyperparameters(obj) for name, obj in self.stateful.items()
+                                 if isinstance(obj, torch.optim.Optimizer)}
         for name, obj in {**self.networks, **self.stateful}.items():
             if isinstance(obj, torch.amp.GradScaler) and not (obj.is_enabled() and resume.get(name)):
                 continue   # fp32/bf16 keep no scale; a run resumed in fp16 from another precision starts its own
@@ -232,6 +249,8 @@ class TrainingRun:
                                            "not a checkpoint of this project")
             try:
                 obj.load_state_dict(resume[name])
+                if isinstance(obj, torch.optim.Optimizer):
+                    apply_hyperparameters(obj, fresh_hyperparameters[name])
             except ShardError:   # the reader's own message (other data) is already one line
                 raise
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
@@ -249,6 +268,17 @@ class TrainingRun:
             ckpt.restore_rng_state(saved[self.dist.rank])
         else:
             seed_everything(self.cfg.seed + 1000003 * state["step"] + self.dist.rank)
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings (everything but its parameters)."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, settings: list[dict]) -> None:
+    """Put back settings taken by `hyperparameters`: load_state_dict replaces them with the checkpoint's."""
+    for group, values in zip(optimizer.param_groups, settings, strict=True):
+        group.update(values)
 
 
 def parameters_checksum(module_states: dict[str, dict]) -> str:

@@ -19,6 +19,7 @@ from vqgpt import distributed
 from vqgpt.images import to_unit_range, to_uint8
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from vqgpt.metrics import codebook_usage, psnr, ssim
+from vqgpt.optim import reset_moments
 from vqgpt.training import autocast
 
 
@@ -32,15 +33,22 @@ class VQGANModels:
 
 
 def state_changed_by_forward(models: VQGANModels, gan_active: bool) -> list[torch.Tensor]:
-    """The tensors a training forward changes in place: the quantizer's dead-code counters, EMA sums and the
-    codes it restarts or moves, and the discriminator's BatchNorm statistics. A skipped step puts them back."""
-    quantizer = models.raw_vqgan.quantizer
-    tensors = list(quantizer.buffers())
-    if getattr(quantizer, "dead_code_steps", 0) or getattr(quantizer, "ema_decay", 0):
-        tensors.append(quantizer.codebook.data)
-    if gan_active:
-        tensors += list(models.raw_discriminator.buffers())
-    return tensors
+    """The tensors a training forward changes in place: the discriminator's BatchNorm statistics (the
+    quantizer's code usage is dropped by `after_optimizer_step`). A skipped step puts them back."""
+    return list(models.raw_discriminator.buffers()) if gan_active else []
+
+
+def after_optimizer_step(vqgan: torch.nn.Module, optimizer: torch.optim.Optimizer, skipped: bool) -> int:
+    """Dead-code restarts, once per optimizer step and outside any graph: the rows restarted start with fresh
+    optimizer moments. A skipped step ages no code. Returns the number of codes restarted."""
+    quantizer = vqgan.quantizer
+    if skipped:
+        quantizer.discard_step_usage()
+        return 0
+    restarted = quantizer.restart_dead_codes()
+    if len(restarted):
+        reset_moments(optimizer, quantizer.codebook, restarted)
+    return len(restarted)
 
 
 class _InputCapture:
@@ -104,7 +112,7 @@ def generator_backward(models: VQGANModels, images: torch.Tensor, cfg, gan_activ
     torch.autograd.backward([recon, quant_loss], [grad_recon * total_scale,
                                                   torch.ones_like(quant_loss) * total_scale])
     terms.update(rec_loss=rec_loss.detach(), quant_loss=quant_loss.detach(),
-                 batch_perplexity=stats["perplexity"].float(), codes_restarted=stats["restarted"])
+                 batch_perplexity=stats["perplexity"].float())
     return recon.detach(), terms
 
 
@@ -118,11 +126,6 @@ def discriminator_backward(models: VQGANModels, images: torch.Tensor, recon_deta
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().float().mean(),
             "logits_fake": logits_fake.detach().float().mean()}
-
-
-def mark_micro_step(vqgan: torch.nn.Module, last: bool) -> None:
-    """Dead-code restarts count optimizer steps: the quantizer gathers usage until the last micro-step."""
-    vqgan.quantizer.accumulating = not last
 
 
 @torch.no_grad()
