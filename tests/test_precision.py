@@ -148,22 +148,12 @@ def test_dead_code_restarts_count_optimizer_steps_under_accumulation():
     quantizer = VectorQuantizer(quantizer_config(dead_code_steps=2)).train()
     z = torch.randn(1, 4, 1, 1)   # one position: one code used per micro-step, 15 unused
     restarted = []
-    for step in range(3):
-        for micro in range(2):
-            quantizer.accumulating = micro == 0
-            restarted.append(int(quantizer(z)[3]["restarted"]))
-    # unused for 2 optimizer steps = at the end of the second step, not after 2 micro-steps
-    assert restarted[:3] == [0, 0, 0] and restarted[3] > 0
-
-
-def test_ema_restarts_of_l2_codes_store_unit_vectors():
-    torch.manual_seed(0)
-    quantizer = VectorQuantizer(quantizer_config(quantizer="l2", ema_decay=0.9, dead_code_steps=1)).train()
-    _, _, indices, stats = quantizer(torch.randn(1, 4, 2, 2) * 50)   # encoder outputs far from unit length
-    restarted = [k for k in range(16) if k not in set(indices.flatten().tolist())]
-    assert int(stats["restarted"]) == len(restarted) > 0
-    norms = quantizer.ema_sum[restarted].norm(dim=1)
-    torch.testing.assert_close(norms, torch.ones_like(norms))
+    for _ in range(3):   # optimizer steps of 2 micro-steps each
+        for _ in range(2):
+            quantizer(z)
+        restarted.append(len(quantizer.restart_dead_codes()))   # the trainer's call after each optimizer step
+    # unused for 2 optimizer steps = at the end of the second step (all 15), not after 2 micro-steps
+    assert restarted[:2] == [0, 15]
 
 
 def test_the_vqgan_refuses_weight_decay():
@@ -264,7 +254,8 @@ def test_quantizer_channels_last_and_compiled_write_the_eager_codes(flags, tiny_
                "--progress=false", *flags)
     eager, _ = ShardSplit(shapes_tokens, "train").read(np.arange(400))
     other, _ = ShardSplit(out, "train").read(np.arange(400))
-    assert (eager == other).mean() > 0.99   # fp32 throughout: only near-ties may fall the other way
+    # fp32 throughout: only near-ties may fall the other way (measured: 1 of 25600 codes channels_last, 0 compiled)
+    assert (eager == other).mean() > 0.999
 
 
 def compiled_backward_counts(fn) -> tuple[int, int]:
@@ -286,17 +277,23 @@ def test_a_compiled_gan_step_runs_one_backward_and_agrees_with_eager():
     step(compiled)   # compiles
     compiled.raw_vqgan.zero_grad(set_to_none=True)
     forwards, backwards = compiled_backward_counts(lambda: step(compiled))
-    # each compiled graph (the quantizer's data-dependent restarts split the model) runs its backward
-    # once: the adaptive weight's two gradients add none
+    # each compiled graph (graph breaks split the model: the quantizer's bincount of code usage has a data-dependent
+    # shape) runs its backward once: the adaptive weight's two gradients add none
     assert forwards >= 1 and backwards == forwards
     step(eager)
     eager.raw_vqgan.zero_grad(set_to_none=True)
-    _, eager_terms = step(eager)
-    assert cosine(flat_grad(compiled.raw_vqgan), flat_grad(eager.raw_vqgan)) > 0.999
+    step(eager)
+    compiled_grad, eager_grad = flat_grad(compiled.raw_vqgan), flat_grad(eager.raw_vqgan)
+    # both fp32: inductor's fused kernels only sum in another order. Measured (one and two threads): the whole
+    # gradient within 6.0e-6 of eager in norm, each element within 5.7e-6 x the largest (0.093); a few conv biases'
+    # gradients are zero but for rounding (~1e-8), so the tolerance is absolute in units of the largest gradient,
+    # not of each tensor's own. Rounding the gradients to bf16 alone is 1.7e-3 in norm.
+    assert (compiled_grad - eager_grad).norm() / eager_grad.norm() < 1e-4
+    largest = eager_grad.abs().max().item()
     for name, parameter in compiled.raw_vqgan.named_parameters():
         reference = dict(eager.raw_vqgan.named_parameters())[name].grad
-        torch.testing.assert_close(parameter.grad, reference, rtol=1.6e-2, atol=1e-2 * reference.abs().max().item() + 1e-7,
-                                   msg=name)   # bf16 tolerance, relative to each tensor's scale
+        # measured: at most 0.17 of this tolerance
+        torch.testing.assert_close(parameter.grad, reference, rtol=1e-4, atol=2e-5 * largest, msg=name)
 
 
 @pytest.mark.slow
@@ -318,17 +315,22 @@ def test_vqgan_trainer_compiled_resume_continues_the_same_run(shapes_shards, tmp
 
 @pytest.mark.slow
 def test_gpt_trainer_compiled_resume_follows_the_eager_run(shapes_tokens, tmp_path):
-    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "eager", 4, "--sample-count=0"))
-    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "compiled", 4, "--sample-count=0", "--compile=true",
+    # no dropout: inductor draws other masks than eager (with the tiny preset's 0.1 the losses differed by up to
+    # 1.6e-3); without it both runs are fp32 and differ only in summation order
+    no_dropout = ("--sample-count=0", "--dropout=0")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "eager", 4, *no_dropout))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "compiled", 4, *no_dropout, "--compile=true",
                                          "--stop-at-step=2"),
                timeout=900)
-    result = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "compiled", 4, "--sample-count=0", "--compile=true"),
-                        timeout=900)
+    result = run_script("train_gpt.py",
+                        *gpt_args(shapes_tokens, tmp_path / "compiled", 4, *no_dropout, "--compile=true"), timeout=900)
     assert "resumed from" in result.stdout + result.stderr
     eager, compiled = train_records(tmp_path / "eager"), train_records(tmp_path / "compiled")
     assert [r["step"] for r in compiled] == [1, 2, 3, 4]
     for a, b in zip(eager, compiled):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)   # bf16 tolerance
+        # measured: losses within 9.4e-8 (one fp32 ulp), gradient norms within 1.2e-7
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
     assert load(latest_checkpoint(tmp_path / "compiled"))["step"] == 4
 
 
