@@ -8,7 +8,16 @@
 Each VQGAN trains for `--steps` x `--batch-size` images on one pinned thread (runs go two at a time,
 one per core), then the trainer's own evaluation measures the WHOLE val split: PSNR, SSIM, L1,
 codebook usage and perplexity (with several --seeds: their mean, targets checked on it; single
-photograph runs have spread over 2.6 dB in four seeds). The reference is the `taming-b64` preset
+photograph runs have spread over 2.6 dB in four seeds). Colour (bench/colour.py, as BENCHMARKS' colour
+tables define it) on the FIRST `--colour-images` (200) val images of each set, the images those tables
+used, not the whole split, for every run and seed: `chroma_ratio` (std of the reconstructions' chroma,
+pixel minus its grey level, over the originals'), `chroma_error` (the chroma part of the squared error,
+[-1, 1] units; `grey_chroma_error` is what a grey answer scores). For each run of the first seed,
+where it carries colour: a ridge probe from each encoder level (`probe_r2_levels`, the encoder's
+order) and from the quantized latent (`probe_r2_lookup`), pooled to the token grid, to each token
+patch's mean chroma, fitted on the first `--probe-train` (500) train images and scored (R^2) on those
+val images (runs 97-106 fitted on 150 val images and scored on 150 others). About half a minute a
+run on 2 cores, a minute with the probe. The reference is the `taming-b64` preset
 (taming-transformers' configuration: plain VQ, uniform init, its loss form and learning-rate rule)
 trained in the same run on the same data. Then a GPT learns the clip-art tokens of our VQGAN for
 `--gpt-steps` steps (val loss in nats/token, blind samples). Figures land in OUT/figures; the last line
@@ -35,6 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.colour import (chroma, chroma_error, chroma_std_ratio, encoder_features, grey_chroma_error,  # noqa: E402
+                          probe_features)
 from bench.common import emit  # noqa: E402
 from models.perceptual import find_vgg_weights  # noqa: E402
 from vqgpt.config import (VQGAN_TRAIN_PRESETS, VQGANTrainConfig, config_to_dict, field_defaults,  # noqa: E402
@@ -62,8 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="train every run once per seed (default: 0); grids and the GPT use the first")
     parser.add_argument("--gpt-steps", type=int, default=2000, help="GPT steps on the clip-art tokens (0: skip)")
+    parser.add_argument("--colour-images", type=int, default=200,
+                        help="first val images of each set for the colour figures and the probe's score (default: 200)")
+    parser.add_argument("--probe-train", type=int, default=500,
+                        help="first train images of each set the colour probe is fitted on (default: 500; 0 skips it)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once, one core each")
     args = parser.parse_args(argv)
+    if args.colour_images < 1 or args.probe_train < 0:
+        parser.error("--colour-images must be at least 1 and --probe-train at least 0")
     args.seeds = list(dict.fromkeys(args.seeds))   # a seed named twice is one run, counted once in the means
     return args
 
@@ -150,6 +167,53 @@ def comparison_grid(runs: dict[str, Path], data: Path, path: Path, count: int = 
     save_png(path, image_grid(rows), upscale=2)
 
 
+def first_images(data: Path, split: str, count: int) -> np.ndarray:
+    """The first `count` images of a split (all of it when shorter), uint8 (N, H, W, 3)."""
+    images = ShardSplit(data, split)
+    return images.read(np.arange(min(count, len(images))))[0]
+
+
+def colour_figures(run: Path, val_images: np.ndarray, train_images: np.ndarray | None) -> dict:
+    """A run's chroma ratio and chroma error on `val_images`, and, given `train_images`, the colour probe's
+    R^2 per encoder level and of the quantized latent (fitted on the train images, scored on the val ones)."""
+    vqgan = load_vqgan(run).model
+    score = encoder_features(vqgan, val_images, keep_recon=True)
+    figures = {"chroma_ratio": chroma_std_ratio(val_images, score.recon),
+               "chroma_error": chroma_error(val_images, score.recon)}
+    if train_images is not None:
+        fit = encoder_features(vqgan, train_images)
+        figures.update(probe_features(fit, train_images, score, val_images, vqgan.latent_grid))
+    return figures
+
+
+def json_number(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
+
+
+def add_colour_figures(results: dict, seeded_runs: dict, data: Path, args) -> None:
+    """Colour figures of every run (means over seeds, per-seed values beside them) and the probe of the first seed's."""
+    for s in args.sets:
+        # the first --colour-images val images (200: those of BENCHMARKS' colour tables), not the whole val split
+        val_images = first_images(data / s, "val", args.colour_images)
+        train_images = first_images(data / s, "train", args.probe_train) if args.probe_train > 0 else None
+        results[f"{s}_colour_val_images"] = len(val_images)
+        results[f"{s}_val_chroma_std"] = float(chroma(val_images).std())
+        results[f"{s}_grey_chroma_error"] = grey_chroma_error(val_images)
+        if train_images is not None:
+            results[f"{s}_probe_train_images"] = len(train_images)
+        for side in dict.fromkeys(side for (set_name, side, _) in seeded_runs if set_name == s):
+            per_seed = [colour_figures(seeded_runs[(s, side, seed)], val_images,
+                                       train_images if seed == args.seeds[0] else None) for seed in args.seeds]
+            for key in ("chroma_ratio", "chroma_error"):
+                values = [figures[key] for figures in per_seed]
+                results[f"{s}_{side}_{key}"] = float(np.mean(values))
+                if len(values) > 1:
+                    results[f"{s}_{side}_{key}_per_seed"] = [round(v, 4) for v in values]
+            if train_images is not None:
+                results[f"{s}_{side}_probe_r2_levels"] = [json_number(r2) for r2 in per_seed[0]["levels"]]
+                results[f"{s}_{side}_probe_r2_lookup"] = json_number(per_seed[0]["lookup"])
+
+
 def gpt_stage(our_run: Path, data: Path, out: Path, steps: int, results: dict) -> None:
     tokens, gpt_run, samples = out / "clipart-tokens", out / "clipart-gpt", out / "clipart-samples"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -201,6 +265,7 @@ def main(argv=None) -> int:
             if len(values) > 1:
                 results[f"{s}_{side}_{key}_per_seed"] = values
         results[f"{s}_val_images"] = evals[0]["val_images"]
+    add_colour_figures(results, seeded_runs, data, args)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     for s in args.sets:

@@ -1,5 +1,7 @@
-"""Every bench script runs at a tiny size and ends with one JSON object holding its documented figures."""
+"""Every bench script runs at a tiny size and ends with one JSON object holding its documented figures, each
+positive and finite, the sizes it was asked for, and derived figures that agree with the ones they come from."""
 import json
+import math
 
 import pytest
 
@@ -7,27 +9,77 @@ from tests.helpers import run_script
 
 pytestmark = pytest.mark.slow   # each bench script in its own interpreter, one under torchrun
 
+RAW_256 = 256 * 256 * 3   # bytes of one 256 px uint8 image
+
+
+def ratio_of(figures: dict, key: str, numerator: str, denominator: str) -> None:
+    """figures[key] == numerator / denominator, up to the JSON's rounding to 4 decimals."""
+    expected = figures[numerator] / figures[denominator]
+    assert figures[key] == pytest.approx(expected, rel=2e-3, abs=2e-4), key
+
+
+def check_shards(f: dict) -> None:
+    assert f["bytes_per_image_256"] >= RAW_256          # a shard holds every pixel, uncompressed
+    assert f["overhead_vs_raw_pct"] == pytest.approx(100 * (f["bytes_per_image_256"] / RAW_256 - 1), abs=2e-4)
+    assert f["float32_shard_size_ratio"] == pytest.approx(4 * RAW_256 / f["bytes_per_image_256"], abs=2e-4)
+    ratio_of(f, "reader_speedup_vs_jpeg_decode", "reader_images_per_s", "reference_jpeg_decode_images_per_s")
+    ratio_of(f, "reader_permuted_vs_plain", "reader_permuted_channels_images_per_s", "reader_images_per_s")
+
+
+def check_vqgan_step(f: dict) -> None:
+    assert (f["preset"], f["batch_size"], f["threads"]) == ("tiny", 2, 1)
+    ratio_of(f, "speedup_vs_reference", "images_per_s", "reference_images_per_s")
+    ratio_of(f, "bf16_speedup", "images_per_s_bf16", "images_per_s")
+    ratio_of(f, "muon_vs_adam", "images_per_s_muon", "images_per_s")
+    assert f["achieved_gflops"] == pytest.approx(f["gflops_per_step"] * f["images_per_s"] / 2, rel=2e-3)
+    ratio_of(f, "mfu", "achieved_gflops", "gemm_peak_gflops")
+    ratio_of(f, "mfu_vs_conv_peak", "achieved_gflops", "conv3x3_peak_gflops")
+
+
+def check_quantizer(f: dict) -> None:
+    assert (f["preset"], f["batch_size"]) == ("tiny", 8)
+    ratio_of(f, "pipeline_vs_forward", "images_per_s", "forward_images_per_s")
+
+
+def check_gpt(f: dict) -> None:
+    assert (f["preset"], f["batch_size"], f["tokens_per_image"]) == ("tiny", 2, 64)
+    for way in ("kv", "recompute"):   # each way samples the whole batch: rate x seconds = 2 x 64 tokens
+        assert f[f"sample_tokens_per_s_{way}"] * f[f"sample_seconds_{way}"] == pytest.approx(2 * 64, rel=5e-3)
+    ratio_of(f, "kv_speedup", "sample_tokens_per_s_kv", "sample_tokens_per_s_recompute")
+    ratio_of(f, "bf16_speedup", "train_tokens_per_s_bf16", "train_tokens_per_s")
+    ratio_of(f, "scaling_2_ranks", "train_tokens_per_s_2_ranks", "train_tokens_per_s")
+    # gflops_per_token is printed with 4 decimals (about 0.005 on tiny): 1% leeway
+    mfu = f["train_tokens_per_s"] * f["gflops_per_token"] / f["gemm_peak_gflops"]
+    assert f["mfu"] == pytest.approx(mfu, rel=2e-2)
+
+
+def check_evaluate(f: dict) -> None:
+    assert (f["images"], f["samples"], f["batch_size"], f["image_size"]) == (4, 2, 2, 64)
+    assert (f["decoded_image_size"] // 8) ** 2 == f["gpt_tokens_per_image"]   # b64 decodes 8 px a token
+
+
 BENCHES = [
     ("bench/shards.py", ["--jpegs", "12", "--builtin", "64", "--reader-images", "256", "--batch-size", "16"],
      ["shardify_builtin32_images_per_s_w1", "bytes_per_image_256", "reader_images_per_s",
-      "reader_speedup_vs_jpeg_decode"]),
+      "reader_speedup_vs_jpeg_decode"], check_shards),
     ("bench/vqgan_step.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "0", "--muon"],
      ["images_per_s", "gflops_per_step", "mfu", "speedup_vs_reference", "images_per_s_bf16", "bf16_speedup",
-      "images_per_s_muon", "muon_vs_adam"]),
+      "images_per_s_muon", "muon_vs_adam"], check_vqgan_step),
     ("bench/quantizer.py", ["--preset", "tiny", "--batch-size", "8", "--images", "64"],
-     ["images_per_s", "forward_images_per_s", "pipeline_vs_forward"]),
+     ["images_per_s", "forward_images_per_s", "pipeline_vs_forward"], check_quantizer),
     ("bench/gpt.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "2"],   # + torchrun ranks
      ["train_tokens_per_s", "mfu", "train_tokens_per_s_bf16", "bf16_speedup", "sample_tokens_per_s_kv",
       "sample_tokens_per_s_recompute", "scaling_2_ranks",
-      "scaling_2_ranks_without_allreduce"]),
+      "scaling_2_ranks_without_allreduce"], check_gpt),
     ("bench/evaluate.py", ["--images", "4", "--samples", "2", "--batch-size", "2", "--ranks", "0"],
-     ["extract_images_per_s", "generate_decode_images_per_s"]),
+     ["extract_images_per_s", "generate_decode_images_per_s"], check_evaluate),
 ]
 
 
-@pytest.mark.parametrize("script, args, keys", BENCHES, ids=[b[0] for b in BENCHES])
-def test_bench_prints_its_figures_as_one_json_line(script, args, keys):
+@pytest.mark.parametrize("script, args, keys, check", BENCHES, ids=[b[0] for b in BENCHES])
+def test_bench_prints_its_figures_as_one_json_line(script, args, keys, check):
     result = run_script(script, *args)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for key in keys:
-        assert key in figures and figures[key] > 0, key
+        assert key in figures and 0 < figures[key] < math.inf, key
+    check(figures)
