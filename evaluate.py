@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from vqgpt import distributed
-from vqgpt.config import EVALUATE_PRESETS, ConfigError, EvaluateConfig, config_to_dict, flag_name, parse_config
+from vqgpt.config import ConfigError, config_to_dict, flag_name, parse_config
+from vqgpt.settings import EVALUATE_PRESETS, EvaluateConfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import (Inception, ImageSource, balanced_labels, extract_features, frechet_distance, fid_statistics,
                        generate_images, inception_score, load_inception, open_images, reference_statistics)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from vqgpt.config import EXPORT_PRESETS, ExportConfig, parse_config
+from vqgpt.config import parse_config
+
+from vqgpt.settings import EXPORT_PRESETS, ExportConfig
 from vqgpt.errors import exit_on_user_error
 from vqgpt.export import export_run
 

@@ -15,7 +15,8 @@ import sys
 
 from plots.figures import codebook_histogram
 from vqgpt import distributed
-from vqgpt.config import QUANTIZE_PRESETS, QuantizeConfig, parse_config
+from vqgpt.config import parse_config
+from vqgpt.settings import QUANTIZE_PRESETS, QuantizeConfig
 from vqgpt.errors import exit_on_user_error
 from vqgpt.quantize import Encoder, quantize
 from vqgpt.trained_models import load_vqgan

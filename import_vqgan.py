@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 
 from models.vqgan import VQGAN, count_parameters
-from vqgpt.config import IMPORT_PRESETS, ImportConfig, parse_config
+from vqgpt.config import parse_config
+from vqgpt.settings import IMPORT_PRESETS, ImportConfig
 from vqgpt.errors import exit_on_user_error
 from vqgpt.importers import (LPIPS_VGG_NAME, import_llamagen, import_taming, summarize_ignored,
                              write_imported_run)

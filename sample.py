@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqgpt.config import SAMPLE_PRESETS, ConfigError, SampleConfig, parse_config
+from vqgpt.config import ConfigError, parse_config
+
+from vqgpt.settings import SAMPLE_PRESETS, SampleConfig
 from vqgpt.distributed import pick_device
 from vqgpt.errors import exit_on_user_error
 from vqgpt.images import image_grid, load_image_batch, save_png, to_uint8, to_unit_range

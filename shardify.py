@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import sys
 
-from vqgpt.config import SHARDIFY_PRESETS, ShardifyConfig, parse_config
+from vqgpt.config import parse_config
+
+from vqgpt.settings import SHARDIFY_PRESETS, ShardifyConfig
 from vqgpt.dataprep import builtin_source, scan_folder, summarize, write_shards
 from vqgpt.errors import exit_on_user_error
 

@@ -21,7 +21,8 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from vqgpt import distributed
-from vqgpt.config import GPT_TRAIN_PRESETS, GPTTrainConfig, parse_config, subconfig
+from vqgpt.config import parse_config, subconfig
+from vqgpt.settings import GPT_TRAIN_PRESETS, GPTTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics, sample_fid
 from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss

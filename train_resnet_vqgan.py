@@ -24,7 +24,8 @@ from models.discriminator import NLayerDiscriminator
 from models.perceptual import build_lpips
 from models.vqgan import VQGAN, VQGANConfig, count_parameters
 from vqgpt import distributed
-from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig, parse_config, subconfig
+from vqgpt.config import parse_config, subconfig
+from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics
 from vqgpt.finetune import InitSource, adopt_architecture, load_init_source

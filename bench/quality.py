@@ -48,8 +48,8 @@ from bench.colour import (chroma, chroma_error, chroma_std_ratio, encoder_featur
                           probe_features)
 from bench.common import emit  # noqa: E402
 from models.perceptual import find_vgg_weights  # noqa: E402
-from vqgpt.config import (VQGAN_TRAIN_PRESETS, VQGANTrainConfig, config_to_dict, field_defaults,  # noqa: E402
-                          parse_config)
+from vqgpt.config import config_to_dict, field_defaults, parse_config  # noqa: E402
+from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 from vqgpt.images import image_grid, save_png, to_uint8, to_unit_range  # noqa: E402
 from vqgpt.files import atomic_write_bytes  # noqa: E402
 from vqgpt.runlog import METRICS_NAME, read_metrics  # noqa: E402

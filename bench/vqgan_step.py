@@ -31,7 +31,7 @@ from models.discriminator import NLayerDiscriminator  # noqa: E402
 from models.perceptual import build_lpips  # noqa: E402
 from models.vqgan import VQGAN, VQGAN_PRESETS  # noqa: E402
 from vqgpt import distributed  # noqa: E402
-from vqgpt.config import VQGANTrainConfig  # noqa: E402
+from vqgpt.settings import VQGANTrainConfig  # noqa: E402
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
 from vqgpt.optim import adam, vqgan_optimizer  # noqa: E402
 from vqgpt.training import autocast, grad_scaler  # noqa: E402

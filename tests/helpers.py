@@ -82,7 +82,8 @@ def tiny_models(perceptual=None):
 def run_shardify(argv: list[str]) -> int:
     """shardify.py in-process, as its `__main__` runs it: a user error is exit code 2 and one line."""
     import shardify
-    from vqgpt.config import SHARDIFY_PRESETS, ShardifyConfig, parse_config
+    from vqgpt.config import parse_config
+    from vqgpt.settings import SHARDIFY_PRESETS, ShardifyConfig
     from vqgpt.errors import exit_on_user_error
 
     return exit_on_user_error(lambda: shardify.main(parse_config(ShardifyConfig, SHARDIFY_PRESETS, argv)), "shardify")

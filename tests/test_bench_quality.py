@@ -14,7 +14,8 @@ from bench.colour import (chroma, chroma_error, chroma_std_ratio, encoder_featur
                           pool_to_grid, probe_encoder, ridge_probe_r2)
 from bench.quality import main, parse_args, reusable, run_folder, vqgan_command
 from models.vqgan import VQGAN, VQGAN_PRESETS
-from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig, config_to_dict, parse_config
+from vqgpt.config import config_to_dict, parse_config
+from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 
 BUDGET = SimpleNamespace(steps=271, batch_size=8)
 

@@ -1,8 +1,10 @@
 """Command-line overrides of the dataclass configs: both flag spellings, bare booleans, presets, errors."""
 import pytest
 
-from vqgpt.config import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, QuantizeConfig, SampleConfig,
-                          ShardifyConfig, VQGANTrainConfig, config_from_dict, config_to_dict, parse_config)
+from vqgpt.config import config_from_dict, config_to_dict, parse_config
+
+from vqgpt.settings import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, QuantizeConfig, SampleConfig,
+                            ShardifyConfig, VQGANTrainConfig)
 from vqgpt.errors import ConfigError
 
 

@@ -18,7 +18,8 @@ import evaluate
 from tests.conftest import gradient_image
 from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, run_script, spy_vqgan_memory_format
 from vqgpt import fid
-from vqgpt.config import EVALUATE_PRESETS, EvaluateConfig, parse_config
+from vqgpt.config import parse_config
+from vqgpt.settings import EVALUATE_PRESETS, EvaluateConfig
 from vqgpt.dataprep import builtin_source, scan_folder, write_shards
 from vqgpt.errors import exit_on_user_error
 from vqgpt.files import sha256_file

@@ -28,8 +28,8 @@ from tests.conftest import make_image_folder
 from tests.helpers import ROOT, run_shardify, script_env
 from vqgpt import dataprep, files
 from vqgpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from vqgpt.config import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, ConfigError, GPTTrainConfig, VQGANTrainConfig,
-                          SampleConfig, config_to_dict, parse_config)
+from vqgpt.config import ConfigError, config_to_dict, parse_config
+from vqgpt.settings import GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, VQGANTrainConfig, SampleConfig
 from vqgpt.dataprep import DataPrepError, builtin_source, scan_folder, write_shards
 from vqgpt.distributed import DistInfo, pick_device
 from vqgpt.errors import RunError

@@ -20,7 +20,8 @@ from models.gpt import GPT, GPTConfig
 from models.vqgan import VQGAN
 from tests.helpers import load, run_script
 from vqgpt.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
-from vqgpt.config import ExportConfig, ImportConfig, VQGANTrainConfig, config_to_dict, parse_config
+from vqgpt.config import config_to_dict, parse_config
+from vqgpt.settings import ExportConfig, ImportConfig, VQGANTrainConfig
 from vqgpt.errors import ConfigError, exit_on_user_error
 from vqgpt.export import export_run, from_pretrained
 from vqgpt.safe_pickle import load_foreign_checkpoint
@@ -261,7 +262,7 @@ def test_init_from_keeps_every_setting_given_even_at_its_default(tmp_path):
     import dataclasses
 
     from models.vqgan import VQGANConfig
-    from vqgpt.config import VQGAN_TRAIN_PRESETS
+    from vqgpt.settings import VQGAN_TRAIN_PRESETS
     from vqgpt.finetune import InitSource, adopt_architecture
 
     source = InitSource(tmp_path, dataclasses.replace(VQGANConfig(), dead_code_steps=10, beta=0.5, ch=32), {}, None)

@@ -16,7 +16,7 @@ from models.vqgan import VQGAN, VQGAN_PRESETS
 from tests.helpers import (gpt_args, load, run_script, spy_vqgan_memory_format, tiny_models, train_records,
                            vqgan_args)
 from vqgpt.checkpoint import latest_checkpoint
-from vqgpt.config import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
+from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 from vqgpt.errors import RunError
 from vqgpt.images import to_unit_range
 from vqgpt.shards import ShardSplit
@@ -345,7 +345,8 @@ def greedy_samples(gpt_run, out, *flags) -> tuple[np.ndarray, list[str], list[st
     """sample.py in this process, greedy (the same tokens whatever the kernels): its images, what it compiled
     and the VQGAN's memory format."""
     import sample
-    from vqgpt.config import SampleConfig, parse_config
+    from vqgpt.config import parse_config
+    from vqgpt.settings import SampleConfig
 
     compiled, real_compile = [], torch.compile
     cfg = parse_config(SampleConfig, {}, [f"--gpt={gpt_run}", f"--out={out}", "--n=4", "--temperature=0",

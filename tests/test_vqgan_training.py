@@ -15,7 +15,7 @@ import torch
 from tests.helpers import (ROOT, assert_state_dicts_equal, free_port, load, run_script, script_env, tiny_models,
                            vqgan_args)
 from vqgpt.checkpoint import latest_checkpoint, list_checkpoints
-from vqgpt.config import VQGANTrainConfig
+from vqgpt.settings import VQGANTrainConfig
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from vqgpt.runlog import read_metrics
 from vqgpt.training import TrainingRun

@@ -1,8 +1,9 @@
-"""Dataclass configs with named presets and `--key value` / `--key=value` overrides.
+"""How settings work: frozen dataclasses with named presets and `--key value` / `--key=value` overrides.
 
-Every stage describes itself with one frozen dataclass. `parse_config` builds an argparse
-parser from its fields (so `--help` lists every setting with its default), starts from the
-chosen preset and applies only the flags the user actually gave.
+Every stage describes itself with one frozen dataclass (vqgpt/settings.py). `parse_config` builds
+an argparse parser from its fields (so `--help` lists every setting with its default), starts from
+the chosen preset and applies only the flags the user actually gave; `config_to_dict` /
+`config_from_dict` save and restore a config, checked field by field.
 """
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ import math
 import sys
 import types
 import typing
-from typing import Any, ClassVar, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
-from models.gpt import GPT_PRESETS, GPTConfig
-from models.vqgan import VQGAN_PRESETS, VQGANConfig
 from vqgpt.errors import ConfigError
 
 C = TypeVar("C")
@@ -229,7 +228,7 @@ def check_precision(precision: str) -> None:
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
 
 
-def _check_finite(cfg: Any) -> None:
+def check_finite(cfg: Any) -> None:
     """NaN passes every `<` check: refuse NaN and inf in any float setting (`--lr nan`, `--beta inf`)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -238,261 +237,16 @@ def _check_finite(cfg: Any) -> None:
             raise ValueError(f"{flag_name(f.name)} must be a finite number, got {value}")
 
 
-def _check_not_negative(cfg: Any, names: tuple[str, ...]) -> None:
+def check_not_negative(cfg: Any, names: tuple[str, ...]) -> None:
     for name in names:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{flag_name(name)} must not be negative, got {getattr(cfg, name)}")
 
 
-def _help(text: str, default, aliases: tuple[str, ...] = (), **flag):
+def setting(text: str, default, aliases: tuple[str, ...] = (), **flag):
     """A setting with its --help text. flag: required=True (the parser insists), choices=(...),
     positional=True (words before the flags; a tuple field), metavar."""
     return dataclasses.field(default=default, metadata={"help": text, "aliases": aliases, **flag})
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings every trainer shares (run folder, schedule, precision, checkpoints)."""
-    not_offered: ClassVar[tuple[str, ...]] = ()   # fields the stage sets itself: no flag for them
-    out: str = _help("run folder: checkpoints, metrics.jsonl, figures", "runs/run")
-    resume: str = _help("auto (latest checkpoint in --out, if any), none (fresh; refuses a used --out), or a checkpoint path", "auto")
-    max_steps: int = _help("optimizer steps in total", 10000)
-    batch_size: int = _help("images (or token sequences) per rank per micro-step", 8)
-    grad_accum: int = _help("micro-steps per optimizer step; global batch = batch_size x ranks x grad_accum", 1)
-    lr: float = _help("peak learning rate", 1e-4)
-    min_lr_ratio: float = _help("cosine decays to lr x this", 0.1)
-    warmup_steps: int = _help("linear warmup steps", 500)
-    weight_decay: float = _help("AdamW weight decay of the GPT's matrices (the VQGAN trains without)", 0.0)
-    grad_clip: float = _help("clip the global gradient norm to this (0: off)", 1.0)
-    eval_every: int = _help("evaluate on the whole val split every N steps (0: only at the end)", 1000)
-    eval_batch_size: int = _help("batch size for evaluation", 32)
-    ckpt_every: int = _help("checkpoint every N steps (always at the end and on SIGTERM/SIGINT)", 1000)
-    keep_last: int = _help("keep the newest N checkpoints", 3)
-    log_every: int = _help("write training metrics every N steps", 10)
-    seed: int = _help("seed of data order, init and sampling", 0)
-    device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto: bf16 autocast on CUDA, fp16 on GPUs without bf16, fp32 on CPU; fp16 autocasts with a "
-                           "gradient scaler", "auto", choices=PRECISIONS)
-    compile: bool = _help("torch.compile the model (CUDA or CPU; the first steps compile for a minute or more)", False)
-    max_bad_steps: int = _help("stop after this many non-finite steps in a row", 20)
-    prefetch: int = _help("batches prefetched by the reader thread", 4)
-    stop_at_step: int = _help("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
-    eval_fid: bool = _help("add rFID (VQGAN) or gFID (GPT) to each eval; needs the Inception weights", False)
-    inception_weights: str = _help("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
-
-    def __post_init__(self):
-        # caught here, at parse time, not hours later at the first eval or checkpoint
-        _check_finite(self)
-        _check_not_negative(self, ("seed",))
-        positive = ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "ckpt_every", "keep_last", "log_every",
-                    "max_bad_steps", "prefetch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "stop_at_step"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        check_precision(self.precision)
-        network_checks = getattr(super(), "__post_init__", None)   # the network config's own checks
-        if network_checks is not None:
-            network_checks()
-
-
-@dataclasses.dataclass(frozen=True)
-class VQGANTrainConfig(TrainConfig, VQGANConfig):
-    """Stage 1: the VQGAN, its discriminator, losses and schedule."""
-    not_offered: ClassVar[tuple[str, ...]] = ("weight_decay",)   # the VQGAN trains with Adam without weight decay
-    data: str = _help("image shard folder made by shardify.py", "", required=True)
-    flip: bool = _help("random horizontal flips", True)
-    permute_channels: bool = _help("give each training image its RGB channels in a random order (one of six): on a small "
-                                   "set the model cannot learn the training images' palette and paint it onto unseen "
-                                   "images", False)
-    permuted_share: float = _help("with --permute-channels: the share of training images given one of the five "
-                                  "orders other than RGB, the rest keep theirs (5/6: all six orders alike)", 5 / 6)
-    l1_weight: float = _help("weight of the L1 reconstruction term (taming's)", 1.0)
-    l2_weight: float = _help("weight of the squared-error reconstruction term (LlamaGen's)", 0.0)
-    chroma_weight: float = _help("weight of the colour part of the L1 / squared error (the error minus its grey "
-                                 "level) against the grey part", 1.0)
-    perceptual_weight: float = _help("weight of the LPIPS term (0: off, no VGG weights needed)", 1.0)
-    lpips_weights: str = _help("path to vgg16-397923af.pth (default: the torch hub cache)", "")
-    lpips_random_backbone: bool = _help("LPIPS with a RANDOM VGG backbone, for offline smoke runs only", False)
-    init_from: str = _help("start a new run from the weights of a VQGAN run, checkpoint or exported folder (and its "
-                           "discriminator when it has one): fresh optimizers, step 0, the architecture of the source", "")
-    disc_start: int = _help("step at which the discriminator and the GAN term start", 2000)
-    disc_weight: float = _help("scale of the GAN term", 0.8)
-    adaptive_disc_weight: bool = _help("scale the GAN term by ||grad L_rec|| / ||grad L_G|| on the last layer", True)
-    disc_weight_max: float = _help("clamp of the adaptive weight", 1e4)
-    disc_lr: float = _help("discriminator learning rate (0: same as --lr)", 0.0)
-    adam_betas: tuple[float, ...] = _help("Adam betas of both optimizers (taming: 0.5,0.9)", (0.5, 0.9))
-    optimizer: str = _help("the VQGAN's optimizer: adam, or muon (orthogonalised momentum on the hidden layers' "
-                           "weights, Adam on the rest; the discriminator stays on Adam)", "adam",
-                           choices=("adam", "muon"))
-    muon_lr_scale: float = _help("muon: each update of a hidden weight has RMS 0.2 x lr x this", 3.0)
-    channels_last: bool = _help("channels_last memory format for the VQGAN and discriminator", False)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"--adam-betas must be two values in [0, 1), got {self.adam_betas}")
-        if self.weight_decay:   # accepted and ignored before; taming and LlamaGen train their VQGANs without
-            raise ValueError(f"--weight-decay {self.weight_decay}: the VQGAN trains with Adam without weight decay; "
-                             "it applies to the GPT only")
-        if not 0 <= self.permuted_share <= 1:
-            raise ValueError(f"--permuted-share must be in [0, 1], got {self.permuted_share}")
-        _check_not_negative(self, ("l1_weight", "l2_weight", "chroma_weight", "perceptual_weight", "disc_weight",
-                                   "disc_weight_max", "disc_lr", "disc_start", "beta", "muon_lr_scale"))
-
-
-def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:
-    return VQGANTrainConfig(**dataclasses.asdict(VQGAN_PRESETS[name]), **settings)
-
-
-# Ours (bench/quality.py on real images): squared error instead of taming's L1 (LlamaGen's reconstruction term;
-# better than L1 on both real-image sets, and over two seeds L1 + squared error's PSNR with +0.024 photograph
-# SSIM), a short warmup so a short run reaches its learning rate, and LlamaGen's Adam betas.
-_OURS = dict(l1_weight=0.0, l2_weight=1.0, warmup_steps=20, adam_betas=(0.9, 0.95))
-
-
-def _taming_preset(name: str, batch_size: int, **settings) -> VQGANTrainConfig:
-    """taming-transformers' schedule: lr 4.5e-6 x batch size (one GPU), constant, no warmup."""
-    return _vqgan_preset(name, batch_size=batch_size, lr=4.5e-6 * batch_size, warmup_steps=0, min_lr_ratio=1.0,
-                         **settings)
-
-
-VQGAN_TRAIN_PRESETS = {
-    # disc_weight 0.1: at this scale (and with the offline random LPIPS backbone) 0.8 lets GAN noise win
-    "tiny": _vqgan_preset("tiny", batch_size=16, lr=5e-4, warmup_steps=100, max_steps=2000, disc_start=1000,
-                          disc_weight=0.1, eval_every=500, ckpt_every=500, eval_batch_size=100, out="runs/vqgan-tiny"),
-    # permute_channels on half the training images with the colour part of the error x2: without them the
-    # photographs' unseen night and storm skies came back grey-green; permuting all six orders alike confused the
-    # drawings' hues and, like a chroma weight of 4, left the photographs' val crops under 90% of the codes
-    # (BENCHMARKS runs 97-118 and the bench of share 0.5 + chroma weight 2).
-    # optimizer muon: the same network learns faster (bench/quality.py against Adam, same seeds: clip art +1.3 dB,
-    # +0.10 SSIM; photographs +2.2 dB and their unseen colours back); seed / f16-16384 stay on Adam, not measured
-    # at 256 px or on long runs.
-    # disc_start: the GAN for the second half of the default 10,000 steps
-    "b64": _vqgan_preset("b64", **_OURS, optimizer="muon", batch_size=8, lr=2e-4, disc_start=5000,
-                         permute_channels=True, permuted_share=0.5, chroma_weight=2.0, out="runs/vqgan-b64"),
-    "seed": _vqgan_preset("seed", **{**_OURS, "warmup_steps": 100}, batch_size=8, lr=1e-4, disc_start=30000,
-                          max_steps=300000, eval_every=5000, ckpt_every=5000, out="runs/vqgan-seed"),
-    "f16-16384": _vqgan_preset("f16-16384", **{**_OURS, "warmup_steps": 100}, batch_size=12, lr=1e-4,
-                               disc_start=250001, max_steps=1000000, eval_every=5000, ckpt_every=5000,
-                               out="runs/vqgan-f16-16384"),
-    # taming's configs: custom_vqgan.yaml, vqgan_imagenet_f16_1024.yaml, vqgan_imagenet_f16_16384.yaml
-    "taming-b64": _taming_preset("taming-b64", batch_size=8, disc_start=10000, max_steps=20000,
-                                 out="runs/vqgan-taming-b64"),
-    "taming-f16-1024": _taming_preset("taming-f16-1024", batch_size=12, disc_start=250001, max_steps=1000000,
-                                      eval_every=5000, ckpt_every=5000, out="runs/vqgan-taming-f16-1024"),
-    "taming-f16-16384": _taming_preset("taming-f16-16384", batch_size=12, disc_start=0, disc_weight=0.75,
-                                       max_steps=1000000, eval_every=5000, ckpt_every=5000,
-                                       out="runs/vqgan-taming-f16-16384"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardifyConfig:
-    """Stage 0: an image folder (or the built-in dataset) -> uint8 image shards and a manifest."""
-    paths: tuple[str, ...] = _help("SRC DEST: the image folder and the shard folder to write (DEST alone with "
-                                   "--builtin)", (), positional=True, metavar="PATH")
-    builtin: str = _help("draw this built-in labelled dataset instead of reading SRC", "", choices=("shapes",))
-    builtin_count: int = _help("images in the built-in dataset", 4000)
-    size: int = _help("output side in pixels (0: 256, or 32 with --builtin)", 0)
-    shard_size: int = _help("images per shard file", 1000)
-    val_fraction: float | None = _help("share of images for validation (none: 0.01 unless --val-count)", None)
-    val_count: int | None = _help("exact number of validation images (instead of --val-fraction)", None)
-    workers: int = _help("decoding processes (0: all cores)", 0)
-    seed: int = _help("seed of the split and order shuffle", 0)
-    labels: str = _help("auto: first-level sub-folders are classes; none: no labels", "auto", choices=("auto", "none"))
-    overwrite: bool = _help("replace the shard set already in DEST (the new set is built aside, then swapped in)",
-                            False)
-    progress: bool = _help("show a progress bar", True)
-
-    def __post_init__(self):
-        if len(self.paths) != (1 if self.builtin else 2):
-            raise ValueError("give DEST alone with --builtin" if self.builtin else "give SRC and DEST")
-        _check_finite(self)
-        _check_not_negative(self, ("seed", "workers", "size"))
-        if self.size and self.size < 8 or self.shard_size < 1 or self.builtin_count < 1:
-            raise ValueError(f"--size must be at least 8, --shard-size and --builtin-count at least 1; got "
-                             f"{self.size}, {self.shard_size}, {self.builtin_count}")
-        if self.val_fraction is not None and self.val_count is not None:
-            raise ValueError("give --val-fraction or --val-count, not both")
-        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.val_count is not None and self.val_count < 0:
-            raise ValueError(f"--val-count must not be negative, got {self.val_count}")
-
-    @property
-    def source(self) -> str:
-        return "" if self.builtin else self.paths[0]
-
-    @property
-    def dest(self) -> str:
-        return self.paths[-1]
-
-    @property
-    def image_size(self) -> int:
-        return self.size or (32 if self.builtin else 256)
-
-
-SHARDIFY_PRESETS: dict[str, ShardifyConfig] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizeConfig:
-    """Stage 1.5: image shards -> codebook-index token shards."""
-    vqgan: str = _help("VQGAN run folder (its latest checkpoint) or checkpoint file", "", required=True)
-    data: str = _help("image shard folder made by shardify.py", "", required=True)
-    out: str = _help("token shard folder to write", "", required=True)
-    batch_size: int = _help("images per encoder batch", 64)
-    flip: bool = _help("also encode horizontally flipped training images (a second token shard set)", False)
-    device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto: bf16 autocast on CUDA, fp32 on CPU; the code lookup is always fp32", "auto",
-                           choices=PRECISIONS)
-    compile: bool = _help("torch.compile the encoder and code lookup (the first batch compiles for a minute or more)", False)
-    channels_last: bool = _help("channels_last memory format for the encoder", False)
-    progress: bool = _help("show a progress bar", True)
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
-        _check_finite(self)
-        check_precision(self.precision)
-
-
-QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class ImportConfig:
-    """import_vqgan.py: a published VQ tokenizer -> a VQGAN run folder of this project."""
-    from_: str = _help("the source: taming (taming-transformers VQGAN) or llamagen (LlamaGen VQ-8 / VQ-16)", "",
-                       required=True, choices=("taming", "llamagen"))
-    ckpt: str = _help("the published checkpoint: taming's last.ckpt or LlamaGen's vq_ds16_c2i.pt", "", required=True)
-    config: str = _help("taming's model.yaml (--from taming)", "")
-    out: str = _help("run folder to create; must not exist or be empty", "", required=True)
-    image_size: int = _help("--from llamagen: the training and evaluation resolution (its weights fit any)", 256)
-    l2_norm: bool = _help("--from llamagen: the codebook is l2-normalised (codebook_l2_norm, true for VQ-8 / VQ-16)", True)
-
-    def __post_init__(self):
-        if self.from_ == "taming" and not self.config:
-            raise ValueError("--from taming needs --config: taming's model.yaml")
-
-
-IMPORT_PRESETS: dict[str, ImportConfig] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-    """export.py: a VQGAN or GPT run (or checkpoint) -> config.json + model.safetensors + model card."""
-    run: str = _help("VQGAN or GPT run folder (its latest checkpoint) or checkpoint file (also the first word: "
-                     "export.py RUN --out DIR)", "", required=True)
-    out: str = _help("folder to create; must not exist or be empty", "", required=True)
-
-
-EXPORT_PRESETS: dict[str, ExportConfig] = {}
 
 
 def subconfig_from_dict(target_cls: type[C], data: dict) -> C:
@@ -500,135 +254,3 @@ def subconfig_from_dict(target_cls: type[C], data: dict) -> C:
     check_removed_settings(data, "saved config")
     names = {f.name for f in dataclasses.fields(target_cls)}
     return config_from_dict(target_cls, {k: v for k, v in data.items() if k in names})
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTTrainConfig(TrainConfig, GPTConfig):
-    """Stage 2: the GPT over token grids. The model takes the tokens' codebook size (unless
-    --codebook-size says otherwise), grid length and classes from their manifest."""
-    min_codebook_size: ClassVar[int] = 0
-    not_offered: ClassVar[tuple[str, ...]] = ("n_classes", "tokens_per_image")   # from the token manifest
-    codebook_size: int = _help("codes in the vocabulary (0: the token manifest's codebook size)", 0)
-    tokens: str = _help("token shard folder made by image_quantizer.py", "", required=True)
-    vqgan: str = _help("VQGAN checkpoint for sample grids (default: the one the token manifest names; sha256 checked)", "")
-    sample_count: int = _help("images in the sample grid at each eval (0: no samples, no VQGAN needed)", 16)
-    sample_temperature: float = _help("temperature of the eval samples", 1.0)
-    sample_top_k: int = _help("top-k of the eval samples (0: off)", 0)
-    beta2: float = _help("AdamW beta2", 0.95)
-    eval_fid_samples: int = _help("class-balanced samples scored by --eval-fid against the train images", 1000)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.eval_fid_samples < 2:   # a covariance needs two samples
-            raise ValueError(f"--eval-fid-samples must be at least 2, got {self.eval_fid_samples}")
-        if self.sample_count < 0 or self.sample_top_k < 0 or self.sample_temperature <= 0:
-            raise ValueError("--sample-count and --sample-top-k must not be negative, --sample-temperature must be "
-                             f"positive; got {self.sample_count}, {self.sample_top_k}, {self.sample_temperature}")
-        if not 0 <= self.beta2 < 1:
-            raise ValueError(f"--beta2 must be in [0, 1), got {self.beta2}")
-
-
-def _gpt_preset(name: str, **settings) -> GPTTrainConfig:
-    """The network of GPT_PRESETS[name], its codebook size taken from the tokens at start."""
-    return GPTTrainConfig(**{**dataclasses.asdict(GPT_PRESETS[name]), "codebook_size": 0}, **settings)
-
-
-GPT_TRAIN_PRESETS = {
-    "tiny": _gpt_preset("tiny", batch_size=32, lr=1e-3, warmup_steps=100, max_steps=3000, eval_every=1000,
-                        ckpt_every=1000, weight_decay=0.01, eval_batch_size=100, sample_count=16, out="runs/gpt-tiny"),
-    "g256": _gpt_preset("g256", batch_size=8, lr=3e-4, warmup_steps=1000, max_steps=100000, weight_decay=0.01,
-                        eval_every=2000, ckpt_every=2000, out="runs/gpt-g256"),
-    "seed": _gpt_preset("seed", batch_size=16, lr=3e-4, warmup_steps=2000, max_steps=300000, weight_decay=0.01,
-                        eval_every=5000, ckpt_every=5000, out="runs/gpt-seed"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-    """sample.py: images from a GPT, decoded by the VQGAN that made its tokens."""
-    gpt: str = _help("GPT run folder (its latest checkpoint) or checkpoint file", "", required=True)
-    out: str = _help("folder for the PNGs", "", required=True)
-    num_samples: int = _help("images to sample", 16, aliases=("--n",))
-    class_: int | None = _help("class id (class-conditional models; none: unconditional)", None)
-    cfg: float = _help("classifier-free guidance scale (1: plain conditional; needs --class or labelled --complete)",
-                       1.0)
-    temperature: float = _help("softmax temperature (0: greedy)", 1.0)
-    top_k: int = _help("sample among the k most likely codes (0: off)", 0)
-    top_p: float = _help("nucleus sampling mass (1: off)", 1.0)
-    seed: int = _help("random seed (same seed, same images)", 0)
-    complete: str = _help("image shard folder (its val split), image folder or image file whose top rows to complete",
-                          "")
-    keep_rows: int | None = _help("token rows kept with --complete (none: half)", None)
-    vqgan: str = _help("VQGAN checkpoint (default: the one named by the tokens; sha256 checked)", "")
-    kv_cache: bool = _help("reuse the keys and values of the prefix (false: recompute it each step, the slow "
-                           "reference)", True)
-    device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto: bf16 autocast on CUDA, fp32 on CPU; tokens are drawn from fp32 logits", "auto",
-                           choices=PRECISIONS)
-    compile: bool = _help("torch.compile the GPT and the VQGAN decoder (the first images compile for a minute or more)",
-                          False)
-    channels_last: bool = _help("channels_last memory format for the VQGAN", False)
-
-    def __post_init__(self):
-        _check_finite(self)
-        _check_not_negative(self, ("seed", "temperature", "top_k", "cfg"))
-        if self.num_samples < 1:
-            raise ValueError(f"--num-samples (--n) must be at least 1, got {self.num_samples}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.keep_rows is not None and (self.keep_rows < 0 or not self.complete):
-            raise ValueError(f"--keep-rows applies to --complete only and must not be negative, got {self.keep_rows}")
-        if self.cfg != 1 and self.class_ is None and not self.complete:
-            raise ValueError("--cfg guides towards a class: give --class K (or --complete labelled shards)")
-        check_precision(self.precision)
-
-
-SAMPLE_PRESETS: dict[str, SampleConfig] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
-    """evaluate.py: one of --vqgan (reconstructions), --gpt (samples) or --images, scored with FID."""
-    vqgan: str = _help("VQGAN run or checkpoint to score on --data (with --gpt: a copy of the VQGAN its tokens name)", "")
-    gpt: str = _help("GPT run or checkpoint: gFID and IS of --n class-balanced samples against --ref", "")
-    images: str = _help("image folder or image shard folder to score against --ref", "")
-    data: str = _help("image shard folder whose --split the VQGAN reconstructs", "")
-    split: str = _help("split of --data, and of --images when that is a shard folder", "val")
-    ref: str = _help("reference: image shard folder, image folder, or ADM-style .npz (arr_0 images or mu/sigma)", "")
-    ref_split: str = _help("split of --ref when it is a shard folder", "train")
-    # --n is what sample.py takes, but torchrun's own parser finds it ambiguous: under torchrun, --num-samples
-    num_samples: int = _help("samples to generate with --gpt (a multiple of the number of classes)", 50000,
-                             aliases=("--n",))
-    cfg: float = _help("classifier-free guidance scale of the samples (1: plain conditional)", 1.0)
-    temperature: float = _help("sampling temperature (0: greedy)", 1.0)
-    top_k: int = _help("sample among the k most likely codes (0: off)", 0)
-    top_p: float = _help("nucleus sampling mass (1: off)", 1.0)
-    batch_size: int = _help("images per generation, reconstruction and Inception batch", 50)
-    seed: int = _help("seed of the samples (the same on any number of ranks)", 0)
-    save_samples: str = _help("folder to keep the --gpt samples as PNGs", "")
-    inception_weights: str = _help("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
-    lpips_weights: str = _help("path to vgg16-397923af.pth for LPIPS with --vqgan (default: the torch hub cache; "
-                               "without it LPIPS is left out)", "")
-    cache: bool = _help("reuse and write reference statistics beside the reference shards", True)
-    out: str = _help("also write the JSON result to this file", "")
-    device: str = _help("auto, cpu or cuda", "auto")
-    precision: str = _help("auto: bf16 autocast on CUDA, fp32 on CPU; Inception always runs in fp32", "auto",
-                           choices=PRECISIONS)
-    compile: bool = _help("torch.compile the VQGAN and the GPT (not Inception; the first batches compile for a minute "
-                          "or more)", False)
-    channels_last: bool = _help("channels_last memory format for the VQGAN", False)
-    progress: bool = _help("show progress bars", True)
-
-    def __post_init__(self):
-        _check_finite(self)
-        _check_not_negative(self, ("seed",))
-        if self.num_samples < 2 or self.batch_size < 1:   # a covariance needs two samples
-            raise ValueError(f"--num-samples must be at least 2 and --batch-size at least 1, got {self.num_samples}, "
-                             f"{self.batch_size}")
-        if self.temperature < 0 or self.top_k < 0 or self.cfg < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"--temperature, --top-k and --cfg must not be negative and --top-p must be in (0, 1]; "
-                             f"got {self.temperature}, {self.top_k}, {self.cfg}, {self.top_p}")
-        check_precision(self.precision)
-
-
-EVALUATE_PRESETS: dict[str, EvaluateConfig] = {}
