@@ -135,7 +135,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     run.install_signal_handlers()
 
     stop = False
-    images_seen, clock = 0, time.perf_counter()
+    images_seen, codes_restarted, clock = 0, 0, time.perf_counter()   # both since the last train log line
     while step < cfg.max_steps and not stop:
         lr = warmup_cosine(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
         set_lr(opt_g, lr)
@@ -175,7 +175,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
             with torch.no_grad():
                 for saved, tensor in zip(before_forward, state_changed_by_forward(models, gan_active)):
                     tensor.copy_(saved)
-        terms["codes_restarted"] = torch.tensor(float(after_optimizer_step(vqgan, opt_g, skip)))
+        codes_restarted += after_optimizer_step(vqgan, opt_g, skip)
         scaler_g.update()   # after an overflow: a smaller scale
         if gan_active:
             scaler_d.update()
@@ -187,9 +187,9 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         if run.is_due(step, cfg.log_every):
             elapsed = time.perf_counter() - clock
             log.log(step, "train", {**{k: v.item() for k, v in terms.items()}, "lr": lr,
-                                    "images_per_s": images_seen / max(elapsed, 1e-9),
+                                    "codes_restarted": codes_restarted, "images_per_s": images_seen / max(elapsed, 1e-9),
                                     "epoch": loader.epoch, "skipped_steps": run.skipped_steps})
-            images_seen, clock = 0, time.perf_counter()
+            images_seen, codes_restarted, clock = 0, 0, time.perf_counter()
         # saved before the eval: an eval that fails must not cost the steps since the last checkpoint
         run.checkpoint_if_due(step, stop, log)
         if val_split is not None and run.is_due(step, cfg.eval_every):

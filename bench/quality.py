@@ -48,8 +48,9 @@ from bench.colour import (chroma, chroma_error, chroma_std_ratio, encoder_featur
                           probe_features)
 from bench.common import emit  # noqa: E402
 from models.perceptual import find_vgg_weights  # noqa: E402
-from vqgpt.config import config_to_dict, field_defaults, parse_config  # noqa: E402
-from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
+from vqgpt.config import check_removed_settings, config_to_dict, field_defaults, parse_config  # noqa: E402
+from vqgpt.errors import ConfigError  # noqa: E402
+from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig  # noqa: E402
 from vqgpt.images import image_grid, save_png, to_uint8, to_unit_range  # noqa: E402
 from vqgpt.files import atomic_write_bytes  # noqa: E402
 from vqgpt.runlog import METRICS_NAME, read_metrics  # noqa: E402
@@ -106,6 +107,10 @@ def reusable(run: Path, command: list[str], steps: int) -> bool:
         raise SystemExit(f"quality: {run} holds a finished run without its config.json, so what it measured is "
                          "unknown: give another --out, or remove that run")
     saved = json.loads(config_path.read_text())["config"]
+    try:
+        check_removed_settings(saved, str(run))
+    except ConfigError as err:
+        raise SystemExit(f"quality: {err}: give another --out, or remove that run") from None
     defaults = field_defaults(VQGANTrainConfig)
     differ = sorted(key for key, value in wanted.items() if key not in PATH_SETTINGS
                     and saved.get(key, defaults.get(key)) != value)

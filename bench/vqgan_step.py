@@ -35,7 +35,8 @@ from vqgpt.settings import VQGANTrainConfig  # noqa: E402
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
 from vqgpt.optim import adam, vqgan_optimizer  # noqa: E402
 from vqgpt.training import autocast, grad_scaler  # noqa: E402
-from vqgpt.vqgan_step import VQGANModels, discriminator_backward, generator_backward  # noqa: E402
+from vqgpt.vqgan_step import (VQGANModels, after_optimizer_step, discriminator_backward,  # noqa: E402
+                              generator_backward)
 
 LOSS_CFG = VQGANTrainConfig()   # the trainer's default loss weights: L1 + LPIPS + the adaptive GAN term
 
@@ -66,6 +67,7 @@ def our_step(models: VQGANModels, optimizers, images, dtype, scalers=(None, None
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
+    after_optimizer_step(models.raw_vqgan, optimizers[0], skipped=False)   # the dead-code restarts, as the trainer
 
 
 def taming_style_step(models: VQGANModels, optimizers, images, dtype):

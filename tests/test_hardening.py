@@ -661,7 +661,7 @@ def skipped_step(chain, tmp_path_factory):
 
 def test_a_step_skipped_after_a_finite_forward_undoes_what_the_forward_changed(chain, tmp_path):
     """A finite batch, then a non-finite loss term (as an fp16 overflow or a NaN GAN term would give): the
-    forward had aged the dead-code counters and changed BatchNorm statistics; the skip puts them back."""
+    forward had changed BatchNorm statistics and counted code usage; the skip puts them back and ages no code."""
     def nan_loss(result):
         recon, terms = result
         return recon, {**terms, "l1": torch.tensor(float("nan"))}

@@ -298,7 +298,8 @@ def test_a_compiled_gan_step_runs_one_backward_and_agrees_with_eager():
 
 @pytest.mark.slow
 def test_vqgan_trainer_compiled_resume_continues_the_same_run(shapes_shards, tmp_path):
-    flags = ("--compile=true", "--channels-last=true", "--ckpt-every=2")
+    # a restart every step: the compiled forward's usage counts and candidates reach restart_dead_codes
+    flags = ("--compile=true", "--channels-last=true", "--ckpt-every=2", "--dead-code-steps=1")
     run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "full", 4, *flags), timeout=900)
     run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 4, *flags, "--stop-at-step=2"),
                timeout=900)
@@ -307,8 +308,9 @@ def test_vqgan_trainer_compiled_resume_continues_the_same_run(shapes_shards, tmp
     assert_finite_gan_run(tmp_path / "full", 4)
     assert_finite_gan_run(tmp_path / "split", 4)
     full, split = train_records(tmp_path / "full"), train_records(tmp_path / "split")
+    assert sum(r["codes_restarted"] for r in full) > 0
     for a, b in zip(full, split):
-        for key in ("l1", "rec_loss", "d_loss", "grad_norm"):
+        for key in ("l1", "rec_loss", "d_loss", "grad_norm", "codes_restarted"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
 

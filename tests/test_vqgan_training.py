@@ -85,6 +85,26 @@ def test_discriminator_loss_gives_the_vqgan_no_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in models.discriminator.parameters())
 
 
+def test_after_the_optimizer_step_restarted_codes_start_with_fresh_moments():
+    from vqgpt.vqgan_step import after_optimizer_step
+
+    models = tiny_models()
+    vqgan = models.raw_vqgan
+    vqgan.quantizer.dead_code_steps = 1
+    codebook = vqgan.quantizer.codebook
+    optimizer = torch.optim.Adam([codebook], lr=1e-3)
+    codebook.grad = torch.ones_like(codebook)   # moments in every row, as a long run leaves them
+    optimizer.step()
+    state = optimizer.state[codebook]
+    vqgan(torch.rand(2, 3, 32, 32) * 2 - 1)   # uses some codes: the others are restarted
+    before = codebook.detach().clone()
+    assert after_optimizer_step(vqgan, optimizer, skipped=False) > 0
+    restarted = (codebook != before).any(dim=1)
+    assert restarted.any() and not restarted.all()
+    for moment in (state["exp_avg"], state["exp_avg_sq"]):
+        assert (moment[restarted] == 0).all() and (moment[~restarted] != 0).all()
+
+
 def test_generator_step_matches_the_textbook_formulation():
     """One forward + gradients w.r.t. the reconstruction == taming's loss.backward() with autograd.grad lambda."""
     torch.manual_seed(1)

@@ -239,8 +239,6 @@ class TrainingRun:
         """Load every tracked object from its saved state and continue the RNG streams; returns the step.
         A crafted or mismatched state is one CheckpointError. Optimizers keep their moments but take this
         run's settings (betas, weight decay, Muon's scale), the ones config.json records."""
-        fresh_hyperparameters = {name: hyperparameters(obj) for name, obj in self.stateful.items()
-                                 if isinstance(obj, torch.optim.Optimizer)}
         for name, obj in {**self.networks, **self.stateful}.items():
             if isinstance(obj, torch.amp.GradScaler) and not (obj.is_enabled() and resume.get(name)):
                 continue   # fp32/bf16 keep no scale; a run resumed in fp16 from another precision starts its own
@@ -248,9 +246,8 @@ class TrainingRun:
                 raise ckpt.CheckpointError(f"{resume['path']}: {name} should hold a state dict; "
                                            "not a checkpoint of this project")
             try:
-                obj.load_state_dict(resume[name])
-                if isinstance(obj, torch.optim.Optimizer):
-                    apply_hyperparameters(obj, fresh_hyperparameters[name])
+                state = resume[name]
+                obj.load_state_dict(with_hyperparameters(state, obj) if isinstance(obj, torch.optim.Optimizer) else state)
             except ShardError:   # the reader's own message (other data) is already one line
                 raise
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
@@ -270,15 +267,15 @@ class TrainingRun:
             seed_everything(self.cfg.seed + 1000003 * state["step"] + self.dist.rank)
 
 
-def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each parameter group's settings (everything but its parameters)."""
-    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-
-
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, settings: list[dict]) -> None:
-    """Put back settings taken by `hyperparameters`: load_state_dict replaces them with the checkpoint's."""
-    for group, values in zip(optimizer.param_groups, settings, strict=True):
-        group.update(values)
+def with_hyperparameters(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state whose parameter groups carry this run's settings (betas, weight decay, Muon's
+    scale, fused): merged before loading, since load_state_dict places the step counters by the groups it
+    loads (a CPU run's unfused counters would stay on the CPU for a fused CUDA step)."""
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return saved   # load_state_dict says what does not fit
+    fresh = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    return {**saved, "param_groups": [{**group, **settings} for group, settings in zip(groups, fresh)]}
 
 
 def parameters_checksum(module_states: dict[str, dict]) -> str:
