@@ -54,6 +54,20 @@ def test_saved_configs_with_a_removed_setting_load_only_where_it_was_off():
             config_from_dict(VQGANTrainConfig, {**saved, key: value})
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--muon-lr-scale=2"], "--muon-lr-scale applies with --optimizer muon only; this run has adam"),
+    (["--preset=tiny", "--permuted-share=0.5"], "--permuted-share applies with --permute-channels true only")])
+def test_a_flag_this_run_would_ignore_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--data=d", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    # where it applies, or set by a preset the flags then narrow, it is taken
+    assert parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--data=d", "--optimizer=muon",
+                                                                "--muon-lr-scale=2"]).muon_lr_scale == 2
+    assert not parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--data=d", "--preset=b64",
+                                                                    "--permute-channels=false"]).permute_channels
+
+
 def test_saved_config_round_trips():
     cfg = parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=g256", "--tokens=t", "--n-layer=2"])
     assert config_from_dict(GPTTrainConfig, config_to_dict(cfg)) == cfg

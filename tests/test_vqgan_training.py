@@ -263,8 +263,13 @@ def test_resume_refuses_another_optimizer_and_takes_older_runs_as_adam(shapes_sh
     # seed and flips draw the data order an exact resume replays
     expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--seed=1"), contains="seed: run has 0, you gave 1")
     expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--flip=false"), contains="flip: run has True, you gave False")
-    # the share of permuted images means nothing to a run that keeps RGB order
-    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 3, "--permuted-share=0.5"))
+    # the share of permuted images means nothing to a run that keeps RGB order (a flag for it is refused at once)
+    expect_exit_2(*vqgan_args(shapes_shards, run_dir, 3, "--permuted-share=0.5"),
+                  contains="--permuted-share applies with --permute-channels true only")
+    state = load(newest)
+    state["config"]["permuted_share"] = 0.5   # as an RGB run made from a preset with another share records it
+    torch.save(state, newest)
+    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 3))
     assert "resumed from" in result.stdout + result.stderr
     assert load(latest_checkpoint(run_dir))["step"] == 3
 

@@ -127,6 +127,11 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
         cfg = dataclasses.replace(presets[preset], **args) if preset else cls(**args)
     except (TypeError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    # a flag whose setting this run does not use would be recorded in config.json and silently ignored
+    for name, (other, value) in getattr(cls, "applies_only_with", {}).items():
+        if name in args and getattr(cfg, other) != value:
+            parser.exit(2, f"{parser.prog}: error: {flag_name(name)} applies with {flag_name(other)} "
+                           f"{str(value).lower()} only; this run has {str(getattr(cfg, other)).lower()}\n")
     defaults = field_defaults(cls)
     from_preset = {k for k, v in config_to_dict(presets[preset]).items() if v != defaults.get(k)} if preset else set()
     object.__setattr__(cfg, "_given", frozenset(args) | from_preset)

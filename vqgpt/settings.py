@@ -68,6 +68,9 @@ class TrainConfig:
 class VQGANTrainConfig(TrainConfig, VQGANConfig):
     """Stage 1: the VQGAN, its discriminator, losses and schedule."""
     not_offered: ClassVar[tuple[str, ...]] = ("weight_decay",)   # the VQGAN trains with Adam without weight decay
+    # a flag refused unless another setting has this value (parse_config)
+    applies_only_with: ClassVar[dict[str, tuple[str, object]]] = {"muon_lr_scale": ("optimizer", "muon"),
+                                                                   "permuted_share": ("permute_channels", True)}
     data: str = setting("image shard folder made by shardify.py", "", required=True)
     flip: bool = setting("random horizontal flips", True)
     permute_channels: bool = setting("give each training image its RGB channels in a random order (one of six): on a small "
