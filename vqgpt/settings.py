@@ -36,7 +36,7 @@ class TrainConfig:
     seed: int = setting("seed of data order, init and sampling", 0)
     device: str = setting("auto, cpu or cuda", "auto")
     precision: str = setting("auto: bf16 autocast on CUDA, fp16 on GPUs without bf16, fp32 on CPU; fp16 autocasts with a "
-                           "gradient scaler", "auto", choices=PRECISIONS)
+                             "gradient scaler", "auto", choices=PRECISIONS)
     compile: bool = setting("torch.compile the model (CUDA or CPU; the first steps compile for a minute or more)", False)
     max_bad_steps: int = setting("stop after this many non-finite steps in a row", 20)
     prefetch: int = setting("batches prefetched by the reader thread", 4)
@@ -74,19 +74,19 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     data: str = setting("image shard folder made by shardify.py", "", required=True)
     flip: bool = setting("random horizontal flips", True)
     permute_channels: bool = setting("give each training image its RGB channels in a random order (one of six): on a small "
-                                   "set the model cannot learn the training images' palette and paint it onto unseen "
-                                   "images", False)
+                                     "set the model cannot learn the training images' palette and paint it onto unseen "
+                                     "images", False)
     permuted_share: float = setting("with --permute-channels: the share of training images given one of the five "
-                                  "orders other than RGB, the rest keep theirs (5/6: all six orders alike)", 5 / 6)
+                                    "orders other than RGB, the rest keep theirs (5/6: all six orders alike)", 5 / 6)
     l1_weight: float = setting("weight of the L1 reconstruction term (taming's)", 1.0)
     l2_weight: float = setting("weight of the squared-error reconstruction term (LlamaGen's)", 0.0)
     chroma_weight: float = setting("weight of the colour part of the L1 / squared error (the error minus its grey "
-                                 "level) against the grey part", 1.0)
+                                   "level) against the grey part", 1.0)
     perceptual_weight: float = setting("weight of the LPIPS term (0: off, no VGG weights needed)", 1.0)
     lpips_weights: str = setting("path to vgg16-397923af.pth (default: the torch hub cache)", "")
     lpips_random_backbone: bool = setting("LPIPS with a RANDOM VGG backbone, for offline smoke runs only", False)
     init_from: str = setting("start a new run from the weights of a VQGAN run, checkpoint or exported folder (and its "
-                           "discriminator when it has one): fresh optimizers, step 0, the architecture of the source", "")
+                             "discriminator when it has one): fresh optimizers, step 0, the architecture of the source", "")
     disc_start: int = setting("step at which the discriminator and the GAN term start", 2000)
     disc_weight: float = setting("scale of the GAN term", 0.8)
     adaptive_disc_weight: bool = setting("scale the GAN term by ||grad L_rec|| / ||grad L_G|| on the last layer", True)
@@ -94,8 +94,8 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     disc_lr: float = setting("discriminator learning rate (0: same as --lr)", 0.0)
     adam_betas: tuple[float, ...] = setting("Adam betas of both optimizers (taming: 0.5,0.9)", (0.5, 0.9))
     optimizer: str = setting("the VQGAN's optimizer: adam, or muon (orthogonalised momentum on the hidden layers' "
-                           "weights, Adam on the rest; the discriminator stays on Adam)", "adam",
-                           choices=("adam", "muon"))
+                             "weights, Adam on the rest; the discriminator stays on Adam)", "adam",
+                             choices=("adam", "muon"))
     muon_lr_scale: float = setting("muon: each update of a hidden weight has RMS 0.2 x lr x this", 3.0)
     channels_last: bool = setting("channels_last memory format for the VQGAN and discriminator", False)
 
@@ -162,7 +162,7 @@ VQGAN_TRAIN_PRESETS = {
 class ShardifyConfig:
     """Stage 0: an image folder (or the built-in dataset) -> uint8 image shards and a manifest."""
     paths: tuple[str, ...] = setting("SRC DEST: the image folder and the shard folder to write (DEST alone with "
-                                   "--builtin)", (), positional=True, metavar="PATH")
+                                     "--builtin)", (), positional=True, metavar="PATH")
     builtin: str = setting("draw this built-in labelled dataset instead of reading SRC", "", choices=("shapes",))
     builtin_count: int = setting("images in the built-in dataset", 4000)
     size: int = setting("output side in pixels (0: 256, or 32 with --builtin)", 0)
@@ -173,7 +173,7 @@ class ShardifyConfig:
     seed: int = setting("seed of the split and order shuffle", 0)
     labels: str = setting("auto: first-level sub-folders are classes; none: no labels", "auto", choices=("auto", "none"))
     overwrite: bool = setting("replace the shard set already in DEST (the new set is built aside, then swapped in)",
-                            False)
+                              False)
     progress: bool = setting("show a progress bar", True)
 
     def __post_init__(self):
@@ -217,7 +217,7 @@ class QuantizeConfig:
     flip: bool = setting("also encode horizontally flipped training images (a second token shard set)", False)
     device: str = setting("auto, cpu or cuda", "auto")
     precision: str = setting("auto: bf16 autocast on CUDA, fp32 on CPU; the code lookup is always fp32", "auto",
-                           choices=PRECISIONS)
+                             choices=PRECISIONS)
     compile: bool = setting("torch.compile the encoder and code lookup (the first batch compiles for a minute or more)", False)
     channels_last: bool = setting("channels_last memory format for the encoder", False)
     progress: bool = setting("show a progress bar", True)
@@ -236,7 +236,7 @@ QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
 class ImportConfig:
     """import_vqgan.py: a published VQ tokenizer -> a VQGAN run folder of this project."""
     from_: str = setting("the source: taming (taming-transformers VQGAN) or llamagen (LlamaGen VQ-8 / VQ-16)", "",
-                       required=True, choices=("taming", "llamagen"))
+                         required=True, choices=("taming", "llamagen"))
     ckpt: str = setting("the published checkpoint: taming's last.ckpt or LlamaGen's vq_ds16_c2i.pt", "", required=True)
     config: str = setting("taming's model.yaml (--from taming)", "")
     out: str = setting("run folder to create; must not exist or be empty", "", required=True)
@@ -255,7 +255,7 @@ IMPORT_PRESETS: dict[str, ImportConfig] = {}
 class ExportConfig:
     """export.py: a VQGAN or GPT run (or checkpoint) -> config.json + model.safetensors + model card."""
     run: str = setting("VQGAN or GPT run folder (its latest checkpoint) or checkpoint file (also the first word: "
-                     "export.py RUN --out DIR)", "", required=True)
+                       "export.py RUN --out DIR)", "", required=True)
     out: str = setting("folder to create; must not exist or be empty", "", required=True)
 
 
@@ -311,22 +311,22 @@ class SampleConfig:
     num_samples: int = setting("images to sample", 16, aliases=("--n",))
     class_: int | None = setting("class id (class-conditional models; none: unconditional)", None)
     cfg: float = setting("classifier-free guidance scale (1: plain conditional; needs --class or labelled --complete)",
-                       1.0)
+                         1.0)
     temperature: float = setting("softmax temperature (0: greedy)", 1.0)
     top_k: int = setting("sample among the k most likely codes (0: off)", 0)
     top_p: float = setting("nucleus sampling mass (1: off)", 1.0)
     seed: int = setting("random seed (same seed, same images)", 0)
     complete: str = setting("image shard folder (its val split), image folder or image file whose top rows to complete",
-                          "")
+                            "")
     keep_rows: int | None = setting("token rows kept with --complete (none: half)", None)
     vqgan: str = setting("VQGAN checkpoint (default: the one named by the tokens; sha256 checked)", "")
     kv_cache: bool = setting("reuse the keys and values of the prefix (false: recompute it each step, the slow "
-                           "reference)", True)
+                             "reference)", True)
     device: str = setting("auto, cpu or cuda", "auto")
     precision: str = setting("auto: bf16 autocast on CUDA, fp32 on CPU; tokens are drawn from fp32 logits", "auto",
-                           choices=PRECISIONS)
+                             choices=PRECISIONS)
     compile: bool = setting("torch.compile the GPT and the VQGAN decoder (the first images compile for a minute or more)",
-                          False)
+                            False)
     channels_last: bool = setting("channels_last memory format for the VQGAN", False)
 
     def __post_init__(self):
@@ -358,7 +358,7 @@ class EvaluateConfig:
     ref_split: str = setting("split of --ref when it is a shard folder", "train")
     # --n is what sample.py takes, but torchrun's own parser finds it ambiguous: under torchrun, --num-samples
     num_samples: int = setting("samples to generate with --gpt (a multiple of the number of classes)", 50000,
-                             aliases=("--n",))
+                               aliases=("--n",))
     cfg: float = setting("classifier-free guidance scale of the samples (1: plain conditional)", 1.0)
     temperature: float = setting("sampling temperature (0: greedy)", 1.0)
     top_k: int = setting("sample among the k most likely codes (0: off)", 0)
@@ -368,14 +368,14 @@ class EvaluateConfig:
     save_samples: str = setting("folder to keep the --gpt samples as PNGs", "")
     inception_weights: str = setting("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
     lpips_weights: str = setting("path to vgg16-397923af.pth for LPIPS with --vqgan (default: the torch hub cache; "
-                               "without it LPIPS is left out)", "")
+                                 "without it LPIPS is left out)", "")
     cache: bool = setting("reuse and write reference statistics beside the reference shards", True)
     out: str = setting("also write the JSON result to this file", "")
     device: str = setting("auto, cpu or cuda", "auto")
     precision: str = setting("auto: bf16 autocast on CUDA, fp32 on CPU; Inception always runs in fp32", "auto",
-                           choices=PRECISIONS)
+                             choices=PRECISIONS)
     compile: bool = setting("torch.compile the VQGAN and the GPT (not Inception; the first batches compile for a minute "
-                          "or more)", False)
+                            "or more)", False)
     channels_last: bool = setting("channels_last memory format for the VQGAN", False)
     progress: bool = setting("show progress bars", True)
 
