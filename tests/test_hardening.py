@@ -244,17 +244,16 @@ def test_links_inside_a_run_folder_are_refused(tmp_path, name):
 def test_dead_writers_temporaries_are_cleared_at_start_and_nothing_else(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    dead = run / f".step_00000002.pt.{DEAD_PID}.tmp"           # kill -9 mid-save
-    dead_new = run / f".step_00000004.pt.{DEAD_PID}.0123abcd.tmp"
+    dead = run / f".step_00000004.pt.{DEAD_PID}.0123abcd.tmp"       # kill -9 mid-save
     live = run / f".step_00000003.pt.{os.getppid()}.abcdef12.tmp"   # a live writer's
     live_digits = run / f".step_00000005.pt.{os.getppid()}.12345678.tmp"   # its random part all digits: not a PID
-    users = run / ".notes.tmp"
-    for path in (dead, dead_new, live, live_digits, users):
+    users = [run / ".notes.tmp", run / f".notes.{DEAD_PID}.tmp", run / f".draft.{DEAD_PID}.xyz.tmp"]   # not our names
+    for path in (dead, live, live_digits, *users):
         path.write_bytes(b"x")
     cfg = SimpleNamespace(out=str(run), resume="auto")
     assert TrainingRun(cfg, DistInfo(0, 0, 1, torch.device("cpu"), True), "gpt", ()).load_resume_state() is None
-    assert not dead.exists() and not dead_new.exists()
-    assert live.exists() and live_digits.exists() and users.exists()
+    assert not dead.exists()
+    assert live.exists() and live_digits.exists() and all(path.exists() for path in users)
 
 
 # ---- silent wrong results ----------------------------------------------------------------------------------------

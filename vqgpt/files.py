@@ -83,12 +83,13 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# `_create_exclusive`'s names exactly, random part included: a user's `.notes.4000000.tmp` is not ours to delete.
 # lazy `.+?`: the first number that leaves a valid tail is the PID, so a random part of 8 digits is not taken for it
-_TEMPORARY = re.compile(r"^\..+?\.(\d+)(\.[0-9a-f]{8})?\.tmp$")
+_TEMPORARY = re.compile(r"^\..+?\.(\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Delete `.name.PID[.RANDOM].tmp` leftovers of writers that died (kill -9); a live writer's are kept."""
+    """Delete `.name.PID.RANDOM.tmp` leftovers of writers that died (kill -9); a live writer's are kept."""
     for leftover in Path(folder).glob(".*.tmp"):
         match = _TEMPORARY.match(leftover.name)
         if match and not _process_alive(int(match.group(1))):

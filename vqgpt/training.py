@@ -154,7 +154,7 @@ class TrainingRun:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunError(f"--out {self.run_dir}: is a file, not a run folder")
         if self.dist.is_main and self.run_dir.is_dir():
-            remove_stale_temporaries(self.run_dir)   # a kill -9 mid-save leaves .step_XXXXXXXX.pt.PID.tmp
+            remove_stale_temporaries(self.run_dir)   # a kill -9 mid-save leaves .step_XXXXXXXX.pt.PID.RANDOM.tmp
             if (self.run_dir / SAMPLES_NAME).is_dir():
                 remove_stale_temporaries(self.run_dir / SAMPLES_NAME)
 
