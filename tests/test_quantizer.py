@@ -90,3 +90,13 @@ def test_bad_inputs_exit_2_and_overwrite_nothing(shapes_tokens, shapes_shards, t
     result = quantize(tiny_vqgan_run, other_data, copy, check=False)
     assert result.returncode == 2 and "another source" in result.stderr
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+
+
+def test_a_users_files_under_the_names_it_would_write_are_never_overwritten(shapes_shards, tiny_vqgan_run, tmp_path):
+    for name in ("train_00000.npy", "codebook_usage.png"):
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_bytes(b"mine")
+        result = quantize(tiny_vqgan_run, shapes_shards, out, check=False)
+        assert result.returncode == 2 and f"holds {name}" in result.stderr and "nothing was changed" in result.stderr
+        assert (out / name).read_bytes() == b"mine" and sorted(p.name for p in out.iterdir()) == [name]

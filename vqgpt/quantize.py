@@ -9,6 +9,7 @@ Ranks take every world_size-th job; rank 0 writes the manifest last.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from dataclasses import asdict, dataclass
@@ -61,8 +62,10 @@ def binding(vqgan: LoadedVQGAN, data: Path) -> dict:
     return {"vqgan_sha256": vqgan.sha256, "source_manifest_sha256": sha256_file(data / MANIFEST_NAME)}
 
 
-def check_destination(out: Path, bound: dict, flip: bool) -> None:
-    """Refuse a TOKENS folder made from other data, another checkpoint or another --flip."""
+def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job]) -> None:
+    """Refuse a TOKENS folder made from other data, another checkpoint or another --flip, and one holding a file
+    this run would write that no token manifest or receipt of this tool lists (a user's own file)."""
+    ours: set[str] = set()
     if (out / MANIFEST_NAME).exists():
         manifest = read_manifest(out)
         for key, value in bound.items():
@@ -71,12 +74,23 @@ def check_destination(out: Path, bound: dict, flip: bool) -> None:
                                f"({key} differs); choose another --out or delete it")
         if bool(manifest.get("flip")) != flip:
             raise RunError(f"{out}: was made with flip={manifest.get('flip')}; rerun with the same --flip or another --out")
+        ours |= {HISTOGRAM_NAME, USAGE_PLOT_NAME} | {record.get(key) for entry in manifest["splits"].values()
+                                                     for record in entry["shards"] for key in ("file", "labels_file")}
     receipts = out / RECEIPTS_DIR
     for receipt_path in sorted(receipts.glob("*.json")) if receipts.is_dir() else []:
         receipt = read_receipt(receipt_path)
         if receipt is not None and any(receipt.get(k) != v for k, v in bound.items()):
             raise RunError(f"{out}: holds unfinished tokens from another checkpoint or data ({receipt_path.name}); "
                            "choose another --out or delete it")
+        if receipt is not None:   # an unfinished run of ours: its shards, and what its last step writes
+            ours |= {receipt.get("file"), receipt.get("labels_file"), HISTOGRAM_NAME, USAGE_PLOT_NAME}
+    planned = {HISTOGRAM_NAME, USAGE_PLOT_NAME} | {name for job in jobs
+                                                  for name in (job.out_name, job.out_name[:-4] + "_labels.npy")}
+    foreign = sorted(name for name in planned - ours if os.path.lexists(out / name))
+    if foreign:
+        raise RunError(f"{out}: holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''} that "
+                       "this run would write over, listed in no token manifest or receipt of this tool; move them or "
+                       "choose another --out (nothing was changed)")
 
 
 def read_receipt(path: Path) -> dict | None:
@@ -180,13 +194,13 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
         raise RunError(f"{data}: images are {size}x{size} but the VQGAN {vqgan.path} takes "
                        f"{vqgan.config.image_size}x{vqgan.config.image_size}; re-shard with --size {vqgan.config.image_size}")
     bound = binding(vqgan, data)
+    jobs = plan_jobs(splits, flip)
     if dist.is_main:
-        check_destination(out, bound, flip)
+        check_destination(out, bound, flip, jobs)
         (out / RECEIPTS_DIR).mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
     distributed.barrier()
 
-    jobs = plan_jobs(splits, flip)
     mine = jobs[dist.rank::dist.world_size]
     total_images = sum(splits[j.split].shards[j.shard_index].count for j in mine)
     skipped = 0
