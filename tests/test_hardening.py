@@ -168,6 +168,29 @@ def test_overwrite_keeps_the_finished_set_until_the_new_one_succeeds(tmp_path, c
     assert tree_digest(dest) == before
 
     monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(real_write))
+    import vqgpt.dataprep as dataprep
+
+    real_replace = os.replace
+
+    def failing_manifest_move(src, dst):   # the swap fails at its last move: the old set must come back
+        if Path(dst) == dest / "manifest.json" and Path(src).parent.name == dataprep.STAGING_NAME:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dataprep.os, "replace", failing_manifest_move)
+        assert run_shardify(shardify_args(src, dest, "--overwrite", "--seed=5")) == 2
+    assert "previous set is back" in one_error_line(capsys)
+    assert tree_digest(dest) == before and not (dest / dataprep.PREVIOUS_NAME).exists()
+    listed = dest / "val_00000.npy"   # a shard the manifest lists, replaced by a folder: refused, nothing moved
+    listed.rename(tmp_path / "saved.npy")
+    listed.mkdir()
+    changed = tree_digest(dest)
+    assert run_shardify(shardify_args(src, dest, "--overwrite", "--seed=5")) == 2
+    assert "is a folder or link" in one_error_line(capsys) and tree_digest(dest) == changed
+    listed.rmdir()
+    (tmp_path / "saved.npy").rename(listed)
+
     few = make_image_folder(tmp_path / "few", per_class=2)
     assert run_shardify(shardify_args(few, dest, "--overwrite")) == 0
     assert (dest / "notes.txt").read_text() == "mine"

@@ -25,6 +25,7 @@ from vqgpt.shards import MANIFEST_NAME, ShardError, ShardWriter, build_manifest,
 
 _OUR_FILES = re.compile(r"^(train|val)_\d{5}(_labels)?\.npy$")
 STAGING_NAME = ".shardify-staging"   # the new set is built here and moved into DEST only once complete
+PREVIOUS_NAME = ".shardify-previous"   # the replaced set waits here until the new one is in
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,10 @@ def check_destination(dest: Path, overwrite: bool, source: Source) -> list[Path]
         replaced = [manifest_path] + [dest / name for entry in manifest["splits"].values() for record in entry["shards"]
                                       for name in (record.get("file"), record.get("labels_file"))
                                       if isinstance(name, str) and _OUR_FILES.match(name)]
+    odd = [p.name for p in replaced if os.path.lexists(p) and (p.is_symlink() or not p.is_file())]
+    if odd:
+        raise DataPrepError(f"{dest / odd[0]}: listed in manifest.json as a shard but is a folder or link; move it "
+                            "or choose another DEST (nothing was changed)")
     lookalikes = sorted(p.name for p in dest.iterdir() if _OUR_FILES.match(p.name) and p not in replaced)
     if lookalikes:
         raise DataPrepError(f"{dest}: holds {lookalikes[0]}{f' and {len(lookalikes) - 1} more' if len(lookalikes) > 1 else ''} "
@@ -130,13 +135,33 @@ def _fresh_staging(dest: Path) -> Path:
 
 
 def _swap_in(staging: Path, dest: Path, replaced: list[Path]) -> None:
-    """Old set out (manifest first), new set in, manifest last: a crash in between leaves no readable mixed set."""
-    for path in replaced:
-        path.unlink(missing_ok=True)
-    for path in sorted(staging.iterdir()):
-        if path.name != MANIFEST_NAME:
+    """Old set aside (manifest first), new set in, manifest last: a crash in between leaves no readable mixed
+    set, and a failure puts the old set back before it is raised. The old set is deleted only at the end."""
+    previous = dest / PREVIOUS_NAME
+    if previous.is_symlink() or previous.is_file():
+        previous.unlink()
+    elif previous.exists():
+        shutil.rmtree(previous)   # an interrupted swap's, whose set is back or replaced by now
+    previous.mkdir()
+    moved_aside: list[Path] = []
+    moved_in: list[Path] = []
+    try:
+        for path in replaced:
+            if os.path.lexists(path):
+                os.replace(path, previous / path.name)
+                moved_aside.append(path)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST_NAME):   # the manifest last
             os.replace(path, dest / path.name)
-    os.replace(staging / MANIFEST_NAME, dest / MANIFEST_NAME)
+            moved_in.append(dest / path.name)
+    except OSError as err:
+        for path in reversed(moved_in):
+            os.replace(path, staging / path.name)
+        for path in reversed(moved_aside):
+            os.replace(previous / path.name, path)
+        previous.rmdir()
+        raise DataPrepError(f"{dest}: could not swap the new shard set in ({err}); the previous set is back "
+                            "as it was") from None
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _ignore_sigint() -> None:
