@@ -56,7 +56,8 @@ def test_saved_configs_with_a_removed_setting_load_only_where_it_was_off():
 
 @pytest.mark.parametrize("argv, message", [
     (["--muon-lr-scale=2"], "--muon-lr-scale applies with --optimizer muon only; this run has adam"),
-    (["--preset=tiny", "--permuted-share=0.5"], "--permuted-share applies with --permute-channels true only")])
+    (["--preset=tiny", "--permuted-share=0.5"], "--permuted-share applies with --permute-channels true only"),
+    (["--global-batch-size=64", "--grad-accum=2"], "--grad-accum follows from --global-batch-size; give one")])
 def test_a_flag_this_run_would_ignore_is_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--data=d", *argv])

@@ -172,20 +172,68 @@ def test_resume_with_another_world_size_continues(ddp_run, shapes_shards, tmp_pa
     assert state["loader"]["cursor"] == 4 * 16   # the same global samples the 2-rank run consumed
 
 
-def test_two_node_rendezvous_on_localhost(shapes_shards, tmp_path):
+def two_nodes(shapes_shards, outs, steps: int, *extra: str) -> tuple[list[int], list[str]]:
+    """Two one-rank torchrun nodes rendezvousing on localhost, node k training into outs[k]."""
     port = free_port()
     commands = []
     for node_rank in (0, 1):
         commands.append([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
                          "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                          "--rdzv-id=vqgan-test", "train_resnet_vqgan.py",
-                         *vqgan_args(shapes_shards, tmp_path / "run", 2, "--dead-code-steps=1")])
+                         *vqgan_args(shapes_shards, outs[node_rank], steps, *extra)])
     processes = [subprocess.Popen(c, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for c in commands]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs
+    return [p.returncode for p in processes], outputs
+
+
+def test_two_node_rendezvous_on_localhost(shapes_shards, tmp_path):
+    codes, outputs = two_nodes(shapes_shards, [tmp_path / "run"] * 2, 2, "--dead-code-steps=1")
+    assert codes == [0, 0], outputs
     state = load(latest_checkpoint(tmp_path / "run"))
     assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
+
+
+def test_ranks_that_see_other_run_folders_or_checkpoints_stop_together(shapes_shards, tmp_path):
+    # what a filesystem that is not shared (or shows nodes stale files) looks like: each node its own --out.
+    # Every rank exits 2 with the line rank 0 prints; torchrun reports failed workers with its own status 1
+    first, second = tmp_path / "node0", tmp_path / "node1"
+    codes, outputs = two_nodes(shapes_shards, [first, second], 1)
+    assert codes == [1, 1] and "rank(s) [1] do not see the run folder rank 0 writes" in outputs[0], outputs
+    assert not list_checkpoints(first) and not list_checkpoints(second)   # neither trained
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, first, 2, "--ckpt-every=1"))
+    shutil.copytree(first, second, dirs_exist_ok=True)
+    shutil.copy(first / "step_00000001.pt", second / "step_00000002.pt")   # node 1's view is a step behind
+    codes, outputs = two_nodes(shapes_shards, [first, second], 3)
+    assert codes == [1, 1] and "rank(s) [1] see another step_00000002.pt than rank 0" in outputs[0], outputs
+    assert load(latest_checkpoint(first))["step"] == 2
+
+
+@pytest.mark.parametrize("total, ranks, most, expected", [(8, 2, 4, (4, 1)), (8, 1, 4, (4, 2)), (12, 2, 4, (3, 2)),
+                                                          (7, 1, 4, (1, 7)), (16, 4, 8, (4, 1))])
+def test_the_global_batch_splits_into_the_fewest_micro_steps(total, ranks, most, expected):
+    from vqgpt.distributed import split_global_batch
+
+    cfg = split_global_batch(VQGANTrainConfig(data="d", global_batch_size=total, batch_size=most), ranks)
+    assert (cfg.batch_size, cfg.grad_accum) == expected and cfg.batch_size * cfg.grad_accum * ranks == total
+    with pytest.raises(RunError, match="does not split over 3 ranks"):
+        split_global_batch(VQGANTrainConfig(data="d", global_batch_size=8), 3)
+
+
+def test_a_global_batch_is_kept_on_another_world_size(shapes_shards, tmp_path):
+    flags = ("--global-batch-size=8", "--ckpt-every=1", "--keep-last=5")
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "two", 2, *flags), nproc=2)
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "one", 2, *flags))
+    two, one = load(tmp_path / "two" / "step_00000002.pt"), load(tmp_path / "one" / "step_00000002.pt")
+    assert (two["config"]["batch_size"], two["config"]["grad_accum"]) == (4, 1)
+    assert (one["config"]["batch_size"], one["config"]["grad_accum"]) == (4, 2)
+    for key, value in one["vqgan"].items():   # the same 8 images a step: the same steps, but for summation order
+        if value.is_floating_point():
+            torch.testing.assert_close(two["vqgan"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "two", 3, *flags))   # now one rank
+    resumed = load(tmp_path / "two" / "step_00000003.pt")
+    assert resumed["world_size"] == 1 and (resumed["config"]["batch_size"], resumed["config"]["grad_accum"]) == (4, 2)
+    assert resumed["loader"]["cursor"] == 3 * 8
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])

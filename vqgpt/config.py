@@ -127,6 +127,9 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
         cfg = dataclasses.replace(presets[preset], **args) if preset else cls(**args)
     except (TypeError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    for name, source in getattr(cls, "follows_from", {}).items():
+        if name in args and source in args:
+            parser.exit(2, f"{parser.prog}: error: {flag_name(name)} follows from {flag_name(source)}; give one\n")
     # a flag whose setting this run does not use would be recorded in config.json and silently ignored
     for name, (other, value) in getattr(cls, "applies_only_with", {}).items():
         if name in args and getattr(cfg, other) != value:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -66,11 +67,27 @@ def setup(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device, is_main=rank == 0)
 
 
+def split_global_batch(cfg, world_size: int):
+    """`cfg` with batch_size and grad_accum that give its global_batch_size on `world_size` ranks: the fewest
+    micro-steps whose micro-batch is at most cfg.batch_size (unchanged when global_batch_size is 0)."""
+    total = getattr(cfg, "global_batch_size", 0)
+    if not total:
+        return cfg
+    if total % world_size:
+        raise RunError(f"--global-batch-size {total} does not split over {world_size} ranks; give a multiple of "
+                       f"{world_size}")
+    per_rank = total // world_size
+    accum = -(-per_rank // cfg.batch_size)
+    while per_rank % accum:
+        accum += 1
+    return dataclasses.replace(cfg, batch_size=per_rank // accum, grad_accum=accum)
+
+
 def launch(train_fn, cfg) -> int:
     """setup() from cfg.device, train_fn(cfg, dist_info), and the process group torn down whatever happens."""
     info = setup(cfg.device)
     try:
-        return train_fn(cfg, info)
+        return train_fn(split_global_batch(cfg, info.world_size), info)
     finally:
         cleanup()
 

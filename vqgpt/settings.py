@@ -18,11 +18,17 @@ from vqgpt.config import PRECISIONS, check_finite, check_not_negative, check_pre
 class TrainConfig:
     """Settings every trainer shares (run folder, schedule, precision, checkpoints)."""
     not_offered: ClassVar[tuple[str, ...]] = ()   # fields the stage sets itself: no flag for them
+    # pairs of flags refused together (parse_config): the first follows from the second
+    follows_from: ClassVar[dict[str, str]] = {"grad_accum": "global_batch_size"}
     out: str = setting("run folder: checkpoints, metrics.jsonl, figures", "runs/run")
     resume: str = setting("auto (latest checkpoint in --out, if any), none (fresh; refuses a used --out), or a checkpoint path", "auto")
     max_steps: int = setting("optimizer steps in total", 10000)
-    batch_size: int = setting("images (or token sequences) per rank per micro-step", 8)
+    batch_size: int = setting("images (or token sequences) per rank per micro-step (with --global-batch-size: the "
+                              "most per micro-step)", 8)
     grad_accum: int = setting("micro-steps per optimizer step; global batch = batch_size x ranks x grad_accum", 1)
+    global_batch_size: int = setting("images (or sequences) per optimizer step over all ranks: the per-rank batch and "
+                                     "--grad-accum follow from it and the world size, so a resume on another number "
+                                     "of GPUs keeps it (0: batch_size x ranks x grad_accum)", 0)
     lr: float = setting("peak learning rate", 1e-4)
     min_lr_ratio: float = setting("cosine decays to lr x this", 0.1)
     warmup_steps: int = setting("linear warmup steps", 500)
@@ -53,7 +59,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "stop_at_step"):
+        for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "stop_at_step",
+                     "global_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:

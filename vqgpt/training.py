@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import random
+import secrets
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,13 @@ from vqgpt import checkpoint as ckpt
 from vqgpt import distributed
 from vqgpt.config import check_removed_settings, config_to_dict, field_defaults, format_config
 from vqgpt.distributed import DistInfo
-from vqgpt.errors import RunError, first_line
-from vqgpt.files import atomic_write_json, remove_stale_temporaries
+from vqgpt.errors import RunError, UserError, first_line
+from vqgpt.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_file
 from vqgpt.runlog import METRICS_NAME
 from vqgpt.shards import ShardError
 
 CONFIG_NAME = "config.json"
+NONCE_NAME = ".nonce"   # rank 0's random word for this start: the ranks that read it share the run folder
 SAMPLES_NAME = "samples"
 
 
@@ -108,25 +110,27 @@ class TrainingRun:
         self.networks, self.stateful = networks, stateful
 
     def load_resume_state(self) -> dict | None:
-        """The checkpoint to continue from under `--resume` (auto | none | PATH), checked for compatibility."""
-        resume = self.cfg.resume
-        self.check_run_folder()
-        existing = ckpt.latest_checkpoint(self.run_dir)
-        if resume == "none":
-            if existing is not None:
-                raise RunError(f"{self.run_dir}: already holds checkpoints ({existing.name}); "
-                               "pass --resume auto to continue it or choose another --out")
+        """The checkpoint to continue from under `--resume` (auto | none | PATH), checked for compatibility.
+
+        Rank 0 decides, and every rank checks that it sees the same run folder (a nonce rank 0 writes there)
+        and the same checkpoint file (sha256): on a filesystem that shows ranks different files they would
+        otherwise train from different steps. Any refusal stops every rank with the same line."""
+        decision = {"error": None, "name": None, "nonce": None}
+        if self.dist.is_main:
+            try:
+                path = self.choose_checkpoint()
+                decision["name"] = None if path is None else self.shared_name(path)
+                decision["nonce"] = self.write_nonce() if self.dist.is_distributed else None
+            except UserError as err:
+                decision["error"] = str(err)
+        decision = distributed.broadcast_object(decision)
+        if decision["error"] is not None:
+            raise RunError(decision["error"])
+        path = None if decision["name"] is None else self.local_path(decision["name"])
+        if self.dist.is_distributed:
+            self.check_ranks_agree(path, decision["nonce"])
+        if path is None:
             return None
-        if resume == "auto":
-            if existing is None:
-                return None
-            path = existing
-        else:
-            path = ckpt.resolve_checkpoint(resume)
-            if path.parent.resolve() != self.run_dir.resolve() and self.holds_a_run():
-                # saving here would prune that run's checkpoints and overwrite its config and metrics
-                raise RunError(f"--resume {resume} continues the run in {path.parent}, but --out {self.run_dir} "
-                               "holds another run; pass --out to a new folder (or the checkpoint's own run folder)")
         state = ckpt.load_checkpoint(path, required_keys=("stage", "step", "config"))
         if state["stage"] != self.stage:
             raise RunError(f"{path}: is a {state['stage']} checkpoint, this trainer continues {self.stage} runs")
@@ -141,6 +145,61 @@ class TrainingRun:
                            "use the run's settings or another --out")
         state["path"] = str(path)
         return state
+
+    def choose_checkpoint(self) -> Path | None:
+        """Rank 0's choice under `--resume`: a checkpoint path, or None for a fresh run."""
+        resume = self.cfg.resume
+        self.check_run_folder()
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if resume == "none":
+            if existing is not None:
+                raise RunError(f"{self.run_dir}: already holds checkpoints ({existing.name}); "
+                               "pass --resume auto to continue it or choose another --out")
+            return None
+        if resume == "auto":
+            return existing
+        path = ckpt.resolve_checkpoint(resume)
+        if path.parent.resolve() != self.run_dir.resolve() and self.holds_a_run():
+            # saving here would prune that run's checkpoints and overwrite its config and metrics
+            raise RunError(f"--resume {resume} continues the run in {path.parent}, but --out {self.run_dir} "
+                           "holds another run; pass --out to a new folder (or the checkpoint's own run folder)")
+        return path
+
+    def shared_name(self, path: Path) -> str:
+        """How every rank finds `path`: its name when it is in the run folder (each rank looks in its own --out),
+        else the path itself."""
+        return path.name if path.parent.resolve() == self.run_dir.resolve() else str(path.resolve())
+
+    def local_path(self, name: str) -> Path:
+        return Path(name) if Path(name).is_absolute() else self.run_dir / name
+
+    def write_nonce(self) -> str:
+        """A fresh random word in RUN/.nonce: the ranks that read it back look at the same folder."""
+        nonce = secrets.token_hex(16)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / NONCE_NAME, nonce.encode())
+        return nonce
+
+    def check_ranks_agree(self, path: Path | None, nonce: str) -> None:
+        """Every rank sees rank 0's run folder and checkpoint bytes, or every rank stops with one line."""
+        try:
+            seen_nonce = (self.run_dir / NONCE_NAME).read_text().strip()
+        except OSError:
+            seen_nonce = None
+        try:
+            digest = None if path is None else sha256_file(path)
+        except OSError:
+            digest = "missing"
+        views = distributed.all_gather_object((seen_nonce == nonce, digest))
+        other_folder = [rank for rank, (same, _) in enumerate(views) if not same]
+        other_file = [rank for rank, (_, digest) in enumerate(views) if digest != views[0][1]]
+        if other_folder or other_file:
+            what = (f"rank(s) {other_folder} do not see the run folder rank 0 writes ({self.run_dir})"
+                    if other_folder else "")
+            if other_file:
+                what += ("; " if what else "") + f"rank(s) {other_file} see another {path.name if path else 'file'} " \
+                        "than rank 0"
+            raise RunError(f"{what}: --out must be one folder on a filesystem every node shares, the same for all ranks")
 
     def holds_a_run(self) -> bool:
         return self.run_dir.is_dir() and (bool(ckpt.list_checkpoints(self.run_dir)) or any(
