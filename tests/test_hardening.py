@@ -27,7 +27,7 @@ from plots.__main__ import main as plots_main
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, run_shardify, script_env
 from vqgpt import dataprep, files
-from vqgpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from vqgpt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from vqgpt.config import ConfigError, config_to_dict, parse_config
 from vqgpt.settings import GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, VQGANTrainConfig, SampleConfig
 from vqgpt.dataprep import DataPrepError, builtin_source, scan_folder, write_shards
@@ -789,3 +789,11 @@ def test_json_artifacts_are_strict_json_even_with_nan(tmp_path):
                                                        "nested": {"x": -float("inf"), "ok": 2}})
     parsed = json.loads((tmp_path / "result.json").read_text(), parse_constant=refuse)
     assert parsed == {"fid": None, "is": [1.5, None], "nested": {"x": None, "ok": 2}}
+
+
+def test_milestone_checkpoints_survive_pruning(tmp_path):
+    for step in range(1, 11):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2, keep_every=4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step_00000004.pt", "step_00000008.pt", "step_00000009.pt", "step_00000010.pt"]
+    assert latest_checkpoint(tmp_path).name == "step_00000010.pt"

@@ -19,8 +19,9 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int = 3) -> Path:
-    """Write `state` atomically, point `latest` at it, keep the newest `keep_last` files.
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
+    """Write `state` atomically, point `latest` at it, keep the newest `keep_last` files and every milestone
+    (a step that is a multiple of `keep_every`, when set).
 
     Call on the main rank only; the caller puts a barrier after it.
     """
@@ -34,8 +35,14 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int 
         # belong to the abandoned continuation (and are overwritten as the run reaches their steps)
         history = [p for p in list_checkpoints(run_dir) if p.name <= path.name]   # zero-padded: name order is step order
         for old in history[:-keep_last]:
-            old.unlink(missing_ok=True)
+            if not (keep_every and checkpoint_step(old) % keep_every == 0):
+                old.unlink(missing_ok=True)
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's name, step_XXXXXXXX.pt."""
+    return int(path.name[len("step_"):-len(".pt")])
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -38,6 +38,7 @@ class TrainConfig:
     eval_batch_size: int = setting("batch size for evaluation", 32)
     ckpt_every: int = setting("checkpoint every N steps (always at the end and on SIGTERM/SIGINT)", 1000)
     keep_last: int = setting("keep the newest N checkpoints", 3)
+    keep_every: int = setting("also keep every checkpoint whose step is a multiple of N, for good (0: none)", 0)
     log_every: int = setting("write training metrics every N steps", 10)
     seed: int = setting("seed of data order, init and sampling", 0)
     device: str = setting("auto, cpu or cuda", "auto")
@@ -60,7 +61,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "stop_at_step",
-                     "global_batch_size"):
+                     "global_batch_size", "keep_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:

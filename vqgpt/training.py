@@ -271,7 +271,8 @@ class TrainingRun:
             state = {"stage": self.stage, "step": step, "config": config_to_dict(self.cfg),
                      "world_size": self.dist.world_size, "rng": rng_states, "rank_checksums": checksums,
                      **modules, **extra}
-            path = ckpt.save_checkpoint(self.run_dir, step, state, keep_last=self.cfg.keep_last)
+            path = ckpt.save_checkpoint(self.run_dir, step, state, keep_last=self.cfg.keep_last,
+                                        keep_every=self.cfg.keep_every)
         distributed.barrier()
         return path
 
