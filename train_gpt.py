@@ -98,7 +98,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
 
     run.write_config({"token_shards": str(Path(cfg.tokens).resolve()),
                       "vqgan_sha256": train_split.manifest.get("vqgan_sha256")})
-    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "gpt")
+    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "gpt", cfg.progress, cfg.log_every)
     log.print(run.describe())
     tokens_per_step = cfg.batch_size * dist.world_size * cfg.grad_accum * cfg.tokens_per_image
     log.print(f"gpt {model.num_params() / 1e6:.2f}M parameters, {cfg.tokens_per_image} tokens per image, "

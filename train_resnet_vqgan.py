@@ -117,7 +117,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
 
     lpips_backbone = "off" if perceptual is None else perceptual.backbone
     run.write_config({"lpips_backbone": lpips_backbone, "image_shards": str(Path(cfg.data).resolve())})
-    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "vqgan")
+    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "vqgan", cfg.progress, cfg.log_every)
     log.print(run.describe())
     log.print(f"vqgan {count_parameters(vqgan) / 1e6:.2f}M parameters, discriminator "
               f"{count_parameters(discriminator) / 1e6:.2f}M, latent grid {vqgan.latent_grid}, "

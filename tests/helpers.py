@@ -29,9 +29,14 @@ def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, chec
                    f"--nproc_per_node={nproc}", script, *args]
     else:
         command = [sys.executable, script, *args]
-    result = subprocess.run(command, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    # bytes, decoded here: text mode's universal newlines would turn a bar's \r into \n and hide it
+    result = subprocess.run(command, cwd=ROOT, env=script_env(), capture_output=True, timeout=timeout)
+    result.stdout, result.stderr = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    # captured output is a log file, not a terminal: --progress auto writes whole lines, never a bar's \r
+    if "--progress=true" not in args:
+        assert "\r" not in result.stdout + result.stderr, f"{script}: carriage returns in a log"
     return result
 
 

@@ -34,3 +34,29 @@ def test_saving_after_resuming_an_older_checkpoint_keeps_it(tmp_path):
     save_checkpoint(tmp_path, 15, {"step": 15}, keep_last=1)   # a run resumed from an earlier checkpoint
     assert latest_checkpoint(tmp_path).name == "step_00000015.pt"
     assert (tmp_path / "step_00000015.pt").is_file()
+
+
+def test_progress_in_a_log_file_is_whole_lines(capsys):
+    from vqgpt.runlog import PlainProgress, progress
+
+    assert isinstance(progress("auto", total=4), PlainProgress)   # captured stderr is no terminal
+    with progress("auto", range(20), desc="work", unit="img", every=5) as bar:
+        for _ in bar:
+            pass
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"work: {n}/20 img" for n in (5, 10, 15, 20)]
+    assert progress("false", total=4).disable and progress("auto", total=4, enabled=False).disable
+    bar = progress("true", total=4)   # a bar on request, carriage returns and all
+    bar.update(4)
+    bar.close()
+    assert "\r" in capsys.readouterr().err
+
+
+def test_a_trainer_in_a_log_file_prints_a_line_every_log_every_steps(shapes_shards, tmp_path):
+    from tests.helpers import run_script, vqgan_args
+
+    result = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "run", 4, "--log-every=2"))
+    steps = [line.split(" (")[0] for line in result.stderr.splitlines() if line.startswith("vqgan: ")]
+    assert steps == ["vqgan: 2/4 step", "vqgan: 4/4 step"] and "\r" not in result.stdout + result.stderr
+    bar = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "bar", 1, "--progress=true"))
+    assert "\r" in bar.stderr

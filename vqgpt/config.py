@@ -228,6 +228,8 @@ def format_config(cfg: Any) -> str:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PROGRESS_MODES = ("auto", "true", "false")
+PROGRESS_HELP = "auto: a bar on a terminal, a plain line now and then in a log file; true: a bar; false: nothing"
 
 
 def check_precision(precision: str) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from tqdm import tqdm
 
 from vqgpt import builtin
 from vqgpt.errors import DataPrepError
 from vqgpt.images import IMAGE_SUFFIXES, SkipImage, load_square_image
+from vqgpt.runlog import progress as progress_bar
 from vqgpt.shards import MANIFEST_NAME, ShardError, ShardWriter, build_manifest, read_manifest, write_manifest
 
 _OUR_FILES = re.compile(r"^(train|val)_\d{5}(_labels)?\.npy$")
@@ -180,7 +180,7 @@ def _bounded_imap(pool, decode: Callable, tasks: list, window: int) -> Iterable:
 
 def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_size: int = 1000,
                  val_fraction: float = 0.01, val_count: int | None = None, seed: int = 0,
-                 workers: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+                 workers: int | None = None, overwrite: bool = False, progress: str | bool = True) -> dict:
     """Decode, split and write every image of `source` into a staging folder, then swap it into DEST.
 
     DEST keeps its previous shard set (and every other file) until the new one is complete.
@@ -202,7 +202,7 @@ def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_si
 
 
 def _write_set(source: Source, out: Path, title: str, size: int, shard_size: int, n_val: int, seed: int,
-               workers: int, progress: bool) -> dict:
+               workers: int, progress: str | bool) -> dict:
     if source.builtin_count:
         decode: Callable = functools.partial(_draw_builtin, seed=seed, size=size)
         label_of: Callable[[int], int | None] = lambda i: builtin.shape_label(seed, i)
@@ -215,7 +215,7 @@ def _write_set(source: Source, out: Path, title: str, size: int, shard_size: int
     records: dict[str, list[dict]] = {}
     context = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
     with context.Pool(workers, initializer=_ignore_sigint) if workers > 1 else _InlinePool() as pool, \
-            tqdm(total=len(source), desc=f"shardify {title}", unit="img", disable=not progress) as bar:
+            progress_bar(progress, total=len(source), desc=f"shardify {title}", unit="img") as bar:
         for split, order in split_order(len(source), seed, n_val).items():
             writer = ShardWriter(out, split, (size, size, 3), np.uint8, shard_size, len(source.classes))
             tasks = [(int(i), 0) for i in order] if source.builtin_count else [(source.files[i], int(i)) for i in order]

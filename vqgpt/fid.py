@@ -16,13 +16,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.perceptual import find_weights_file, hub_checkpoint_dir
 from vqgpt import distributed
 from vqgpt.errors import RunError
 from vqgpt.files import atomic_path, sha256_file
 from vqgpt.images import IMAGE_SUFFIXES, to_uint8
+from vqgpt.runlog import progress as progress_bar
 from vqgpt.sampling import sample_tokens
 from vqgpt.shards import MANIFEST_NAME, ShardError, ShardSplit
 from vqgpt.training import autocast, strict_fp32
@@ -139,7 +139,7 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> dict[str, float]:
 
 
 def extract_features(count: int, batch_size: int, make_batch: Callable[[int, int], Images], inception: Inception,
-                     *, rank: int = 0, world_size: int = 1, progress: bool = False, desc: str = "inception"
+                     *, rank: int = 0, world_size: int = 1, progress: str | bool = False, desc: str = "inception"
                      ) -> Features | None:
     """Features of items [0, count) made by `make_batch(start, stop)`: batch k runs on rank k % world_size.
 
@@ -148,8 +148,8 @@ def extract_features(count: int, batch_size: int, make_batch: Callable[[int, int
     """
     starts = range(rank * batch_size, count, world_size * batch_size)
     mine = {}
-    with tqdm(total=sum(min(batch_size, count - s) for s in starts), desc=desc, unit="img", dynamic_ncols=True,
-              disable=not progress or rank != 0) as bar:
+    with progress_bar(progress, total=sum(min(batch_size, count - s) for s in starts), desc=desc, unit="img",
+                      enabled=rank == 0) as bar:
         for start in starts:
             stop = min(start + batch_size, count)
             mine[start] = inception.features(make_batch(start, stop))
@@ -267,7 +267,7 @@ class Reference:
 
 
 def reference_statistics(path: str, split: str, inception: Inception, batch_size: int, *, rank: int = 0,
-                         world_size: int = 1, use_cache: bool = True, progress: bool = False) -> Reference:
+                         world_size: int = 1, use_cache: bool = True, progress: str | bool = False) -> Reference:
     """FID statistics of a reference: ADM-style .npz `mu`/`sigma` as given, shards through the cache, else extracted."""
     where = Path(path)
     if where.is_file() and where.suffix == ".npz":

@@ -18,7 +18,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vqgpt import distributed
 from vqgpt.distributed import DistInfo
@@ -26,6 +25,7 @@ from vqgpt.errors import RunError
 from vqgpt.files import atomic_write_json, remove_stale_temporaries, sha256_file
 from vqgpt.images import to_unit_range
 from vqgpt.metrics import codebook_usage
+from vqgpt.runlog import progress as progress_bar
 from vqgpt.shards import (MANIFEST_NAME, ShardSplit, ShardWriter, build_manifest, put_unless_stopped, read_manifest,
                           save_npy_atomic, write_manifest)
 from vqgpt.trained_models import LoadedVQGAN, optimize_for_inference
@@ -180,7 +180,7 @@ def encode_shard(vqgan: LoadedVQGAN, items: np.ndarray, batch_size: int, flipped
 
 
 def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_size: int, flip: bool,
-             dist: DistInfo, dtype: torch.dtype, progress: bool = True, encoder: Encoder | None = None,
+             dist: DistInfo, dtype: torch.dtype, progress: str | bool = True, encoder: Encoder | None = None,
              plot_usage: Callable[[np.ndarray, Path], None] | None = None) -> dict | None:
     """Write every token shard of this rank's jobs; rank 0 then writes the manifest (returned), after
     `plot_usage(histogram, path)` draws the dataset's code frequencies when given (the library draws nothing)."""
@@ -204,8 +204,8 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
     mine = jobs[dist.rank::dist.world_size]
     total_images = sum(splits[j.split].shards[j.shard_index].count for j in mine)
     skipped = 0
-    with tqdm(total=total_images, desc=f"quantize rank {dist.rank}", unit="img",
-              disable=not (progress and dist.is_main)) as bar:
+    with progress_bar(progress, total=total_images, desc=f"quantize rank {dist.rank}", unit="img",
+                      enabled=dist.is_main) as bar:
         for job in mine:
             source = splits[job.split].shards[job.shard_index]
             if receipt_matches(out, job, source.sha256, bound, source.count) is not None:

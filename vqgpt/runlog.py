@@ -1,9 +1,15 @@
-"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard when installed, a tqdm bar."""
+"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard when installed, progress.
+
+Progress is a tqdm bar on a terminal and plain lines elsewhere (`--progress auto`): a bar's carriage
+returns turn a SLURM or Kubernetes log file into one endless line.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -11,6 +17,67 @@ from tqdm import tqdm
 from vqgpt.files import atomic_write_bytes
 
 METRICS_NAME = "metrics.jsonl"
+
+
+class PlainProgress:
+    """tqdm's interface as far as this project uses it, written as whole lines: one at most every `seconds`
+    (or every `every` updates, when given), and one at the end."""
+
+    def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0,
+                 seconds: float = 30.0, every: int = 0, **_ignored):
+        self.iterable, self.desc, self.unit, self.seconds, self.every = iterable, desc, unit, seconds, every
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.n = self.shown = initial
+        self.start = self.last = time.perf_counter()
+        self.postfix = ""
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        due = self.n % self.every == 0 if self.every else now - self.last >= self.seconds
+        if due or self.n == self.total:
+            self._line(now)
+
+    def set_postfix(self, values: dict | None = None, refresh: bool = True) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in (values or {}).items())
+
+    def write(self, message: str) -> None:
+        print(message, flush=True)
+
+    def close(self) -> None:
+        if self.shown != self.n:
+            self._line(time.perf_counter())
+
+    def _line(self, now: float) -> None:
+        rate = (self.n - self.shown) / max(now - self.last, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        print(f"{self.desc}: {self.n}{of} {self.unit} ({rate:.3g} {self.unit}/s)" + (f", {self.postfix}" if self.postfix
+              else ""), file=sys.stderr, flush=True)
+        self.last, self.shown = now, self.n
+
+
+def progress(mode: str | bool, iterable=None, *, enabled: bool = True, **kwargs):
+    """A tqdm bar (`mode` true, or auto on a terminal), plain lines (auto elsewhere) or nothing (false, or
+    not `enabled`, as on ranks other than 0). kwargs: tqdm's total, desc, unit, initial; `every` (plain lines
+    every so many updates instead of every 30 seconds)."""
+    mode = {True: "true", False: "false"}.get(mode, mode)
+    every = kwargs.pop("every", 0)
+    if mode == "false" or not enabled:
+        return tqdm(iterable, disable=True, **kwargs)
+    if mode == "true" or sys.stderr.isatty():
+        return tqdm(iterable, dynamic_ncols=True, **kwargs)
+    return PlainProgress(iterable, every=every, **kwargs)
 
 
 def _clean(value):
@@ -42,7 +109,7 @@ class RunLog:
     """Main-rank logger; on other ranks every method is a no-op."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool, total_steps: int, start_step: int,
-                 description: str):
+                 description: str, progress_mode: str = "auto", every: int = 10):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_NAME
         self.bar = None
@@ -55,7 +122,8 @@ class RunLog:
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step)
         except ImportError:
             self.writer = None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step", dynamic_ncols=True)
+        self.bar = progress(progress_mode, total=total_steps, initial=start_step, desc=description, unit="step",
+                            every=every)
 
     def _drop_records_after(self, step: int) -> None:
         """A resumed run rewrites the steps after its checkpoint; keep the file free of duplicates."""

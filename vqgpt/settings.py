@@ -11,7 +11,8 @@ from typing import ClassVar
 
 from models.gpt import GPT_PRESETS, GPTConfig
 from models.vqgan import VQGAN_PRESETS, VQGANConfig
-from vqgpt.config import PRECISIONS, check_finite, check_not_negative, check_precision, setting
+from vqgpt.config import (PRECISIONS, PROGRESS_HELP, PROGRESS_MODES, check_finite, check_not_negative,
+                          check_precision, setting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TrainConfig:
                              "gradient scaler", "auto", choices=PRECISIONS)
     compile: bool = setting("torch.compile the model (CUDA or CPU; the first steps compile for a minute or more)", False)
     max_bad_steps: int = setting("stop after this many non-finite steps in a row", 20)
+    progress: str = setting(PROGRESS_HELP + " (a line every --log-every steps)", "auto", choices=PROGRESS_MODES)
     prefetch: int = setting("batches prefetched by the reader thread", 4)
     stop_at_step: int = setting("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
     eval_fid: bool = setting("add rFID (VQGAN) or gFID (GPT) to each eval; needs the Inception weights", False)
@@ -182,7 +184,7 @@ class ShardifyConfig:
     labels: str = setting("auto: first-level sub-folders are classes; none: no labels", "auto", choices=("auto", "none"))
     overwrite: bool = setting("replace the shard set already in DEST (the new set is built aside, then swapped in)",
                               False)
-    progress: bool = setting("show a progress bar", True)
+    progress: str = setting(PROGRESS_HELP, "auto", choices=PROGRESS_MODES)
 
     def __post_init__(self):
         if len(self.paths) != (1 if self.builtin else 2):
@@ -228,7 +230,7 @@ class QuantizeConfig:
                              choices=PRECISIONS)
     compile: bool = setting("torch.compile the encoder and code lookup (the first batch compiles for a minute or more)", False)
     channels_last: bool = setting("channels_last memory format for the encoder", False)
-    progress: bool = setting("show a progress bar", True)
+    progress: str = setting(PROGRESS_HELP, "auto", choices=PROGRESS_MODES)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -385,7 +387,7 @@ class EvaluateConfig:
     compile: bool = setting("torch.compile the VQGAN and the GPT (not Inception; the first batches compile for a minute "
                             "or more)", False)
     channels_last: bool = setting("channels_last memory format for the VQGAN", False)
-    progress: bool = setting("show progress bars", True)
+    progress: str = setting(PROGRESS_HELP, "auto", choices=PROGRESS_MODES)
 
     def __post_init__(self):
         check_finite(self)

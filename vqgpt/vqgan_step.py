@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vqgpt import distributed
 from vqgpt.images import to_unit_range, to_uint8
 from vqgpt.losses import adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from vqgpt.metrics import codebook_usage, psnr, ssim
 from vqgpt.optim import reset_moments
+from vqgpt.runlog import progress as progress_bar
 from vqgpt.training import autocast
 
 
@@ -132,7 +132,7 @@ def discriminator_backward(models: VQGANModels, images: torch.Tensor, recon_deta
 def evaluate(vqgan: torch.nn.Module, perceptual: torch.nn.Module | None, val_split, batch_size: int,
              codebook_size: int, device: torch.device, dtype: torch.dtype, grid_images: int = 8, *,
              inception=None, reference_stats: dict | None = None, rank: int = 0, world_size: int = 1,
-             progress: bool = False) -> tuple[dict | None, list]:
+             progress: str | bool = False) -> tuple[dict | None, list]:
     """Metrics over the whole val split; codebook usage counts every code hit in the pass.
 
     With an `inception` (vqgpt.fid.Inception) and the originals' `reference_stats`, also rFID.
@@ -144,7 +144,7 @@ def evaluate(vqgan: torch.nn.Module, perceptual: torch.nn.Module | None, val_spl
     per_batch: dict[int, tuple] = {}   # start -> (metric sums, code histogram, reconstructions' features)
     grid_rows: list = []
     starts = range(rank * batch_size, len(val_split), world_size * batch_size)
-    for start in tqdm(starts, desc="reconstruct", unit="batch", dynamic_ncols=True, disable=not progress or rank != 0):
+    for start in progress_bar(progress, starts, enabled=rank == 0, desc="reconstruct", unit="batch"):
         items, _ = val_split.read(np.arange(start, min(start + batch_size, len(val_split))))
         images = to_unit_range(torch.from_numpy(items).to(device))
         with autocast(device, dtype):
