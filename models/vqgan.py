@@ -49,6 +49,11 @@ class VQGANConfig:
             raise ValueError(f"vq_loss must be one of {VQ_LOSSES}, got {self.vq_loss!r}")
         if min(self.ch, self.z_channels, self.codebook_size, self.codebook_dim, self.num_res_blocks) < 1:
             raise ValueError("ch, z_channels, codebook_size, codebook_dim and num_res_blocks must be positive")
+        if self.dead_code_steps < 0:
+            raise ValueError(f"dead_code_steps must not be negative, got {self.dead_code_steps}")
+        grids = [self.image_size >> level for level in range(len(self.ch_mult))]
+        if not set(self.attn_resolutions) <= set(grids):   # attention at a grid no level has would be silently absent
+            raise ValueError(f"attn_resolutions {self.attn_resolutions}: the levels' grids are {grids}")
 
     @property
     def downsample_factor(self) -> int:

@@ -29,7 +29,8 @@ from tests.helpers import ROOT, run_shardify, script_env
 from vqgpt import dataprep, files
 from vqgpt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from vqgpt.config import ConfigError, config_to_dict, parse_config
-from vqgpt.settings import GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, VQGANTrainConfig, SampleConfig
+from vqgpt.settings import (GPT_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GPTTrainConfig, QuantizeConfig, SampleConfig,
+                            ShardifyConfig, VQGANTrainConfig)
 from vqgpt.dataprep import DataPrepError, builtin_source, scan_folder, write_shards
 from vqgpt.distributed import DistInfo, pick_device
 from vqgpt.errors import RunError
@@ -306,16 +307,34 @@ def test_token_ids_outside_the_codebook_are_refused_when_opened(tmp_path, bad_id
     (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--disc-weight=inf"]),
     (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--adam-betas=nan,0.9"]),
     (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--min-lr-ratio=nan"]),
-    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--permuted-share=1.5"]),
-    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--permuted-share=nan"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--permuted-share=1.5", "--permute-channels"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--permuted-share=nan", "--permute-channels"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--min-lr-ratio=5"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--dead-code-steps=-5"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--muon-lr-scale=0", "--optimizer=muon"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--attn-resolutions=5"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--l1-weight=0", "--l2-weight=0", "--perceptual-weight=0"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--out="]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, ["--out="]),
 ])
 def test_non_finite_and_out_of_range_settings_are_refused_when_parsed(cls, presets, argv, capsys):
+    required = ["--data=d"] if cls is VQGANTrainConfig else ["--tokens=t"]   # so that only the value is wrong
     with pytest.raises(SystemExit) as exit_info:
-        parse_config(cls, presets, ["--preset=tiny", *argv])
+        parse_config(cls, presets, ["--preset=tiny", *required, *argv])
     assert exit_info.value.code == 2
     flag = argv[0].split("=")[0]
-    err = capsys.readouterr().err
-    assert flag in err or flag.lstrip("-").replace("-", "_") in err, err
+    message = capsys.readouterr().err.strip().splitlines()[-1]   # the error line, not the usage above it
+    assert "error:" in message and (flag in message or flag.lstrip("-").replace("-", "_") in message), message
+
+
+@pytest.mark.parametrize("cls, argv, message", [
+    (QuantizeConfig, ["--vqgan=v", "--data=d", "--out="], "--out must not be empty"),
+    (SampleConfig, ["--gpt=g", "--out= "], "--out must not be empty"),
+    (ShardifyConfig, ["--builtin=shapes", ""], "must not be empty")])
+def test_an_empty_output_path_is_refused_not_the_working_directory(cls, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, {}, argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--val-fraction=-0.5"], ["--val-fraction=nan"], ["--val-fraction=1"],

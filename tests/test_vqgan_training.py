@@ -368,6 +368,18 @@ def test_nan_steps_are_skipped_then_stop(tmp_path):
     assert latest_checkpoint(tmp_path) is None
 
 
+def test_a_run_whose_every_step_was_skipped_does_not_end_as_a_success(tmp_path):
+    cfg = SimpleNamespace(out=str(tmp_path), max_bad_steps=10, resume="auto", keep_last=2, seed=0)
+    closable = SimpleNamespace(close=lambda: None)
+    run = TrainingRun(cfg, DistInfo(0, 0, 1, torch.device("cpu"), True), "vqgan", ())
+    for _ in range(3):
+        run.end_of_step_consensus(False)
+    with pytest.raises(RunError, match="all 3 steps of this run were non-finite"):
+        run.finish(closable, closable)
+    run.end_of_step_consensus(True)   # one step that counted: the run did learn
+    assert run.finish(closable, closable) == 0
+
+
 def test_help_lists_every_setting():
     result = run_script("train_resnet_vqgan.py", "--help")
     for flag in ("--max-steps", "--disc-start", "--lpips-weights", "--codebook-dim", "--dead-code-steps", "--preset"):

@@ -121,6 +121,10 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
                and f.name not in args and not (args.get("preset") and getattr(presets[args["preset"]], f.name))]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
+    empty = [flag_name(f.name) for f in dataclasses.fields(cls) if (f.metadata or {}).get("required")
+             and isinstance(args.get(f.name), str) and not args[f.name].strip()]
+    if empty:   # `--out ''` would be the working directory
+        parser.error(f"{', '.join(empty)} must not be empty")
     preset = args.pop("preset", None)
     args = {key: tuple(value) if isinstance(value, list) else value for key, value in args.items()}
     try:   # without a preset the defaults are not built first: they may lack a setting only the user can give

@@ -68,6 +68,10 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"--min-lr-ratio must be at most 1 (the cosine decays to lr x this), got {self.min_lr_ratio}")
+        if not self.out.strip():
+            raise ValueError("--out must name a run folder (an empty one is the working directory)")
         check_precision(self.precision)
         network_checks = getattr(super(), "__post_init__", None)   # the network config's own checks
         if network_checks is not None:
@@ -118,6 +122,11 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
                              "it applies to the GPT only")
         if not 0 <= self.permuted_share <= 1:
             raise ValueError(f"--permuted-share must be in [0, 1], got {self.permuted_share}")
+        if self.muon_lr_scale <= 0:
+            raise ValueError(f"--muon-lr-scale must be positive, got {self.muon_lr_scale}")
+        if self.l1_weight == self.l2_weight == self.perceptual_weight == 0:
+            raise ValueError("--l1-weight, --l2-weight and --perceptual-weight are all 0: nothing would teach the "
+                             "VQGAN to reconstruct")
         check_not_negative(self, ("l1_weight", "l2_weight", "chroma_weight", "perceptual_weight", "disc_weight",
                                    "disc_weight_max", "disc_lr", "disc_start", "beta", "muon_lr_scale"))
 
@@ -189,6 +198,8 @@ class ShardifyConfig:
     def __post_init__(self):
         if len(self.paths) != (1 if self.builtin else 2):
             raise ValueError("give DEST alone with --builtin" if self.builtin else "give SRC and DEST")
+        if not all(path.strip() for path in self.paths):   # '' would be the working directory
+            raise ValueError("SRC and DEST must not be empty")
         check_finite(self)
         check_not_negative(self, ("seed", "workers", "size"))
         if self.size and self.size < 8 or self.shard_size < 1 or self.builtin_count < 1:

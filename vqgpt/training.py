@@ -100,6 +100,7 @@ class TrainingRun:
         self.stop_requested = False
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        self.steps_this_start = self.steps_skipped_this_start = 0
         self.networks: dict[str, torch.nn.Module] = {}
         self.stateful: dict[str, Any] = {}
 
@@ -246,6 +247,8 @@ class TrainingRun:
         if self.dist.is_distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         stop, skip = bool(flags[0].item()), bool(flags[1].item())
+        self.steps_this_start += 1
+        self.steps_skipped_this_start += skip
         if skip:
             self.bad_steps_in_a_row += 1
             self.skipped_steps += 1
@@ -293,6 +296,9 @@ class TrainingRun:
         loader.close()
         log.close()
         self.restore_signal_handlers()
+        if self.steps_this_start and self.steps_skipped_this_start == self.steps_this_start:
+            raise RunError(f"all {self.steps_this_start} steps of this run were non-finite and skipped: it learnt "
+                           f"nothing. Lower --lr, raise --warmup-steps, or check the data")
         return 0
 
     def restore(self, resume: dict) -> int:
