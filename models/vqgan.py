@@ -53,7 +53,8 @@ class VQGANConfig:
             raise ValueError(f"dead_code_steps must not be negative, got {self.dead_code_steps}")
         grids = [self.image_size >> level for level in range(len(self.ch_mult))]
         if not set(self.attn_resolutions) <= set(grids):   # attention at a grid no level has would be silently absent
-            raise ValueError(f"attn_resolutions {self.attn_resolutions}: the levels' grids are {grids}")
+            raise ValueError(f"attn_resolutions {self.attn_resolutions}: the levels' grids are {grids}; pass "
+                             f"--attn-resolutions {grids[-1]} for attention at the bottleneck")
 
     @property
     def downsample_factor(self) -> int:

@@ -282,7 +282,10 @@ def test_bad_inputs_exit_2_with_one_line(shapes_shards, tmp_path):
     expect_exit_2(*vqgan_args(tmp_path / "missing", tmp_path / "r1", 2), contains="no such shard folder")
     (tmp_path / "empty").mkdir()
     expect_exit_2(*vqgan_args(tmp_path / "empty", tmp_path / "r2", 2), contains="manifest.json: missing")
-    expect_exit_2(*vqgan_args(shapes_shards, tmp_path / "r3", 2, "--image-size=64"), contains="images are 32x32")
+    expect_exit_2(*vqgan_args(shapes_shards, tmp_path / "r3", 2, "--image-size=64"),
+                  contains="the levels' grids are [64, 32, 16]; pass --attn-resolutions 16")
+    expect_exit_2(*vqgan_args(shapes_shards, tmp_path / "r3", 2, "--image-size=64", "--attn-resolutions=16"),
+                  contains="images are 32x32")
 
     run_dir = tmp_path / "r4"
     run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, run_dir, 2, "--ckpt-every=1"))
