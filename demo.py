@@ -32,7 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="the trainers' --precision (auto: fp32 on CPU, where bf16 does not speed up these "
                              "tiny models, bf16 on CUDA)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("nproc", "images", "vqgan_steps", "gpt_steps"):   # 0 steps would fall back to the preset's
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def minutes_and_seconds(seconds: float) -> str:

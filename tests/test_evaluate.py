@@ -123,7 +123,7 @@ def test_fid_equals_torch_fidelity_and_separates_different_images(image_sets, we
     assert ours["inception_weights_sha256"] == same["inception_weights_sha256"] == sha256_file(weights)
 
 
-def test_npz_references_arr0_and_statistics(image_sets, weights, tmp_path):
+def test_npz_references_arr0_and_statistics(image_sets, weights, tmp_path, capsys):
     images = ShardSplit(image_sets["b_shards"], "train").read(np.arange(4))[0]
     np.savez(tmp_path / "batch.npz", arr_0=images)
     from_images = score(tmp_path, f"--images={image_sets['few_png']}",
@@ -135,6 +135,9 @@ def test_npz_references_arr0_and_statistics(image_sets, weights, tmp_path):
                        f"--ref={tmp_path / 'stats.npz'}", f"--inception-weights={weights}")
     assert from_stats["fid"] == pytest.approx(from_images["fid"], rel=1e-9)
     assert from_stats["ref_statistics"] == "npz mu/sigma" and from_images["ref_images"] == 4
+    np.savez(tmp_path / "nan.npz", mu=np.full_like(stats["mu"], np.nan), sigma=stats["sigma"])
+    assert "hold NaN or infinite values" in refused(capsys, f"--images={image_sets['few_png']}",
+                                                    f"--ref={tmp_path / 'nan.npz'}", f"--inception-weights={weights}")
 
 
 def test_cached_statistics_are_reused_and_recomputed_for_other_weights(image_sets, weights, tmp_path, monkeypatch):

@@ -92,7 +92,8 @@ def test_sample_blind_class_and_completion(gpt_run, shapes_shards, tmp_path):
 @pytest.mark.parametrize("flags, message", [(["--n=0"], "--num-samples (--n) must be"), (["--top-k=-1"], "--top-k must"),
                                             (["--top-p=2"], "--top-p must"), (["--temperature=-1"], "--temperature"),
                                             (["--cfg=3"], "give --class"),
-                                            (["--keep-rows=2"], "--keep-rows applies to --complete only")])
+                                            (["--keep-rows=2"], "--keep-rows applies to --complete only"),
+                                            (["--complete=data", "--class=1"], "--class applies to new samples")])
 def test_sample_refuses_bad_options_in_one_line(flags, message, tmp_path):
     result = run_script("sample.py", f"--gpt={tmp_path}", f"--out={tmp_path / 'out'}", *flags, check=False)
     assert result.returncode == 2 and message in result.stderr

@@ -816,3 +816,12 @@ def test_milestone_checkpoints_survive_pruning(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == [
         "step_00000004.pt", "step_00000008.pt", "step_00000009.pt", "step_00000010.pt"]
     assert latest_checkpoint(tmp_path).name == "step_00000010.pt"
+
+
+@pytest.mark.parametrize("flag", ["--vqgan-steps=0", "--gpt-steps=-1", "--images=0", "--nproc=0"])
+def test_demo_refuses_counts_that_would_fall_back_to_the_presets(flag, capsys):
+    import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args([flag])
+    assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err

@@ -277,6 +277,8 @@ def reference_statistics(path: str, split: str, inception: Inception, batch_size
             if stats["mu"].shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
                 raise RunError(f"{where}: mu {stats['mu'].shape} / sigma {stats['sigma'].shape} are not "
                                f"({FEATURE_DIM},) / ({FEATURE_DIM}, {FEATURE_DIM}) Inception pool statistics")
+            if not (np.isfinite(stats["mu"]).all() and np.isfinite(stats["sigma"]).all()):   # FID would be NaN
+                raise RunError(f"{where}: mu / sigma hold NaN or infinite values; not a usable reference")
             return Reference(stats, {"ref": str(where), "ref_images": None, "ref_statistics": "npz mu/sigma"})
     source = open_images(path, split)
     info = {"ref": source.description, "ref_images": source.count}

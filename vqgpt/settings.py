@@ -361,6 +361,8 @@ class SampleConfig:
             raise ValueError(f"--keep-rows applies to --complete only and must not be negative, got {self.keep_rows}")
         if self.cfg != 1 and self.class_ is None and not self.complete:
             raise ValueError("--cfg guides towards a class: give --class K (or --complete labelled shards)")
+        if self.complete and self.class_ is not None:   # it was ignored: each completion keeps its image's class
+            raise ValueError("--class applies to new samples; --complete continues each image with its own class")
         check_precision(self.precision)
 
 
