@@ -56,14 +56,21 @@ def assert_state_dicts_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def overridden(base: list[str], extra: tuple[str, ...]) -> list[str]:
+    """`base` flags (all --name=value) without those `extra` gives again, then `extra`: the scripts refuse a flag
+    given twice."""
+    names = {flag.split("=", 1)[0] for flag in extra if flag.startswith("--")}
+    return [flag for flag in base if flag.split("=", 1)[0] not in names] + list(extra)
+
+
 def vqgan_args(data, out, steps, *extra) -> list[str]:
     """train_resnet_vqgan.py flags of a tiny test run."""
-    return [f"--data={data}", f"--out={out}", f"--max-steps={steps}", *VQGAN_TEST_FLAGS, *extra]
+    return [f"--data={data}", f"--out={out}", f"--max-steps={steps}", *overridden(VQGAN_TEST_FLAGS, extra)]
 
 
 def gpt_args(tokens, out, steps, *extra) -> list[str]:
     """train_gpt.py flags of a tiny test run."""
-    return [f"--tokens={tokens}", f"--out={out}", f"--max-steps={steps}", *GPT_TEST_FLAGS, *extra]
+    return [f"--tokens={tokens}", f"--out={out}", f"--max-steps={steps}", *overridden(GPT_TEST_FLAGS, extra)]
 
 
 def train_records(run_dir) -> list[dict]:

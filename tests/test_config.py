@@ -69,6 +69,16 @@ def test_a_flag_this_run_would_ignore_is_refused(argv, message, capsys):
                                                                     "--permute-channels=false"]).permute_channels
 
 
+@pytest.mark.parametrize("argv", [["--lr=1e-3", "--lr", "3e-4"], ["--flip", "--flip=false"]])
+def test_a_setting_given_twice_is_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--data=d", *argv])
+    assert exit_info.value.code == 2 and "is given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # an alias counts as the same setting
+        parse_config(SampleConfig, {}, ["--gpt=g", "--out=o", "--n=4", "--num-samples=8"])
+    assert "--num-samples is given twice (also as --n)" in capsys.readouterr().err
+
+
 def test_saved_config_round_trips():
     cfg = parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--preset=g256", "--tokens=t", "--n-layer=2"])
     assert config_from_dict(GPTTrainConfig, config_to_dict(cfg)) == cfg

@@ -16,7 +16,7 @@ from PIL import Image
 
 import evaluate
 from tests.conftest import gradient_image
-from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, run_script, spy_vqgan_memory_format
+from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, gpt_args, run_script, spy_vqgan_memory_format
 from vqgpt import fid
 from vqgpt.config import parse_config
 from vqgpt.settings import EVALUATE_PRESETS, EvaluateConfig
@@ -294,8 +294,8 @@ def test_trainers_log_fid_and_plot_it(weights, tmp_path, monkeypatch):
     tokens = tmp_path / "tokens"
     run_script("image_quantizer.py", f"--vqgan={tmp_path / 'vqgan'}", f"--data={shards}", f"--out={tokens}",
                "--progress=false")
-    run_script("train_gpt.py", f"--tokens={tokens}", f"--out={tmp_path / 'gpt'}", "--max-steps=2", *GPT_TEST_FLAGS,
-               "--sample-count=0", "--eval-fid-samples=6", "--eval-batch-size=6", *fid_flags)
+    run_script("train_gpt.py", *gpt_args(tokens, tmp_path / "gpt", 2, "--sample-count=0", "--eval-fid-samples=6",
+                                          "--eval-batch-size=6", *fid_flags))
     evals = [r for r in read_metrics(tmp_path / "gpt") if r["kind"] == "eval"]
     assert len(evals) == 1 and evals[0]["gfid"] > 0
     assert len(list(shards.glob("fid_stats_train_*.npz"))) == 1

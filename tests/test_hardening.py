@@ -25,7 +25,7 @@ from models.gpt import GPT, GPT_PRESETS
 from models.vqgan import VQGAN, VQGAN_PRESETS
 from plots.__main__ import main as plots_main
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, run_shardify, script_env
+from tests.helpers import ROOT, overridden, run_shardify, script_env
 from vqgpt import dataprep, files
 from vqgpt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from vqgpt.config import ConfigError, config_to_dict, parse_config
@@ -72,10 +72,10 @@ def token_set(root: Path, codebook_size=16, grid=(2, 2), classes=("a", "b"), tra
 
 
 def gpt_cfg(tokens: Path, out: Path, *extra: str) -> GPTTrainConfig:
-    return parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, [
+    return parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, overridden([
         "--preset=tiny", f"--tokens={tokens}", f"--out={out}", "--max-steps=2", "--batch-size=8", "--warmup-steps=1",
         "--eval-every=0", "--ckpt-every=1", "--log-every=1", "--sample-count=0", "--n-layer=1", "--n-head=2",
-        "--n-embd=32", "--device=cpu", "--eval-batch-size=8", *extra])
+        "--n-embd=32", "--device=cpu", "--eval-batch-size=8"], extra))
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -540,9 +540,9 @@ def test_quantizer_reader_thread_ends_when_encoding_fails():
         assert not thread.is_alive()
 
 
-def test_demo_stage_failure_is_one_line(tmp_path):
+def test_demo_stage_failure_is_one_line(tmp_path):   # one image: all of it val, none to train on
     result = subprocess.run([sys.executable, "demo.py", "--out", str(tmp_path / "demo"), "--nproc", "1",
-                             "--images", "-5"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
+                             "--images", "1"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("demo: error: stage '1/6")
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from models.discriminator import NLayerDiscriminator
 from models.gpt import GPT, GPTConfig
 from models.vqgan import VQGAN
-from tests.helpers import load, run_script
+from tests.helpers import load, overridden, run_script
 from vqgpt.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from vqgpt.config import config_to_dict, parse_config
 from vqgpt.settings import ExportConfig, ImportConfig, VQGANTrainConfig
@@ -228,8 +228,8 @@ def test_a_folder_holding_checkpoints_is_not_overwritten(taming_run, capsys):
 
 
 def vqgan_flags(data: Path, out: Path, *extra: str) -> list[str]:
-    return [f"--data={data}", f"--out={out}", "--max-steps=2", "--batch-size=4", "--warmup-steps=0",
-            "--disc-start=0", "--eval-every=0", "--log-every=1", "--perceptual-weight=0", "--lr=1e-4", *extra]
+    return overridden([f"--data={data}", f"--out={out}", "--max-steps=2", "--batch-size=4", "--warmup-steps=0",
+                       "--disc-start=0", "--eval-every=0", "--log-every=1", "--perceptual-weight=0", "--lr=1e-4"], extra)
 
 
 def test_init_from_imported_run_then_two_steps(taming_run, shards16, tmp_path):

@@ -115,7 +115,9 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
                  description: str = "") -> C:
     """Preset (or defaults) + command-line overrides -> a validated config instance."""
     parser = build_parser(cls, presets, description)
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given_twice(parser, argv)
+    args = vars(parser.parse_args(argv))
     # checked here rather than by argparse's required=True, which would hide a misspelt flag behind "required"
     missing = [flag_name(f.name) for f in dataclasses.fields(cls) if (f.metadata or {}).get("required")
                and f.name not in args and not (args.get("preset") and getattr(presets[args["preset"]], f.name))]
@@ -143,6 +145,20 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
     from_preset = {k for k, v in config_to_dict(presets[preset]).items() if v != defaults.get(k)} if preset else set()
     object.__setattr__(cfg, "_given", frozenset(args) | from_preset)
     return cfg
+
+
+def given_twice(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Refuse a setting given twice (`--lr 1e-3 ... --lr 3e-4`, or through an alias): argparse keeps the last."""
+    seen: dict[str, str] = {}
+    for token in argv:
+        if token == "--":
+            break
+        action = parser._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
+        if action is None or action.dest == "help":
+            continue
+        if action.dest in seen:
+            parser.error(f"{token.split('=', 1)[0]} is given twice (also as {seen[action.dest]}); give it once")
+        seen[action.dest] = token.split("=", 1)[0]
 
 
 def given_settings(cfg: Any) -> frozenset[str]:
