@@ -60,3 +60,19 @@ def test_a_trainer_in_a_log_file_prints_a_line_every_log_every_steps(shapes_shar
     assert steps == ["vqgan: 2/4 step", "vqgan: 4/4 step"] and "\r" not in result.stdout + result.stderr
     bar = run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "bar", 1, "--progress=true"))
     assert "\r" in bar.stderr
+
+
+def test_the_bar_reads_device_values_only_on_the_steps_it_shows(tmp_path, capsys):
+    reads = []
+
+    class DeviceValue:   # what a CUDA loss tensor costs: .item() waits for the device
+        def item(self):
+            reads.append(1)
+            return 0.5
+
+    log = RunLog(tmp_path, True, total_steps=10, start_step=0, description="t", progress_mode="auto", every=5)
+    for _ in range(10):
+        log.advance({"l1": DeviceValue()})
+    log.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("t: ")]
+    assert len(reads) == 2 and len(lines) == 2 and all(line.endswith("l1=0.5") for line in lines)

@@ -28,7 +28,7 @@ class PlainProgress:
         self.iterable, self.desc, self.unit, self.seconds, self.every = iterable, desc, unit, seconds, every
         self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
         self.n = self.shown = initial
-        self.start = self.last = time.perf_counter()
+        self.last = time.perf_counter()
         self.postfix = ""
 
     def __iter__(self):
@@ -114,6 +114,7 @@ class RunLog:
         self.path = Path(run_dir) / METRICS_NAME
         self.bar = None
         self.writer = None
+        self.every = max(1, every)
         if not enabled:
             return
         self._drop_records_after(start_step)
@@ -145,11 +146,15 @@ class RunLog:
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
     def advance(self, postfix: dict | None = None) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if postfix:
-                self.bar.set_postfix({k: f"{_clean(v):.4g}" if isinstance(_clean(v), float) else v
-                                      for k, v in postfix.items()}, refresh=False)
+        """One step on the bar; `postfix` (tensors welcome) is shown every `every` steps only, so the other steps
+        read no device value back (a host sync per step on CUDA)."""
+        if self.bar is None:
+            return
+        if postfix and (self.bar.n + 1) % self.every == 0:   # before update(): a plain line shows this step's
+            shown = {k: _clean(v) for k, v in postfix.items()}
+            self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()},
+                                 refresh=False)
+        self.bar.update(1)
 
     def print(self, message: str) -> None:
         if not self.enabled:
