@@ -27,7 +27,7 @@ from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics, sample_fid
 from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss
 from vqgpt.images import save_png
-from vqgpt.runlog import RunLog
+from vqgpt.runlog import RunLog, require_wandb
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
 from vqgpt.trained_models import load_bound_vqgan
@@ -59,6 +59,7 @@ def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, Shar
 
 
 def main(cfg: GPTTrainConfig) -> int:
+    require_wandb(cfg.wandb)
     return distributed.launch(train, cfg)
 
 
@@ -98,7 +99,8 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
 
     run.write_config({"token_shards": str(Path(cfg.tokens).resolve()),
                       "vqgan_sha256": train_split.manifest.get("vqgan_sha256")})
-    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "gpt", cfg.progress, cfg.log_every)
+    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "gpt", cfg.progress, cfg.log_every,
+                 cfg.wandb)
     log.print(run.describe())
     tokens_per_step = cfg.batch_size * dist.world_size * cfg.grad_accum * cfg.tokens_per_image
     log.print(f"gpt {model.num_params() / 1e6:.2f}M parameters, {cfg.tokens_per_image} tokens per image, "

@@ -31,7 +31,7 @@ from vqgpt.fid import load_inception, reference_statistics
 from vqgpt.finetune import InitSource, adopt_architecture, load_init_source
 from vqgpt.images import image_grid, save_png, to_unit_range
 from vqgpt.optim import adam, vqgan_optimizer
-from vqgpt.runlog import RunLog
+from vqgpt.runlog import RunLog, require_wandb
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
 from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
@@ -61,6 +61,7 @@ def load_splits(cfg: VQGANTrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
 
 
 def main(cfg: VQGANTrainConfig) -> int:
+    require_wandb(cfg.wandb)
     init = load_init_source(cfg.init_from) if cfg.init_from else None   # tensors memory-mapped until loaded
     if init is not None:
         cfg = adopt_architecture(cfg, init)
@@ -117,7 +118,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
 
     lpips_backbone = "off" if perceptual is None else perceptual.backbone
     run.write_config({"lpips_backbone": lpips_backbone, "image_shards": str(Path(cfg.data).resolve())})
-    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "vqgan", cfg.progress, cfg.log_every)
+    log = RunLog(cfg.out, dist.is_main, cfg.max_steps, step, "vqgan", cfg.progress, cfg.log_every,
+                 cfg.wandb)
     log.print(run.describe())
     log.print(f"vqgan {count_parameters(vqgan) / 1e6:.2f}M parameters, discriminator "
               f"{count_parameters(discriminator) / 1e6:.2f}M, latent grid {vqgan.latent_grid}, "

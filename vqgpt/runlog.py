@@ -1,22 +1,27 @@
-"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard when installed, progress.
+"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard, Weights & Biases on request, progress.
 
 Progress is a tqdm bar on a terminal and plain lines elsewhere (`--progress auto`): a bar's carriage
 returns turn a SLURM or Kubernetes log file into one endless line.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from vqgpt.errors import RunError
 from vqgpt.files import atomic_write_bytes
 
 METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_NAME = "tensorboard"
+WANDB_ID_NAME = "wandb_run_id"   # a resumed run goes on logging to the same wandb run
 
 
 class PlainProgress:
@@ -105,24 +110,48 @@ def _parse(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def require_wandb(project: str) -> None:
+    """`--wandb PROJECT` without the package stops every rank before the run starts (not rank 0 hours in)."""
+    if project and importlib.util.find_spec("wandb") is None:
+        raise RunError(f"--wandb {project}: the wandb package is not installed; pip install wandb (or drop --wandb)")
+
+
+def start_wandb(run_dir: Path, project: str):
+    """A wandb run under RUN/wandb/ (offline with WANDB_MODE=offline) whose config is the run's config.json; a
+    resumed run continues the same one."""
+    import wandb
+
+    config_path = run_dir / "config.json"   # written by the trainer (vqgpt/training.py) before its RunLog
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    id_path = run_dir / WANDB_ID_NAME
+    run_id = id_path.read_text().strip() if id_path.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(8)
+        atomic_write_bytes(id_path, run_id.encode())
+    return wandb.init(project=project, id=run_id, resume="allow", name=run_dir.resolve().name, dir=str(run_dir),
+                      config=config)
+
+
 class RunLog:
-    """Main-rank logger; on other ranks every method is a no-op."""
+    """Main-rank logger; on other ranks every method is a no-op. Scalars go to metrics.jsonl and TensorBoard
+    (`RUN/tensorboard/`), and with `wandb_project` to that Weights & Biases project too."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool, total_steps: int, start_step: int,
-                 description: str, progress_mode: str = "auto", every: int = 10):
+                 description: str, progress_mode: str = "auto", every: int = 10, wandb_project: str = ""):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_NAME
         self.bar = None
         self.writer = None
+        self.wandb = None
         self.every = max(1, every)
         if not enabled:
             return
         self._drop_records_after(start_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step)
-        except ImportError:
-            self.writer = None
+        from torch.utils.tensorboard import SummaryWriter   # here, not at import: it costs a second
+
+        self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_NAME), purge_step=start_step)
+        if wandb_project:
+            self.wandb = start_wandb(Path(run_dir), wandb_project)
         self.bar = progress(progress_mode, total=total_steps, initial=start_step, desc=description, unit="step",
                             every=every)
 
@@ -140,10 +169,12 @@ class RunLog:
         record = {"step": step, "kind": kind, **{k: _clean(v) for k, v in metrics.items()}}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+        scalars = {f"{kind}/{key}": value for key, value in record.items()
+                   if isinstance(value, (int, float)) and key != "step"}
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def advance(self, postfix: dict | None = None) -> None:
         """One step on the bar; `postfix` (tensors welcome) is shown every `every` steps only, so the other steps
@@ -169,3 +200,6 @@ class RunLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

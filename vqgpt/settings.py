@@ -48,6 +48,8 @@ class TrainConfig:
     compile: bool = setting("torch.compile the model (CUDA or CPU; the first steps compile for a minute or more)", False)
     max_bad_steps: int = setting("stop after this many non-finite steps in a row", 20)
     progress: str = setting(PROGRESS_HELP + " (a line every --log-every steps)", "auto", choices=PROGRESS_MODES)
+    wandb: str = setting("also log the training and eval scalars and the config to this Weights & Biases project "
+                         "(rank 0; needs pip install wandb; WANDB_MODE=offline works without network)", "")
     prefetch: int = setting("batches prefetched by the reader thread", 4)
     stop_at_step: int = setting("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
     eval_fid: bool = setting("add rFID (VQGAN) or gFID (GPT) to each eval; needs the Inception weights", False)
