@@ -230,3 +230,81 @@ def test_too_small_for_one_global_batch(tmp_path):
     split = ShardSplit(token_folder(tmp_path), "train")
     with pytest.raises(ShardError, match="fewer than one global batch"):
         ShardLoader(split, 7, world_size=2)
+
+
+def stored_images(root, count=16, stored=12, size=8):
+    """Image shards stored at `stored` px and read at `size`: pixel (y, x) of image i holds (y, x, i), so a crop's
+    first pixel names its corner and its image."""
+    root.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:stored, 0:stored]
+    items = np.stack([np.stack([y, x, np.full_like(y, i)], axis=-1) for i in range(count)]).astype(np.uint8)
+    half = count // 2
+    records = [ShardWriter.write_shard(root, f"train_{k:05d}", items[k * half:(k + 1) * half], None) for k in range(2)]
+    write_manifest(root, build_manifest("images", (stored, stored, 3), np.uint8, {"train": records}, [],
+                                        image_size=size, stored_size=stored))
+    return root, items
+
+
+def crops_seen(batch) -> list[tuple[int, int, int]]:
+    """(image, top, left) of each crop in a batch (a mirrored crop's left column is its last)."""
+    corners, ends = batch.items[:, 0, 0].tolist(), batch.items[:, 0, -1, 1].tolist()
+    return [(i, top, min(left, end)) for (top, left, i), end in zip(corners, ends)]
+
+
+def test_random_crops_follow_the_epoch_plan_on_every_rank_and_after_a_resume(tmp_path):
+    root, stored = stored_images(tmp_path)
+    split = ShardSplit(root, "train")
+    assert split.item_shape == (8, 8, 3) and split.crop_room == 4
+    single = [crop for batch in take(ShardLoader(split, 4, seed=3, flip=True), 8) for crop in crops_seen(batch)]
+    ranks = [take(ShardLoader(split, 2, rank=r, world_size=2, seed=3, flip=True), 8) for r in range(2)]
+    both = [crop for step in zip(*ranks) for batch in step for crop in crops_seen(batch)]
+    assert both == single   # each position's crop follows from (seed, epoch, position), whatever the rank
+    plans = [ShardLoader(split, 4, seed=3, flip=True).epoch_plan(e) for e in (0, 1)]
+    assert single == [(int(i), int(t), int(l)) for plan in plans for i, (t, l) in zip(plan.order, plan.corners)]
+    assert len({(t, l) for _, t, l in single}) > 5 and all(0 <= t <= 4 and 0 <= l <= 4 for _, t, l in single)
+    for batch in ranks[0]:   # a crop is the stored image's window at its corner (mirrored when flipped)
+        for item, (i, top, left) in zip(batch.items.numpy(), crops_seen(batch)):
+            window = stored[i, top:top + 8, left:left + 8]
+            assert np.array_equal(item, window) or np.array_equal(item, window[:, ::-1])
+
+    uninterrupted = take(ShardLoader(split, 2, rank=1, world_size=2, seed=3, flip=True), 7)
+    first = ShardLoader(split, 2, rank=1, world_size=2, seed=3, flip=True)
+    take(first, 3)
+    resumed = ShardLoader(split, 2, rank=1, world_size=2, seed=3, flip=True)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(uninterrupted[3:], take(resumed, 4)):
+        assert torch.equal(a.items, b.items)
+    for loader in (first, resumed):
+        loader.close()
+
+
+def test_a_set_stored_at_its_image_size_reads_as_before(tmp_path):
+    root, stored = stored_images(tmp_path / "plain", stored=8, size=8)
+    larger, _ = stored_images(tmp_path / "larger", stored=12, size=8)
+    plain = ShardSplit(root, "train")
+    assert plain.item_shape == plain.stored_shape == (8, 8, 3) and plain.crop_room == 0
+    assert np.array_equal(plain.read(np.arange(16))[0], stored)
+    loader = ShardLoader(plain, 4, seed=5, flip=True, permute_channels=True)
+    rng = np.random.default_rng([5, 1])   # the draws of the code before crops existed
+    order, flips = rng.permutation(16), rng.random(16) < 0.5
+    channel_orders = np.where(rng.random(16) < 5 / 6, rng.integers(1, len(CHANNEL_ORDERS), 16), 0)
+    plan = loader.epoch_plan(1)
+    assert plan.corners is None and np.array_equal(plan.order, order) and np.array_equal(plan.flips, flips)
+    assert np.array_equal(plan.channel_orders, channel_orders)
+    cropped = ShardLoader(ShardSplit(larger, "train"), 4, seed=5, flip=True, permute_channels=True).epoch_plan(1)
+    assert all(np.array_equal(a, b) for a, b in zip(cropped[:3], plan[:3]))   # crops drawn last: the rest unchanged
+
+
+def test_evaluation_reads_the_centre_crop(tmp_path):
+    root, stored = stored_images(tmp_path, stored=13, size=8)
+    split = ShardSplit(root, "train")
+    items, _ = split.read(np.arange(16))
+    assert np.array_equal(items, stored[:, 2:10, 2:10])
+    assert np.array_equal(np.concatenate([batch for batch, _ in split.iter_batches(5)]), items)
+
+
+def test_an_image_size_larger_than_stored_is_refused(tmp_path):
+    root, _ = stored_images(tmp_path, stored=8, size=8)
+    edit_manifest(root, lambda m: m.update(image_size=9))
+    with pytest.raises(ShardError, match="image_size 9"):
+        ShardSplit(root, "train")

@@ -201,6 +201,18 @@ def _check_token_fields(manifest: dict, path: Path) -> None:
                          f"{manifest['item_shape'][0]} tokens per image")
 
 
+def _image_shape(manifest: dict, path: Path) -> tuple[int, ...]:
+    """What an image shard's reader returns: images stored larger than their `image_size` (shardify --stored-size)
+    are read as image-size crops."""
+    stored = tuple(manifest["item_shape"])
+    size = manifest.get("image_size", stored[0])
+    if len(stored) != 3 or stored[0] != stored[1]:
+        return stored
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= stored[0]:
+        raise ShardError(f"{path}: image_size {size!r} is not a whole number of pixels up to the stored {stored[0]}")
+    return (size, size, stored[2])
+
+
 def _resolve_inside(root: Path, name, manifest_path: Path) -> Path:
     """A manifest is untrusted: only plain file names that stay inside the folder are accepted."""
     if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name != os.path.basename(name):
@@ -232,7 +244,10 @@ class ShardSplit:
         manifest_path = self.root / MANIFEST_NAME
         if split not in self.manifest["splits"]:
             raise ShardError(f"{manifest_path}: has no {split!r} split (has {sorted(self.manifest['splits'])})")
-        self.item_shape = tuple(self.manifest["item_shape"])
+        self.stored_shape = tuple(self.manifest["item_shape"])   # as the files hold an item
+        self.item_shape = self.stored_shape                       # as read() returns one
+        if self.manifest.get("kind") == "images":
+            self.item_shape = _image_shape(self.manifest, manifest_path)
         self.dtype = np.dtype(self.manifest["dtype"])
         self.classes: list[str] = list(self.manifest.get("classes", []))
         entry = self.manifest["splits"][split]   # read_manifest checked its shape: a list of record objects
@@ -252,9 +267,9 @@ class ShardSplit:
         if not _is_count(count) or count <= 0:
             raise ShardError(f"{manifest_path}: {items_path.name} has invalid count {count!r}")
         items = self._load(items_path)
-        if items.shape != (count, *self.item_shape) or items.dtype != self.dtype:
+        if items.shape != (count, *self.stored_shape) or items.dtype != self.dtype:
             raise ShardError(f"{items_path}: holds {items.dtype}{list(items.shape)}, manifest says "
-                             f"{self.dtype}{[count, *self.item_shape]}")
+                             f"{self.dtype}{[count, *self.stored_shape]}")
         codebook_size = self.manifest.get("codebook_size") if self.manifest.get("kind") == "tokens" else None
         if codebook_size is not None and count:
             # ids equal to a class or start token, or beyond the vocabulary, would be trained on silently
@@ -309,18 +324,35 @@ class ShardSplit:
         """sha256 over the shards' own sha256s, in order: other data of the same size differs here."""
         return hashlib.sha256("\n".join(s.sha256 for s in self.shards).encode()).hexdigest()
 
+    @property
+    def crop_room(self) -> int:
+        """How many pixels larger than the images read the stored images are (0: read whole)."""
+        return self.stored_shape[0] - self.item_shape[0]
+
+    def centre_corners(self, count: int) -> np.ndarray:
+        return np.full((count, 2), self.crop_room // 2, dtype=np.int64)
+
     def shard_arrays(self, shard_index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A shard's items as stored (uncropped) and its labels."""
         return self._items[shard_index], self._labels[shard_index]
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Gather items (and labels) at global indices, in the given order."""
+    def read(self, indices: np.ndarray, corners: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Gather items (and labels) at global indices, in the given order. Images stored larger than they are read
+        come back as crops whose (top, left) corners are `corners` (int (N, 2)), by default the centre."""
         indices = np.asarray(indices, dtype=np.int64)
         items = np.empty((len(indices), *self.item_shape), dtype=self.dtype)
         labels = np.empty((len(indices),), dtype=np.int64) if self.has_labels else None
         shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
         local = indices - self.offsets[shard_of]
+        size = self.item_shape[0]
+        if self.crop_room and corners is None:
+            corners = self.centre_corners(len(indices))
         for row in np.lexsort((local, shard_of)):   # file order: sequential reads on a cold cache
-            items[row] = self._items[shard_of[row]][local[row]]   # one copy, straight from the page cache
+            item = self._items[shard_of[row]][local[row]]
+            if self.crop_room:
+                top, left = corners[row]
+                item = item[top:top + size, left:left + size]
+            items[row] = item   # one copy, straight from the page cache
             if labels is not None:
                 labels[row] = self._labels[shard_of[row]][local[row]]
         return items, labels
@@ -377,6 +409,7 @@ class EpochPlan(NamedTuple):
     order: np.ndarray                    # sample index at each position of the epoch
     flips: np.ndarray | None             # per position: mirror the image left-right
     channel_orders: np.ndarray | None    # per position: the row of CHANNEL_ORDERS its channels take
+    corners: np.ndarray | None = None    # per position: (top, left) of its crop, for images stored larger
 
 
 @dataclass
@@ -393,7 +426,8 @@ class ShardLoader:
     Epoch e is `permutation(seed, e)` of all samples. Step k of an epoch uses the global chunk
     `perm[k*B*W : (k+1)*B*W]`; rank r takes its r-th slice of B. The position is the global
     cursor (epoch, samples consumed), which does not depend on the world size. The augmentations
-    (flips, channel orders) are drawn with the epoch's order, so they resume and split across ranks too.
+    (flips, channel orders, and random crops of images stored larger than they are read) are drawn with the
+    epoch's order, so they resume and split across ranks too.
     """
 
     def __init__(self, split: ShardSplit, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -439,7 +473,9 @@ class ShardLoader:
         if self.permute_channels:   # drawn after the flips: runs without it see the data of runs before it existed
             permuted = rng.random(count) < self.permuted_share
             channel_orders = np.where(permuted, rng.integers(1, len(CHANNEL_ORDERS), count), 0)
-        return EpochPlan(order, flips, channel_orders)
+        # drawn last, and only for images stored larger: sets stored at their image size see the data they always did
+        corners = rng.integers(0, self.split.crop_room + 1, (count, 2)) if self.split.crop_room else None
+        return EpochPlan(order, flips, channel_orders, corners)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_samples": len(self.split),
@@ -473,7 +509,7 @@ class ShardLoader:
                 yield epoch, cursor, EpochPlan(*(None if part is None else part[rows] for part in plan))
 
     def _make_batch(self, epoch: int, cursor: int, plan: EpochPlan) -> Batch:
-        items, labels = self.split.read(plan.order)
+        items, labels = self.split.read(plan.order, plan.corners)
         if plan.flips is not None and plan.flips.any():
             items[plan.flips] = items[plan.flips, :, ::-1]
         if plan.channel_orders is not None:
