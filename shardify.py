@@ -22,7 +22,8 @@ from vqgpt.errors import exit_on_user_error
 def main(cfg: ShardifyConfig) -> int:
     try:
         source = builtin_source(cfg.builtin, cfg.builtin_count) if cfg.builtin else scan_folder(cfg.source, cfg.labels)
-        manifest = write_shards(source, cfg.dest, size=cfg.image_size, shard_size=cfg.shard_size,
+        manifest = write_shards(source, cfg.dest, size=cfg.image_size, stored_size=cfg.stored_size,
+                                shard_size=cfg.shard_size,
                                 val_fraction=0.01 if cfg.val_fraction is None else cfg.val_fraction,
                                 val_count=cfg.val_count, seed=cfg.seed, workers=cfg.workers or None,
                                 overwrite=cfg.overwrite, progress=cfg.progress)

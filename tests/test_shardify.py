@@ -220,3 +220,36 @@ def test_labels_none_and_flat_folders(tmp_path):
     assert dataprep.resolve_val_count(100, 0.01, None) == 1
     with pytest.raises(DataPrepError):
         dataprep.resolve_val_count(3, 0.5, 3)
+
+
+def test_stored_size_keeps_a_margin_that_readers_crop(tmp_path, capsys):
+    src = make_image_folder(tmp_path / "src", per_class=3, size=(40, 30))
+    common = [str(src), "--size", "16", "--workers", "1", "--progress=false", "--val-count", "2"]
+    assert run_shardify([*common[:1], str(tmp_path / "larger"), *common[1:], "--stored-size", "20"]) == 0
+    assert "stored at 20x20" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "larger" / "manifest.json").read_text())
+    assert manifest["item_shape"] == [20, 20, 3] and (manifest["image_size"], manifest["stored_size"]) == (16, 20)
+    stored = np.load(tmp_path / "larger" / "train_00000.npy")
+    items, _ = all_items(tmp_path / "larger", "train")
+    assert stored.shape[1:] == (20, 20, 3) and np.array_equal(items[:len(stored)], stored[:, 2:18, 2:18])
+
+    for name, extra in (("plain", []), ("same", ["--stored-size", "16"])):   # stored at --size: as before
+        assert run_shardify([*common[:1], str(tmp_path / name), *common[1:], *extra]) == 0
+    assert {k: v for k, v in folder_digest(tmp_path / "plain").items() if k.endswith(".npy")} == \
+        {k: v for k, v in folder_digest(tmp_path / "same").items() if k.endswith(".npy")}
+    assert ShardSplit(tmp_path / "same", "train").crop_room == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:   # when parsed
+        run_shardify([*common[:1], str(tmp_path / "small"), *common[1:], "--stored-size", "12"])
+    assert refused.value.code == 2 and "--stored-size 12 is below the image size 16" in capsys.readouterr().err
+
+
+def test_a_vqgan_trains_on_random_crops_of_images_stored_larger(tmp_path):
+    from tests.helpers import run_script, train_records, vqgan_args
+    from vqgpt.dataprep import builtin_source
+
+    write_shards(builtin_source("shapes", 60), tmp_path / "shapes", size=32, stored_size=36, shard_size=30,
+                 val_count=10, workers=1, progress=False)
+    run_script("train_resnet_vqgan.py", *vqgan_args(tmp_path / "shapes", tmp_path / "run", 2))   # eval at the end
+    records = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(train_records(tmp_path / "run")) == 2 and records["kind"] == "eval" and records["val_images"] == 10

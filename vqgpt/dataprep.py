@@ -178,12 +178,13 @@ def _bounded_imap(pool, decode: Callable, tasks: list, window: int) -> Iterable:
     yield from pending
 
 
-def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_size: int = 1000,
+def write_shards(source: Source, dest: str | os.PathLike, *, size: int, stored_size: int = 0, shard_size: int = 1000,
                  val_fraction: float = 0.01, val_count: int | None = None, seed: int = 0,
                  workers: int | None = None, overwrite: bool = False, progress: str | bool = True) -> dict:
     """Decode, split and write every image of `source` into a staging folder, then swap it into DEST.
 
-    DEST keeps its previous shard set (and every other file) until the new one is complete.
+    DEST keeps its previous shard set (and every other file) until the new one is complete. Images are stored at
+    `stored_size` (default `size`); readers crop them to `size`.
     """
     dest = Path(dest)
     if len(source) == 0:
@@ -194,7 +195,7 @@ def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_si
     staging = _fresh_staging(dest)
     try:
         manifest = _write_set(source, staging, dest.name, size, shard_size, n_val, seed, workers or os.cpu_count() or 1,
-                              progress)
+                              progress, stored_size or size)
         _swap_in(staging, dest, replaced)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -202,13 +203,13 @@ def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_si
 
 
 def _write_set(source: Source, out: Path, title: str, size: int, shard_size: int, n_val: int, seed: int,
-               workers: int, progress: str | bool) -> dict:
+               workers: int, progress: str | bool, stored_size: int) -> dict:
     if source.builtin_count:
-        decode: Callable = functools.partial(_draw_builtin, seed=seed, size=size)
+        decode: Callable = functools.partial(_draw_builtin, seed=seed, size=stored_size)
         label_of: Callable[[int], int | None] = lambda i: builtin.shape_label(seed, i)
         name_of: Callable[[int], str] = lambda i: f"shapes/{i:06d}"
     else:
-        decode = functools.partial(_decode_file, root=source.root, size=size)
+        decode = functools.partial(_decode_file, root=source.root, size=stored_size)
         label_of = (lambda i: source.labels[i]) if source.labels is not None else (lambda i: None)
         name_of = lambda i: source.files[i]
     skipped: list[dict] = []
@@ -217,7 +218,7 @@ def _write_set(source: Source, out: Path, title: str, size: int, shard_size: int
     with context.Pool(workers, initializer=_ignore_sigint) if workers > 1 else _InlinePool() as pool, \
             progress_bar(progress, total=len(source), desc=f"shardify {title}", unit="img") as bar:
         for split, order in split_order(len(source), seed, n_val).items():
-            writer = ShardWriter(out, split, (size, size, 3), np.uint8, shard_size, len(source.classes))
+            writer = ShardWriter(out, split, (stored_size, stored_size, 3), np.uint8, shard_size, len(source.classes))
             tasks = [(int(i), 0) for i in order] if source.builtin_count else [(source.files[i], int(i)) for i in order]
             for (image, reason), index in zip(_bounded_imap(pool, decode, tasks, max(64, 32 * workers)), order):
                 bar.update(1)
@@ -232,9 +233,10 @@ def _write_set(source: Source, out: Path, title: str, size: int, shard_size: int
     if n_val and not records["val"]:
         raise DataPrepError(f"{source.root}: all {n_val} validation images were skipped (first: "
                             f"{skipped[0]['file']}: {skipped[0]['reason']}); fix or remove them, or pass --val-count 0")
-    manifest = build_manifest("images", (size, size, 3), np.uint8, records, source.classes,
-                              image_size=size, source_root=Path(source.root).name if not source.builtin_count
-                              else source.root, seed=seed, skipped=sorted(skipped, key=lambda s: s["file"]))
+    manifest = build_manifest("images", (stored_size, stored_size, 3), np.uint8, records, source.classes,
+                              image_size=size, stored_size=stored_size,
+                              source_root=Path(source.root).name if not source.builtin_count else source.root,
+                              seed=seed, skipped=sorted(skipped, key=lambda s: s["file"]))
     write_manifest(out, manifest)
     return manifest
 
@@ -254,7 +256,9 @@ class _InlinePool:
 
 
 def summarize(manifest: dict, dest: str | os.PathLike) -> str:
-    lines = [f"{dest}: {manifest['image_size']}x{manifest['image_size']} uint8 shards"]
+    lines = [f"{dest}: {manifest['image_size']}x{manifest['image_size']} uint8 shards"
+             + (f", stored at {manifest['stored_size']}x{manifest['stored_size']} for random crops"
+                if manifest.get("stored_size", manifest["image_size"]) != manifest["image_size"] else "")]
     for split, entry in manifest["splits"].items():
         lines.append(f"  {split:5s} {entry['count']:7d} images in {len(entry['shards'])} shard(s)")
     if manifest["classes"]:

@@ -187,6 +187,9 @@ class ShardifyConfig:
     builtin: str = setting("draw this built-in labelled dataset instead of reading SRC", "", choices=("shapes",))
     builtin_count: int = setting("images in the built-in dataset", 4000)
     size: int = setting("output side in pixels (0: 256, or 32 with --builtin)", 0)
+    stored_size: int = setting("store images at this side (at least --size), and the VQGAN trainer reads a random "
+                               "--size crop of each (evaluation and quantizing the centre); LlamaGen crops from 1.1x, "
+                               "288 for 256 (0: --size)", 0)
     shard_size: int = setting("images per shard file", 1000)
     val_fraction: float | None = setting("share of images for validation (none: 0.01 unless --val-count)", None)
     val_count: int | None = setting("exact number of validation images (instead of --val-fraction)", None)
@@ -203,7 +206,10 @@ class ShardifyConfig:
         if not all(path.strip() for path in self.paths):   # '' would be the working directory
             raise ValueError("SRC and DEST must not be empty")
         check_finite(self)
-        check_not_negative(self, ("seed", "workers", "size"))
+        check_not_negative(self, ("seed", "workers", "size", "stored_size"))
+        if self.stored_size and self.stored_size < self.image_size:
+            raise ValueError(f"--stored-size {self.stored_size} is below the image size {self.image_size}; "
+                             "it must hold a whole --size crop")
         if self.size and self.size < 8 or self.shard_size < 1 or self.builtin_count < 1:
             raise ValueError(f"--size must be at least 8, --shard-size and --builtin-count at least 1; got "
                              f"{self.size}, {self.shard_size}, {self.builtin_count}")
