@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=2 image_quantizer.py --vqgan runs/vqgan/step_00010000.pt \
         --data data/imgs --out data/imgs-tokens --flip true
 
-Output: TOKENS/{train,val}_NNNNN.npy uint16 (N, h*w) in raster order (+ train_flip_* with --flip),
+Output: TOKENS/{train,val}_NNNNN.npy uint16 (N, h*w) in raster order (+ train_flip_* with --flip,
+train_cropJ_* with --crops K),
 labels beside them, codebook_histogram.npy, codebook_usage.png and manifest.json (written last,
 with the checkpoint's sha256). A rerun skips finished shards; `--help` lists every setting.
 """
@@ -27,7 +28,8 @@ def main(cfg: QuantizeConfig) -> int:
     dist = distributed.setup(cfg.device)
     try:
         vqgan = load_vqgan(cfg.vqgan, dist.device)
-        manifest = quantize(vqgan, cfg.data, cfg.out, batch_size=cfg.batch_size, flip=cfg.flip, dist=dist,
+        manifest = quantize(vqgan, cfg.data, cfg.out, batch_size=cfg.batch_size, flip=cfg.flip, crops=cfg.crops,
+                            dist=dist,
                             dtype=resolve_precision(cfg.precision, dist.device), progress=cfg.progress,
                             encoder=Encoder.of(vqgan, compile=cfg.compile, channels_last=cfg.channels_last),
                             plot_usage=functools.partial(codebook_histogram, title="dataset codebook usage"))

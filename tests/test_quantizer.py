@@ -100,3 +100,40 @@ def test_a_users_files_under_the_names_it_would_write_are_never_overwritten(shap
         result = quantize(tiny_vqgan_run, shapes_shards, out, check=False)
         assert result.returncode == 2 and f"holds {name}" in result.stderr and "nothing was changed" in result.stderr
         assert (out / name).read_bytes() == b"mine" and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_crops_writes_k_sets_of_other_crops_and_the_centre_as_the_base(tiny_vqgan_run, shapes_shards, tmp_path):
+    from vqgpt.dataprep import builtin_source, write_shards
+    from vqgpt.quantize import crop_corners
+
+    data = tmp_path / "stored"
+    write_shards(builtin_source("shapes", 70), data, size=32, stored_size=40, shard_size=40, val_count=10, workers=1,
+                 progress=False)
+    out = tmp_path / "tok"
+    quantize(tiny_vqgan_run, data, out, "--crops=2")
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = [r["file"] for r in manifest["splits"]["train"]["shards"]]
+    assert manifest["crops"] == 2 and manifest["splits"]["train"]["count"] == 3 * 60
+    assert {"train_crop1_00000.npy", "train_crop2_00001.npy"} <= set(files) and len(files) == 6
+    split, vqgan = ShardSplit(data, "train"), load_vqgan(tiny_vqgan_run)
+    stored = np.concatenate([split.shard_arrays(i)[0] for i in range(2)])
+    tokens = {name: np.concatenate([np.load(out / f"train{name}_0000{i}.npy") for i in range(2)]).astype(np.int64)
+              for name in ("", "_crop1", "_crop2")}
+    with torch.no_grad():
+        decoded = {name: vqgan.model.decode_indices(torch.from_numpy(t)) for name, t in tokens.items()}
+        for crop, name in enumerate(tokens):   # each set: the encoder's codes of its crops (the centre first)
+            corners = np.concatenate([crop_corners(split, i, crop) for i in range(2)])
+            crops = np.stack([image[t:t + 32, l:l + 32] for image, (t, l) in zip(stored, corners)])
+            codes = vqgan.model(to_unit_range(torch.from_numpy(crops)))[2].flatten(1)
+            assert torch.equal(codes, torch.from_numpy(tokens[name])), name
+    assert np.array_equal(crop_corners(split, 0, 0), np.full((40, 2), 4))
+    for a, b in (("", "_crop1"), ("", "_crop2"), ("_crop1", "_crop2")):   # the sets decode to other images
+        differ = (decoded[a] - decoded[b]).flatten(1).abs().amax(1) > 0
+        assert differ.float().mean() > 0.8, (a, b)
+    histogram = np.load(out / manifest["usage"]["histogram_file"])
+    assert histogram.sum() == 70 * 64   # the dataset's usage counts each image once
+
+    other = quantize(tiny_vqgan_run, data, out, "--crops=1", check=False)
+    assert other.returncode == 2 and "was made with --crops 2" in other.stderr
+    plain = quantize(tiny_vqgan_run, shapes_shards, tmp_path / "plain", "--crops=2", check=False)
+    assert plain.returncode == 2 and "--stored-size" in plain.stderr and not (tmp_path / "plain").exists()

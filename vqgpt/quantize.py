@@ -2,7 +2,10 @@
 
 Each image shard becomes a token shard of the same name (uint16 (N, h*w) raster order, int32
 for codebooks over 65,536 codes); `--flip` adds `train_flip_NNNNN.npy` shards of mirrored
-images to the train split. A receipt per finished shard (TOKENS/.receipts/) records the source
+images to the train split. Images stored larger than they are read (shardify --stored-size) are
+encoded as their centre crop, and `--crops K` adds K sets of random crops, `train_cropJ_NNNNN.npy`,
+whose corners follow from (J, image): the GPT reader takes every set as more samples, as it does the
+mirrored set. A receipt per finished shard (TOKENS/.receipts/) records the source
 shard's hash and the checkpoint's, so a rerun skips what is done and refuses foreign leftovers.
 Ranks take every world_size-th job; rank 0 writes the manifest last.
 """
@@ -41,20 +44,35 @@ class Job:
     shard_index: int     # position in the source split's shard list
     out_name: str        # token shard file name
     flipped: bool
+    crop: int = 0        # 0: the centre crop; J: the J-th set of random crops
 
 
 def token_dtype(codebook_size: int) -> np.dtype:
     return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
 
 
-def plan_jobs(splits: dict[str, ShardSplit], flip: bool) -> list[Job]:
+def plan_jobs(splits: dict[str, ShardSplit], flip: bool, crops: int = 0) -> list[Job]:
     jobs = []
     for split_name, split in splits.items():
         for index, shard in enumerate(split.shards):
             jobs.append(Job(split_name, index, shard.items_path.name, False))
             if flip and split_name == "train":
                 jobs.append(Job(split_name, index, shard.items_path.name.replace("train_", "train_flip_"), True))
+            for crop in range(1, crops + 1) if split_name == "train" else ():
+                jobs.append(Job(split_name, index, shard.items_path.name.replace("train_", f"train_crop{crop}_"), False,
+                                crop))
     return jobs
+
+
+def crop_corners(split: ShardSplit, shard_index: int, crop: int) -> np.ndarray | None:
+    """(top, left) of each image's crop in one shard: the centre (crop 0), or the crop-th random set's corner, drawn
+    for the whole split from `crop` alone so every rank and every rerun draws the same. None: nothing to crop."""
+    if not split.crop_room:
+        return None
+    begin, end = split.offsets[shard_index], split.offsets[shard_index + 1]
+    if crop == 0:
+        return split.centre_corners(int(end - begin))
+    return np.random.default_rng(crop).integers(0, split.crop_room + 1, (len(split), 2))[begin:end]
 
 
 def binding(vqgan: LoadedVQGAN, data: Path) -> dict:
@@ -62,8 +80,8 @@ def binding(vqgan: LoadedVQGAN, data: Path) -> dict:
     return {"vqgan_sha256": vqgan.sha256, "source_manifest_sha256": sha256_file(data / MANIFEST_NAME)}
 
 
-def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job]) -> None:
-    """Refuse a TOKENS folder made from other data, another checkpoint or another --flip, and one holding a file
+def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job], crops: int = 0) -> None:
+    """Refuse a TOKENS folder made from other data, another checkpoint, --flip or --crops, and one holding a file
     this run would write that no token manifest or receipt of this tool lists (a user's own file)."""
     ours: set[str] = set()
     if (out / MANIFEST_NAME).exists():
@@ -74,6 +92,9 @@ def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job]) -> No
                                f"({key} differs); choose another --out or delete it")
         if bool(manifest.get("flip")) != flip:
             raise RunError(f"{out}: was made with flip={manifest.get('flip')}; rerun with the same --flip or another --out")
+        if manifest.get("crops", 0) != crops:
+            raise RunError(f"{out}: was made with --crops {manifest.get('crops', 0)}; rerun with the same --crops or "
+                           "another --out")
         ours |= {HISTOGRAM_NAME, USAGE_PLOT_NAME} | {record.get(key) for entry in manifest["splits"].values()
                                                      for record in entry["shards"] for key in ("file", "labels_file")}
     receipts = out / RECEIPTS_DIR
@@ -119,9 +140,10 @@ def receipt_matches(out: Path, job: Job, source_sha256: str, bound: dict, count:
     return receipt
 
 
-def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: bool, depth: int = 3
-                       ) -> Iterator[torch.Tensor]:
-    """Read (and flip, pin) the next batches in a thread while the current one is encoded."""
+def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: bool, depth: int = 3,
+                       corners: np.ndarray | None = None, size: int = 0) -> Iterator[torch.Tensor]:
+    """Read (and crop to `size` at `corners`, flip, pin) the next batches in a thread while the current one is
+    encoded."""
     out: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()   # set when the consumer is done or failed
 
@@ -129,6 +151,9 @@ def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: b
         try:
             for begin in range(0, len(items), batch_size):
                 batch = items[begin:begin + batch_size]
+                if corners is not None:
+                    batch = np.stack([item[top:top + size, left:left + size]
+                                      for item, (top, left) in zip(batch, corners[begin:begin + batch_size])])
                 # one copy out of the memory map (read-only: torch must not share it), flipped on the way
                 tensor = torch.from_numpy(np.array(batch[:, :, ::-1] if flipped else batch, order="C"))
                 if not put_unless_stopped(out, tensor.pin_memory() if pin else tensor, stop):
@@ -163,14 +188,17 @@ class Encoder:
 
 @torch.inference_mode()
 def encode_shard(vqgan: LoadedVQGAN, items: np.ndarray, batch_size: int, flipped: bool, device: torch.device,
-                 dtype: torch.dtype, encoder: Encoder | None = None) -> np.ndarray:
-    """uint8 (N, H, W, 3) images -> (N, h*w) token ids in the codebook's dtype."""
+                 dtype: torch.dtype, encoder: Encoder | None = None, corners: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """uint8 (N, H, W, 3) images (cropped to the VQGAN's size at `corners` when given) -> (N, h*w) token ids in the
+    codebook's dtype."""
     encoder = encoder or Encoder(vqgan.model.encode_to_indices)
     out_dtype = token_dtype(vqgan.config.codebook_size)
     h, w = vqgan.model.latent_grid
     tokens = np.empty((len(items), h * w), dtype=out_dtype)
     filled = 0
-    for batch in background_batches(items, batch_size, flipped, pin=device.type == "cuda"):
+    for batch in background_batches(items, batch_size, flipped, pin=device.type == "cuda", corners=corners,
+                                    size=vqgan.config.image_size):
         images = to_unit_range(batch.to(device, non_blocking=True)).contiguous(memory_format=encoder.memory_format)
         with autocast(device, dtype):
             indices = encoder.encode(images)
@@ -181,7 +209,7 @@ def encode_shard(vqgan: LoadedVQGAN, items: np.ndarray, batch_size: int, flipped
 
 def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_size: int, flip: bool,
              dist: DistInfo, dtype: torch.dtype, progress: str | bool = True, encoder: Encoder | None = None,
-             plot_usage: Callable[[np.ndarray, Path], None] | None = None) -> dict | None:
+             plot_usage: Callable[[np.ndarray, Path], None] | None = None, crops: int = 0) -> dict | None:
     """Write every token shard of this rank's jobs; rank 0 then writes the manifest (returned), after
     `plot_usage(histogram, path)` draws the dataset's code frequencies when given (the library draws nothing)."""
     data, out = Path(data), Path(out)
@@ -193,10 +221,13 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
     if size != vqgan.config.image_size:
         raise RunError(f"{data}: images are {size}x{size} but the VQGAN {vqgan.path} takes "
                        f"{vqgan.config.image_size}x{vqgan.config.image_size}; re-shard with --size {vqgan.config.image_size}")
+    if crops and not first.crop_room:
+        raise RunError(f"{data}: images are stored at their size {size}, so every crop is the whole image; "
+                       f"re-shard with --stored-size above --size (e.g. {size + size // 8}) or drop --crops")
     bound = binding(vqgan, data)
-    jobs = plan_jobs(splits, flip)
+    jobs = plan_jobs(splits, flip, crops)
     if dist.is_main:
-        check_destination(out, bound, flip, jobs)
+        check_destination(out, bound, flip, jobs, crops)
         (out / RECEIPTS_DIR).mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
     distributed.barrier()
@@ -213,23 +244,25 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
                 bar.update(source.count)
                 continue
             items, labels = splits[job.split].shard_arrays(job.shard_index)
-            tokens = encode_shard(vqgan, items, batch_size, job.flipped, dist.device, dtype, encoder)
+            tokens = encode_shard(vqgan, items, batch_size, job.flipped, dist.device, dtype, encoder,
+                                  crop_corners(splits[job.split], job.shard_index, job.crop))
             record = ShardWriter.write_shard(out, job.out_name[:-len(".npy")], tokens, labels)
             atomic_write_json(out / RECEIPTS_DIR / (job.out_name + ".json"),
                               {**record, **bound, "source_file": source.items_path.name,
-                               "source_sha256": source.sha256, "flipped": job.flipped, "split": job.split})
+                               "source_sha256": source.sha256, "flipped": job.flipped, "crop": job.crop,
+                               "split": job.split})
             bar.update(source.count)
     if skipped and dist.is_main:
         print(f"quantize: {skipped} finished token shard(s) on rank 0 already matched their source; skipped")
     distributed.barrier()
     if not dist.is_main:
         return None
-    return write_token_manifest(vqgan, data, out, splits, jobs, bound, flip, plot_usage)
+    return write_token_manifest(vqgan, data, out, splits, jobs, bound, flip, plot_usage, crops)
 
 
 def write_token_manifest(vqgan: LoadedVQGAN, data: Path, out: Path, splits: dict[str, ShardSplit],
                          jobs: list[Job], bound: dict, flip: bool,
-                         plot_usage: Callable[[np.ndarray, Path], None] | None = None) -> dict:
+                         plot_usage: Callable[[np.ndarray, Path], None] | None = None, crops: int = 0) -> dict:
     codebook_size = vqgan.config.codebook_size
     histogram = np.zeros(codebook_size, dtype=np.int64)
     records: dict[str, list[dict]] = {name: [] for name in splits}
@@ -237,8 +270,10 @@ def write_token_manifest(vqgan: LoadedVQGAN, data: Path, out: Path, splits: dict
         receipt = json.loads((out / RECEIPTS_DIR / (job.out_name + ".json")).read_text())
         record = {k: receipt[k] for k in ("file", "count", "sha256", "labels_file", "labels_sha256") if k in receipt}
         record["flipped"] = job.flipped
+        if job.crop:
+            record["crop"] = job.crop
         records[job.split].append(record)
-        if not job.flipped:
+        if not job.flipped and not job.crop:   # the dataset's usage: each image once
             tokens = np.load(out / job.out_name, mmap_mode="r")
             histogram += np.bincount(np.asarray(tokens, dtype=np.int64).ravel(), minlength=codebook_size)
     save_npy_atomic(out / HISTOGRAM_NAME, histogram)
@@ -251,7 +286,7 @@ def write_token_manifest(vqgan: LoadedVQGAN, data: Path, out: Path, splits: dict
     manifest = build_manifest(
         "tokens", (h * w,), token_dtype(codebook_size), records, first.classes,
         codebook_size=codebook_size, latent_grid=[h, w], image_size=vqgan.config.image_size,
-        flip=flip, vqgan_checkpoint=str(vqgan.path.resolve()), vqgan_step=vqgan.step,
+        flip=flip, crops=crops, vqgan_checkpoint=str(vqgan.path.resolve()), vqgan_step=vqgan.step,
         vqgan_config=asdict(vqgan.config), source_shards=str(data.resolve()), **bound,
         usage=usage)
     write_manifest(out, manifest)

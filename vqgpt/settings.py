@@ -244,6 +244,8 @@ class QuantizeConfig:
     out: str = setting("token shard folder to write", "", required=True)
     batch_size: int = setting("images per encoder batch", 64)
     flip: bool = setting("also encode horizontally flipped training images (a second token shard set)", False)
+    crops: int = setting("also encode K sets of random crops of the training images (shards stored larger with "
+                         "shardify --stored-size; LlamaGen's ten-crop: 10); the GPT trains on every set", 0)
     device: str = setting("auto, cpu or cuda", "auto")
     precision: str = setting("auto: bf16 autocast on CUDA, fp32 on CPU; the code lookup is always fp32", "auto",
                              choices=PRECISIONS)
@@ -254,6 +256,7 @@ class QuantizeConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_not_negative(self, ("crops",))
         check_finite(self)
         check_precision(self.precision)
 
