@@ -35,7 +35,8 @@ from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolv
                             seed_everything, summary_line)
 
 
-ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "label_dropout"))
+TRAINING_FIELDS = ("dropout", "label_dropout", "token_dropout", "drop_path")   # GPTConfig fields that shape no tensor
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in TRAINING_FIELDS)
 
 
 def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, ShardSplit | None]:

@@ -321,6 +321,12 @@ GPT_TRAIN_PRESETS = {
                         eval_every=2000, ckpt_every=2000, out="runs/gpt-g256"),
     "seed": _gpt_preset("seed", batch_size=16, lr=3e-4, warmup_steps=2000, max_steps=300000, weight_decay=0.01,
                         eval_every=5000, ckpt_every=5000, out="runs/gpt-seed"),
+    # LlamaGen's c2i recipe: constant lr 1e-4 without warmup, AdamW (0.9, 0.95), weight decay 0.05, 256 sequences a
+    # step (at most 32 a rank per micro-step), 300 ImageNet epochs
+    **{f"llamagen-{size}": _gpt_preset(f"llamagen-{size}", global_batch_size=256, batch_size=32, lr=1e-4, warmup_steps=0,
+                                       min_lr_ratio=1.0, weight_decay=0.05, max_steps=1_500_000, eval_every=5000,
+                                       ckpt_every=5000, out=f"runs/gpt-llamagen-{size}")
+       for size in ("B", "L", "XL", "XXL")},
 }
 
 
