@@ -273,6 +273,26 @@ IMPORT_PRESETS: dict[str, ImportConfig] = {}
 
 
 @dataclasses.dataclass(frozen=True)
+class ImportGPTConfig:
+    """import_gpt.py: a published class-conditional GPT -> a GPT run folder of this project."""
+    from_: str = setting("the source: llamagen (LlamaGen's c2i GPT-B ... GPT-XXL)", "", required=True,
+                         choices=("llamagen",))
+    ckpt: str = setting("the published checkpoint, e.g. LlamaGen's c2i_B_256.pt", "", required=True)
+    out: str = setting("run folder to create; must not exist or be empty", "", required=True)
+    vqgan: str = setting("VQGAN run, checkpoint or export whose codes the GPT predicts (e.g. LlamaGen's VQ-16 "
+                         "imported by import_vqgan.py): sample.py decodes with it; without it the run only fine-tunes "
+                         "and exports", "")
+    n_head: int = setting("attention heads (0: from the model name in the checkpoint's args)", 0)
+    grid_size: int = setting("side of the token grid (0: from the checkpoint's args, else the --vqgan's latent grid)", 0)
+
+    def __post_init__(self):
+        check_not_negative(self, ("n_head", "grid_size"))
+
+
+IMPORT_GPT_PRESETS: dict[str, ImportGPTConfig] = {}
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """export.py: a VQGAN or GPT run (or checkpoint) -> config.json + model.safetensors + model card."""
     run: str = setting("VQGAN or GPT run folder (its latest checkpoint) or checkpoint file (also the first word: "
@@ -296,6 +316,9 @@ class GPTTrainConfig(TrainConfig, GPTConfig):
     sample_temperature: float = setting("temperature of the eval samples", 1.0)
     sample_top_k: int = setting("top-k of the eval samples (0: off)", 0)
     beta2: float = setting("AdamW beta2", 0.95)
+    init_from: str = setting("start a new run from the weights of a GPT run (an imported one too), checkpoint or exported "
+                             "folder: fresh optimizer, step 0, the architecture of the source; its codebook, classes and "
+                             "grid must be the tokens'", "")
     eval_fid_samples: int = setting("class-balanced samples scored by --eval-fid against the train images", 1000)
 
     def __post_init__(self):
