@@ -329,6 +329,8 @@ def test_llama_block_layout_and_options():
     assert "blocks.0.attn.q_norm.weight" in names and "blocks.0.ln_1.weight" in names
     assert model.dropout.p == 0.05 and GPT(LLAMA).dropout.p == LLAMA.dropout   # token dropout, else --dropout
     assert [block.drop_path for block in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    attention = 12 * LLAMA.n_layer * LLAMA.n_embd * 16   # the head is a matmul, the token table a lookup
+    assert model.estimate_flops_per_token() == 6 * (model.num_params() - VOCAB * 128) + attention
 
 
 def test_drop_path_keeps_or_drops_whole_samples_and_is_off_in_eval():
