@@ -133,7 +133,7 @@ def make_condition_tokens(labels: torch.Tensor | None, codebook_size: int, n_cla
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated for a whole image.
 
-    `kv` is (n_layer, 2, B, n_head, max_length, head_dim); the first `length` positions are filled.
+    `kv` is (n_layer, 2, B, kv_heads, max_length, head_dim); the first `length` positions are filled.
     It is allocated by the first forward, which knows the batch size, device and (autocast) dtype.
     """
 
