@@ -1,6 +1,7 @@
 """Train the GPT on token shards (class-conditional when the shards carry labels).
 
     python train_gpt.py --tokens data/shapes-tokens --out runs/gpt --preset tiny
+    python train_gpt.py --tokens data/imgs-tokens --out runs/gpt-ft --init-from runs/llamagen-gpt-b   # fine-tune
     torchrun --standalone --nproc_per_node=8 train_gpt.py --tokens data/imgs-tokens --out runs/gpt --preset seed
     torchrun --nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --nproc_per_node=8 \
         train_gpt.py --tokens data/imgs-tokens --out runs/gpt --preset seed        # (node_rank=1 on the other)
@@ -12,6 +13,7 @@ by the VQGAN the token manifest names. `--help` lists every setting.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -25,6 +27,8 @@ from vqgpt.config import parse_config, subconfig
 from vqgpt.settings import GPT_TRAIN_PRESETS, GPTTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics, sample_fid
+from vqgpt.finetune import (GPT_TRAINING_FIELDS, GPTInitSource, adopt_gpt_architecture, check_fits_tokens,
+                            load_gpt_init_source)
 from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss
 from vqgpt.images import save_png
 from vqgpt.runlog import RunLog, require_wandb
@@ -35,7 +39,7 @@ from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolv
                             seed_everything, summary_line)
 
 
-ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "label_dropout"))
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in GPT_TRAINING_FIELDS)
 
 
 def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, ShardSplit | None]:
@@ -60,14 +64,19 @@ def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, Shar
 
 def main(cfg: GPTTrainConfig) -> int:
     require_wandb(cfg.wandb)
-    return distributed.launch(train, cfg)
+    init = load_gpt_init_source(cfg.init_from) if cfg.init_from else None   # tensors memory-mapped until loaded
+    if init is not None:
+        cfg = adopt_gpt_architecture(cfg, init)
+    return distributed.launch(functools.partial(train, init=init), cfg)
 
 
-def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
+def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource | None = None) -> int:
     device = dist.device
     configure_backends(device)
     dtype = resolve_precision(cfg.precision, device)
     cfg, train_split, val_split = fit_to_tokens(cfg)
+    if init is not None:
+        check_fits_tokens(cfg, init)
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
     image_shards = train_split.manifest.get("source_shards", "")
     if cfg.eval_fid and not (image_shards and Path(image_shards).is_dir()):   # Path("") is the current folder
@@ -91,6 +100,8 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo) -> int:
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams (label dropout) from here on
     if resume is not None:
         step = run.restore(resume)
+    elif init is not None:   # a fine-tune: the source's weights, fresh optimizer, step 0
+        model.load_state_dict(init.gpt)
     wrapped: torch.nn.Module = model
     if dist.is_distributed:
         wrapped = distributed.wrap_ddp(model, device)

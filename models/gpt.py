@@ -1,5 +1,9 @@
 """A decoder-only transformer over VQGAN token grids, with a KV cache for sampling.
 
+Two blocks (`arch`): gpt2 (LayerNorm, GELU MLP, learned positions, head tied to the embedding) and
+llama, LlamaGen's (RMSNorm, SwiGLU, 2-D rotary positions over the token grid, a separate head over
+the codes only); grouped key/value heads, QK-norm, token dropout and drop-path go with either.
+
 Token ids: 0..codebook_size-1 are codes, codebook_size + c is class c, and
 codebook_size + n_classes is the start token (also the "no class" token of label dropout).
 An image with tokens t0..t_{L-1} is read as [cond, t0, ..., t_{L-2}] and predicts [t0, ..., t_{L-1}],
@@ -28,6 +32,11 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     label_dropout: float = 0.1   # training only: chance a class token is replaced by the start token
+    arch: str = "gpt2"           # gpt2 or llama (see the module docstring)
+    n_kv_head: int = 0           # key/value heads, each shared by n_head // n_kv_head query heads (0: n_head)
+    qk_norm: bool = False        # RMSNorm on each head's queries and keys
+    token_dropout: float | None = None   # training only: dropout of the input embeddings (None: dropout)
+    drop_path: float = 0.0       # training only: chance a block's branch is skipped, rising to this at the last layer
 
     min_codebook_size: ClassVar[int] = 1   # the trainer's config allows 0: "take it from the tokens"
 
@@ -45,6 +54,19 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"GPTConfig.label_dropout must be in [0, 1], got {self.label_dropout}")
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"GPTConfig.arch must be gpt2 or llama, got {self.arch!r}")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig.n_kv_head {self.n_kv_head} must divide n_head {self.n_head} (0: n_head)")
+        for name in ("token_dropout", "drop_path"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {value}")
+        if self.arch == "llama" and (math.isqrt(self.tokens_per_image) ** 2 != self.tokens_per_image
+                                     or (self.n_embd // self.n_head) % 4):
+            raise ValueError(f"arch llama rotates over a square grid in pairs per axis: tokens_per_image "
+                             f"({self.tokens_per_image}) must be a square and the head width "
+                             f"({self.n_embd // self.n_head}) a multiple of 4")
 
     @property
     def vocab_size(self) -> int:
@@ -54,6 +76,17 @@ class GPTConfig:
     def start_token(self) -> int:
         return self.codebook_size + self.n_classes
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        # LlamaGen's SwiGLU width: two thirds of 4x (three matrices instead of two), rounded up to 256
+        return -(-int(2 * 4 * self.n_embd / 3) // 256) * 256
+
 
 # The trainer replaces codebook_size, n_classes and tokens_per_image with the token manifest's;
 # the codebook sizes here are those of the VQGAN presets of the same name.
@@ -61,6 +94,15 @@ GPT_PRESETS = {
     "tiny": GPTConfig(codebook_size=256, tokens_per_image=64, n_layer=4, n_head=4, n_embd=128, dropout=0.1),
     "g256": GPTConfig(codebook_size=1024, tokens_per_image=256, n_layer=8, n_head=8, n_embd=512),
     "seed": GPTConfig(codebook_size=8192, tokens_per_image=256, n_layer=12, n_head=12, n_embd=768),
+    # LlamaGen's class-conditional GPTs (ImageNet, VQ-16 codes at 256 px) with its dropouts
+    "llamagen-B": GPTConfig(codebook_size=16384, n_classes=1000, tokens_per_image=256, n_layer=12, n_head=12,
+                            n_embd=768, dropout=0.1, arch="llama"),
+    "llamagen-L": GPTConfig(codebook_size=16384, n_classes=1000, tokens_per_image=256, n_layer=24, n_head=16,
+                            n_embd=1024, dropout=0.1, arch="llama"),
+    "llamagen-XL": GPTConfig(codebook_size=16384, n_classes=1000, tokens_per_image=256, n_layer=36, n_head=20,
+                             n_embd=1280, dropout=0.1, arch="llama"),
+    "llamagen-XXL": GPTConfig(codebook_size=16384, n_classes=1000, tokens_per_image=256, n_layer=48, n_head=24,
+                              n_embd=1536, dropout=0.1, arch="llama"),
 }
 
 
@@ -91,7 +133,7 @@ def make_condition_tokens(labels: torch.Tensor | None, codebook_size: int, n_cla
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated for a whole image.
 
-    `kv` is (n_layer, 2, B, n_head, max_length, head_dim); the first `length` positions are filled.
+    `kv` is (n_layer, 2, B, kv_heads, max_length, head_dim); the first `length` positions are filled.
     It is allocated by the first forward, which knows the batch size, device and (autocast) dtype.
     """
 
@@ -112,74 +154,160 @@ class KVCache:
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * gain, computed in fp32 (LlamaGen's, eps 1e-5)."""
+
+    def __init__(self, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def grid_rotations(side: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(1 + side*side, head_dim/2, 2) cos and sin of the rotary angle of each position and channel pair.
+
+    Position 0 is the condition token: all zeros, so its queries and keys are zeroed, as LlamaGen's
+    (every key scores 0 against it, its value still counts). Position 1 + r*side + c is grid cell
+    (r, c): the first half of the pairs turn with the row, the second half with the column.
+    """
+    quarter = head_dim // 4
+    frequencies = base ** -(torch.arange(quarter).float() * 2 / (head_dim // 2))
+    along = torch.arange(side).float()[:, None] * frequencies             # (side, quarter)
+    angles = torch.cat([along[:, None].expand(side, side, quarter),       # row
+                        along[None, :].expand(side, side, quarter)], -1)  # column
+    table = torch.stack([angles.cos(), angles.sin()], -1).flatten(0, 1)
+    return torch.cat([table.new_zeros(1, 2 * quarter, 2), table])
+
+
+def rotate(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) queries or keys, channels (2i, 2i+1) turned by rotations (T, D/2, 2) in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rotations[..., 0], rotations[..., 1]
+    turned = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], -1)
+    return turned.flatten(-2).type_as(x)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """A residual branch kept for each sample with probability 1 - p (and scaled up by 1 / (1 - p))."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_dim = config.n_embd // config.n_head
         self.layer_index = layer_index   # which slot of the KV cache is ours
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # queries of every head, then keys and values of the key/value heads
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
+        self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.dropout = config.dropout if config.arch == "gpt2" else 0.0   # LlamaGen drops no attention weights
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                rotations: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
-        # (B, T, 3C) -> three (B, n_head, T, head_dim)
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        kv_width = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([width, kv_width, kv_width], dim=-1)
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
+        q, k, v = (t.view(batch, length, heads, self.head_dim).transpose(1, 2)
+                   for t, heads in ((q, self.n_head), (k, self.n_kv_head), (v, self.n_kv_head)))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rotations is not None:
+            q, k = rotate(q, rotations), rotate(k, rotations)
+        past = 0
+        if cache is not None:   # the cache keeps the key/value heads only
+            past = cache.length
+            k, v = cache.append(self.layer_index, k, v)
+        if self.n_kv_head != self.n_head:
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                  dropout_p=self.dropout if self.training else 0.0)
+        elif length == 1:
+            # one new query may see every cached position: no mask needed
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
-            past = cache.length
-            k, v = cache.append(self.layer_index, k, v)
-            if length == 1:
-                # one new query may see every cached position: no mask needed
-                out = F.scaled_dot_product_attention(q, k, v)
-            else:
-                # several new queries: query i sees the past and new positions <= i (is_causal would
-                # align the triangle to the top-left corner, wrong once the cache is non-empty)
-                mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            # several new queries: query i sees the past and new positions <= i (is_causal would
+            # align the triangle to the top-left corner, wrong once the cache is non-empty)
+            mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch, length, width)
         return self.residual_dropout(self.proj(out))
 
 
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer_index: int):
+class SwiGLU(nn.Module):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_index: int, drop_path: float = 0.0):
+        super().__init__()
+        llama = config.arch == "llama"
+        self.ln_1 = RMSNorm(config.n_embd) if llama else nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_index)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias),
+        self.ln_2 = RMSNorm(config.n_embd) if llama else nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = SwiGLU(config) if llama else nn.Sequential(
+            nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias),
             nn.GELU(),
-            nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias),
+            nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias),
             nn.Dropout(config.dropout),
         )
+        self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                rotations: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.ln_1(x), cache, rotations), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, self.training)
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        llama = config.arch == "llama"
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.tokens_per_image, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.head.weight = self.token_embedding.weight   # weight tying: one matrix, one storage
+        if llama:   # not saved: rebuilt from the config
+            side = math.isqrt(config.tokens_per_image)
+            rotations = grid_rotations(side, config.n_embd // config.n_head)[:config.tokens_per_image]
+            self.register_buffer("rotations", rotations, persistent=False)
+        else:
+            self.position_embedding = nn.Embedding(config.tokens_per_image, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout if config.token_dropout is None else config.token_dropout)
+        rates = [config.drop_path * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]   # LlamaGen's ramp
+        self.blocks = nn.ModuleList(Block(config, i, rates[i]) for i in range(config.n_layer))
+        self.ln_f = RMSNorm(config.n_embd) if llama else nn.LayerNorm(config.n_embd, bias=config.bias)
+        # gpt2: logits over the whole vocabulary, tied; llama: over the codes only, its own matrix
+        self.head = nn.Linear(config.n_embd, config.codebook_size if llama else config.vocab_size, bias=False)
+        if not llama:
+            self.head.weight = self.token_embedding.weight   # weight tying: one matrix, one storage
 
         self.apply(self._init_weights)
-        residual_projection = 0.02 / math.sqrt(2 * config.n_layer)
-        for block in self.blocks:
-            # the residual stream adds 2 projections per layer; scaled so its variance does not grow with depth
-            nn.init.normal_(block.attn.proj.weight, 0.0, residual_projection)
-            nn.init.normal_(block.mlp[2].weight, 0.0, residual_projection)
+        if llama:   # LlamaGen's: the head starts at zero, every first prediction is uniform
+            nn.init.zeros_(self.head.weight)
+        else:
+            residual_projection = 0.02 / math.sqrt(2 * config.n_layer)
+            for block in self.blocks:
+                # the residual stream adds 2 projections per layer; scaled so its variance does not grow with depth
+                nn.init.normal_(block.attn.proj.weight, 0.0, residual_projection)
+                nn.init.normal_(block.mlp[2].weight, 0.0, residual_projection)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -189,14 +317,16 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        """Parameters counted once (the tied head adds none)."""
+        """Parameters counted once (gpt2's tied head adds none)."""
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.tokens_per_image)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx (B, T) int64 -> logits (B, T, vocab_size), and the mean cross-entropy when targets are given.
+        """idx (B, T) int64 -> logits (B, T, V), and the mean cross-entropy when targets are given.
+
+        V is vocab_size for gpt2 and codebook_size for llama: only codes are ever predicted.
 
         With a cache, idx holds only the new positions, which start at cache.length; their keys and
         values are appended and only their logits computed.
@@ -206,10 +336,15 @@ class GPT(nn.Module):
         if start + length > self.config.tokens_per_image:
             raise ValueError(f"positions {start}..{start + length - 1} exceed tokens_per_image "
                              f"{self.config.tokens_per_image}")
-        positions = torch.arange(start, start + length, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        x = self.token_embedding(idx)
+        rotations = None
+        if self.config.arch == "llama":
+            rotations = self.rotations[start:start + length]
+        else:
+            x = x + self.position_embedding(torch.arange(start, start + length, device=idx.device))
+        x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, cache)
+            x = block(x, cache, rotations)
         if cache is not None:
             cache.length += length
         logits = self.head(self.ln_f(x))
@@ -231,9 +366,10 @@ class GPT(nn.Module):
 
     def estimate_flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), as in nanoGPT / the PaLM appendix:
-        6 per weight (position embeddings are a lookup, not a matmul) plus the attention
-        score and value matmuls over a full context of tokens_per_image."""
+        6 per weight (embeddings are a lookup, not a matmul; gpt2's is also the head) plus the
+        attention score and value matmuls over a full context of tokens_per_image."""
         config = self.config
-        matmul_params = self.num_params() - self.position_embedding.weight.numel()
+        lookup = self.token_embedding if config.arch == "llama" else self.position_embedding
+        matmul_params = self.num_params() - lookup.weight.numel()
         attention = 12 * config.n_layer * config.n_embd * config.tokens_per_image
         return 6 * matmul_params + attention

@@ -129,7 +129,7 @@ def test_help_shows_no_empty_preset_list(capsys):
     assert "--preset" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parse_config(GPTTrainConfig, GPT_TRAIN_PRESETS, ["--help"])
-    assert "--preset {g256,seed,tiny}" in capsys.readouterr().out
+    assert "--preset {g256,llamagen-B,llamagen-L,llamagen-XL,llamagen-XXL,seed,tiny}" in capsys.readouterr().out
 
 
 def test_shardify_and_sample_parse_into_their_configs():

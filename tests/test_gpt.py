@@ -237,11 +237,131 @@ def test_flops_per_token_is_six_n_plus_attention(model):
 
 def test_preset_parameter_counts():
     with torch.device("meta"):   # shapes only: no memory, no init time
-        counts = {name: GPT(config).num_params() for name, config in GPT_PRESETS.items()}
+        counts = {name: GPT(config).num_params() for name, config in GPT_PRESETS.items() if config.arch == "gpt2"}
     print("GPT parameters:", {name: f"{count / 1e6:.2f}M" for name, count in counts.items()})
     g256 = GPT_PRESETS["g256"]
     assert (g256.tokens_per_image, g256.n_layer, g256.n_head, g256.n_embd, g256.codebook_size) == (256, 8, 8, 512, 1024)
-    for name, config in GPT_PRESETS.items():   # GPT-2 without biases: 12 d^2 + two LayerNorm gains a block,
-        d = config.n_embd                        # the final LayerNorm, token and position tables, the tied head
+    for name in counts:   # GPT-2 without biases: 12 d^2 + two LayerNorm gains a block,
+        config = GPT_PRESETS[name]
+        d = config.n_embd                  # the final LayerNorm, token and position tables, the tied head
         expected = config.n_layer * (12 * d * d + 2 * d) + d + (config.vocab_size + config.tokens_per_image) * d
         assert not config.bias and counts[name] == expected, name
+
+
+# LlamaGen's block: RMSNorm, SwiGLU, 2-D RoPE over a 4x4 grid; grouped key/value heads and QK-norm as options
+LLAMA = dataclasses.replace(CONFIG, arch="llama", tokens_per_image=16, bias=False)
+LLAMA_VARIANTS = {"llama": LLAMA, "llama-gqa-qknorm": dataclasses.replace(LLAMA, n_kv_head=2, qk_norm=True),
+                  "llama-mqa": dataclasses.replace(LLAMA, n_kv_head=1),
+                  "gpt2-gqa-qknorm": dataclasses.replace(CONFIG, n_kv_head=2, qk_norm=True, tokens_per_image=16)}
+
+
+def trained_looking(config: GPTConfig, seed: int = 1) -> GPT:
+    """A model with every weight random (LlamaGen's head starts at zero; norm gains at one)."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("variant", LLAMA_VARIANTS)
+@pytest.mark.parametrize("chunks", [[1] * 16, [5, 1, 1, 3, 6]])
+def test_kv_cache_logits_equal_full_forward_under_rope_and_grouped_heads(variant, chunks):
+    config = LLAMA_VARIANTS[variant]
+    model = trained_looking(config)
+    length = config.tokens_per_image
+    cond = torch.tensor([CODEBOOK + 1, START, CODEBOOK, START])[:, None]
+    idx = torch.cat([cond, torch.randint(0, CODEBOOK, (4, length - 1), generator=seeded())], dim=1)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache, pieces, start = model.new_cache(), [], 0
+        for size in chunks:
+            pieces.append(model(idx[:, start:start + size], cache=cache)[0])
+            start += size
+    assert full.shape == (4, length, CODEBOOK if config.arch == "llama" else VOCAB)
+    assert cache.kv.shape[3] == config.kv_heads   # the cache holds the shared heads only
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama-gqa-qknorm"])
+@pytest.mark.parametrize("options", [
+    dict(temperature=1.0),
+    dict(labels=[0, 1, 2, 1], cfg_scale=3.0, top_k=20),
+    dict(labels=[0, 1, 2, 0], cfg_scale=2.0, prefix=3, temperature=0),
+])
+def test_kv_cache_sampling_equals_recompute_under_rope(variant, options):
+    model = trained_looking(LLAMA_VARIANTS[variant])
+    options = dict(options)
+    if "labels" in options:
+        options["labels"] = torch.tensor(options["labels"])
+    if "prefix" in options:
+        options["prefix"] = torch.randint(0, CODEBOOK, (4, options["prefix"]), generator=seeded(5))
+    with_cache = sample_tokens(model, 4, generator=seeded(), **options)
+    recomputed = sample_tokens(model, 4, generator=seeded(), use_kv_cache=False, **options)
+    assert torch.equal(with_cache, recomputed)
+    assert with_cache.max() < CODEBOOK
+
+
+def test_grid_rope_scores_depend_on_the_2d_offset_only_and_zero_the_condition():
+    from models.gpt import grid_rotations, rotate
+    side, head_dim = 5, 8
+    table = grid_rotations(side, head_dim)   # (1 + 25, 4, 2)
+    q, k = torch.randn(2, 1, 1, 1, head_dim).unbind(0)
+
+    def score(cell_q, cell_k):   # (row, col) of each
+        rows = [1 + cell_q[0] * side + cell_q[1], 1 + cell_k[0] * side + cell_k[1]]
+        return (rotate(q, table[rows[0]:rows[0] + 1]) * rotate(k, table[rows[1]:rows[1] + 1])).sum()
+
+    torch.testing.assert_close(score((3, 1), (1, 0)), score((4, 3), (2, 2)))   # same (2, 1) offset
+    torch.testing.assert_close(score((2, 2), (2, 2)), (q * k).sum())            # no offset: no turn
+    assert not torch.isclose(score((3, 1), (1, 0)), score((3, 1), (0, 1)))      # rows and columns differ
+    assert torch.count_nonzero(rotate(q, table[:1])) == 0                        # the condition position
+
+
+def test_llama_block_layout_and_options():
+    model = GPT(dataclasses.replace(LLAMA, n_kv_head=2, qk_norm=True, drop_path=0.3, token_dropout=0.05))
+    names = set(model.state_dict())
+    assert "position_embedding.weight" not in names and "rotations" not in names   # rebuilt, not stored
+    assert model.head.weight.data_ptr() != model.token_embedding.weight.data_ptr()
+    assert model.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 32, 128)
+    assert model.blocks[0].mlp.gate.weight.shape == (512, 128)   # 2/3 of 4 x 128 is 341: up to 512
+    assert "blocks.0.attn.q_norm.weight" in names and "blocks.0.ln_1.weight" in names
+    assert model.dropout.p == 0.05 and GPT(LLAMA).dropout.p == LLAMA.dropout   # token dropout, else --dropout
+    assert [block.drop_path for block in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    attention = 12 * LLAMA.n_layer * LLAMA.n_embd * 16   # the head is a matmul, the token table a lookup
+    assert model.estimate_flops_per_token() == 6 * (model.num_params() - VOCAB * 128) + attention
+
+
+def test_drop_path_keeps_or_drops_whole_samples_and_is_off_in_eval():
+    from models.gpt import drop_path
+    torch.manual_seed(0)
+    x = torch.ones(400, 3, 2)
+    out = drop_path(x, 0.25, training=True)
+    per_sample = out.flatten(1)
+    assert set(per_sample.unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
+    assert torch.all(per_sample == per_sample[:, :1])   # one decision per sample
+    assert 0.15 < (per_sample[:, 0] == 0).float().mean() < 0.35
+    assert drop_path(x, 0.25, training=False) is x
+
+
+@pytest.mark.parametrize("bad", [dict(arch="mamba"), dict(n_kv_head=3), dict(arch="llama", tokens_per_image=12),
+                                 dict(arch="llama", n_embd=72, n_head=4), dict(drop_path=1.0),
+                                 dict(token_dropout=-0.1)])
+def test_bad_block_options_are_refused(bad):
+    with pytest.raises(ValueError):
+        dataclasses.replace(CONFIG, **bad)
+
+
+def test_llamagen_presets_have_llamagens_parameter_counts():
+    # LlamaGen's gpt.py counts every parameter of its Transformer: token and class tables, blocks, separate head
+    published = {"B": 111e6, "L": 343e6, "XL": 775e6, "XXL": 1.4e9}
+    for name, size in published.items():
+        config = GPT_PRESETS[f"llamagen-{name}"]
+        with torch.device("meta"):
+            count = GPT(config).num_params()
+        d, hidden = config.n_embd, config.mlp_hidden
+        assert count == (config.n_layer * (4 * d * d + 3 * d * hidden + 2 * d) + d
+                         + (config.codebook_size + config.n_classes + 1) * d + config.codebook_size * d), name
+        digits = 2 if name == "XXL" else 3   # they print 1.4B and 111M, 343M, 775M
+        assert float(f"{count:.{digits}g}") == size, (name, count)

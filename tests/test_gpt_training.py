@@ -39,6 +39,20 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shapes_tokens, tmp_path
                              load(latest_checkpoint(tmp_path / "split"))["gpt"])
 
 
+def test_llama_block_trains_and_resumes_exactly_with_its_options(shapes_tokens, tmp_path):
+    flags = ("--sample-count=0", "--arch=llama", "--n-kv-head=2", "--qk-norm", "--drop-path=0.2", "--token-dropout=0.05")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "full", 4, *flags))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "split", 4, *flags, "--stop-at-step=2"))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "split", 4, *flags))
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train"]  # noqa: E731
+    assert losses(tmp_path / "full") == losses(tmp_path / "split") and len(losses(tmp_path / "full")) == 4
+    state = load(latest_checkpoint(tmp_path / "full"))
+    assert "blocks.0.mlp.gate.weight" in state["gpt"] and state["config"]["arch"] == "llama"
+    assert_state_dicts_equal(state["gpt"], load(latest_checkpoint(tmp_path / "split"))["gpt"])
+    other_block = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "split", 5, *flags[:1]), check=False)
+    assert other_block.returncode == 2 and "arch: run has 'llama', you gave 'gpt2'" in other_block.stderr
+
+
 def test_resume_applies_new_optimizer_settings_and_refuses_another_seed(shapes_tokens, tmp_path):
     run = tmp_path / "run"
     run_script("train_gpt.py", *gpt_args(shapes_tokens, run, 1, "--sample-count=0"))

@@ -155,26 +155,31 @@ def discriminator_from(source: dict, prefix: str, path: Path) -> tuple[dict, int
     return state, ndf, n_layers
 
 
-def _model_state(checkpoint, path: Path, names: tuple[str, ...]) -> tuple[dict, str]:
-    """The state dict under the first of `names` present, or the checkpoint itself when it is one."""
+def _model_state(checkpoint, path: Path, names: tuple[str, ...], marker: str = "encoder.conv_in.weight") -> tuple[dict, str]:
+    """The state dict under the first of `names` present, or the checkpoint itself when it holds `marker`."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
     for name in names:
         if isinstance(checkpoint.get(name), dict):
             return checkpoint[name], name
-    if "encoder.conv_in.weight" in checkpoint:
+    if marker in checkpoint:
         return checkpoint, ""
     raise CheckpointError(f"{path}: no model weights (none of the keys {', '.join(names)})")
 
 
-def _leftovers(source: dict, used: set[str], path: Path, reasons: dict[str, str]) -> dict[str, str]:
-    """Source keys not used: allowed ones with their reason; an unknown key of the model itself stops the import."""
-    ignored = {}
+def _leftovers(source: dict, used: set[str], path: Path, reasons: dict[str, str],
+               model_prefixes: tuple[str, ...] = MODEL_PREFIXES, other: str = "not part of the VQGAN") -> dict[str, str]:
+    """Source keys not used: allowed ones with their reason (`other` outside `model_prefixes`); unknown keys of the
+    model itself stop the import, all of them listed."""
+    ignored, unknown = {}, []
     for key in sorted(set(source) - used):
         reason = next((why for prefix, why in reasons.items() if key.startswith(prefix)), None)
-        if reason is None and key.startswith(MODEL_PREFIXES):
-            raise CheckpointError(f"{path}: unexpected key {key}: not part of the model layout this importer knows")
-        ignored[key] = reason or "not part of the VQGAN"
+        if reason is None and key.startswith(model_prefixes):
+            unknown.append(key)
+        ignored[key] = reason or other
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected keys, not part of the model layout this importer knows: "
+                              f"{', '.join(unknown[:8])}{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}")
     return ignored
 
 

@@ -284,6 +284,26 @@ IMPORT_PRESETS: dict[str, ImportConfig] = {}
 
 
 @dataclasses.dataclass(frozen=True)
+class ImportGPTConfig:
+    """import_gpt.py: a published class-conditional GPT -> a GPT run folder of this project."""
+    from_: str = setting("the source: llamagen (LlamaGen's c2i GPT-B ... GPT-XXL)", "", required=True,
+                         choices=("llamagen",))
+    ckpt: str = setting("the published checkpoint, e.g. LlamaGen's c2i_B_256.pt", "", required=True)
+    out: str = setting("run folder to create; must not exist or be empty", "", required=True)
+    vqgan: str = setting("VQGAN run, checkpoint or export whose codes the GPT predicts (e.g. LlamaGen's VQ-16 "
+                         "imported by import_vqgan.py): sample.py decodes with it; without it the run only fine-tunes "
+                         "and exports", "")
+    n_head: int = setting("attention heads (0: from the model name in the checkpoint's args)", 0)
+    grid_size: int = setting("side of the token grid (0: from the checkpoint's args, else the --vqgan's latent grid)", 0)
+
+    def __post_init__(self):
+        check_not_negative(self, ("n_head", "grid_size"))
+
+
+IMPORT_GPT_PRESETS: dict[str, ImportGPTConfig] = {}
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """export.py: a VQGAN or GPT run (or checkpoint) -> config.json + model.safetensors + model card."""
     run: str = setting("VQGAN or GPT run folder (its latest checkpoint) or checkpoint file (also the first word: "
@@ -307,6 +327,9 @@ class GPTTrainConfig(TrainConfig, GPTConfig):
     sample_temperature: float = setting("temperature of the eval samples", 1.0)
     sample_top_k: int = setting("top-k of the eval samples (0: off)", 0)
     beta2: float = setting("AdamW beta2", 0.95)
+    init_from: str = setting("start a new run from the weights of a GPT run (an imported one too), checkpoint or exported "
+                             "folder: fresh optimizer, step 0, the architecture of the source; its codebook, classes and "
+                             "grid must be the tokens'", "")
     eval_fid_samples: int = setting("class-balanced samples scored by --eval-fid against the train images", 1000)
 
     def __post_init__(self):
@@ -332,6 +355,12 @@ GPT_TRAIN_PRESETS = {
                         eval_every=2000, ckpt_every=2000, out="runs/gpt-g256"),
     "seed": _gpt_preset("seed", batch_size=16, lr=3e-4, warmup_steps=2000, max_steps=300000, weight_decay=0.01,
                         eval_every=5000, ckpt_every=5000, out="runs/gpt-seed"),
+    # LlamaGen's c2i recipe: constant lr 1e-4 without warmup, AdamW (0.9, 0.95), weight decay 0.05, 256 sequences a
+    # step (at most 32 a rank per micro-step), 300 ImageNet epochs
+    **{f"llamagen-{size}": _gpt_preset(f"llamagen-{size}", global_batch_size=256, batch_size=32, lr=1e-4, warmup_steps=0,
+                                       min_lr_ratio=1.0, weight_decay=0.05, max_steps=1_500_000, eval_every=5000,
+                                       ckpt_every=5000, out=f"runs/gpt-llamagen-{size}")
+       for size in ("B", "L", "XL", "XXL")},
 }
 
 
