@@ -387,3 +387,19 @@ def test_resize_adm_matches_center_crop_arr_pixel_for_pixel(tmp_path):
     Image.fromarray(gradient_image(2, 400, seed=3)).save(tmp_path / "strip.png")   # 32 x 6400 once scaled up
     with pytest.raises(SkipImage, match="elongated"):
         load_square_image(tmp_path / "strip.png", 32, resize="adm")
+
+
+def test_file_links_are_followed_folder_links_are_not(tmp_path):
+    """A symlink farm of image files is a legitimate SRC (README); a linked folder is not descended (no loops)."""
+    elsewhere, src = tmp_path / "elsewhere", tmp_path / "src"
+    (elsewhere / "more").mkdir(parents=True)
+    src.mkdir()
+    for k, path in enumerate((src / "a.png", elsewhere / "b.png", elsewhere / "more" / "c.png")):
+        Image.fromarray(gradient_image(16, 16, seed=k)).save(path)
+    (src / "b.png").symlink_to(elsewhere / "b.png")
+    (src / "more").symlink_to(elsewhere / "more")
+    (src / "loop").symlink_to(src)
+    assert scan_folder(src).files == ["a.png", "b.png"]
+    shard_once(src, tmp_path / "out", val_count=0)
+    items, _ = all_items(tmp_path / "out", "train")
+    assert sum(np.array_equal(item, gradient_image(16, 16, seed=1)) for item in items) == 1   # the linked file
