@@ -351,6 +351,32 @@ def test_sigterm_stops_workers_and_leaves_dest_as_it_was(tmp_path):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert visible(dest) == []
+    assert run_shardify(cli_args(src, dest, "--workers=2")) == 0   # the same command goes on
+    shard_once(src, tmp_path / "clean")
+    assert folder_digest(dest) == folder_digest(tmp_path / "clean")
+
+
+def test_workers_do_not_outlive_a_killed_shardify(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=6)
+    marks = tmp_path / "marks"
+    process = start_hooked("slow", "", marks, cli_args(src, tmp_path / "out", "--workers=2"))
+    while not any(marks.iterdir()) and process.poll() is None:
+        time.sleep(0.05)
+    process.kill()   # kill -9: no handler runs in shardify itself
+    finish(process)
+    workers = [int(p.name) for p in marks.iterdir()]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert workers and not any(alive(pid) for pid in workers)
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a reaper that this container may not have."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def center_crop_arr(pil_image, image_size):
@@ -387,6 +413,8 @@ def test_resize_adm_matches_center_crop_arr_pixel_for_pixel(tmp_path):
     Image.fromarray(gradient_image(2, 400, seed=3)).save(tmp_path / "strip.png")   # 32 x 6400 once scaled up
     with pytest.raises(SkipImage, match="elongated"):
         load_square_image(tmp_path / "strip.png", 32, resize="adm")
+    with pytest.raises(SystemExit):   # built-in images are drawn at the size: nothing to resize
+        run_shardify(["--builtin", "shapes", str(tmp_path / "shapes"), "--resize", "adm"])
 
 
 def test_file_links_are_followed_folder_links_are_not(tmp_path):

@@ -9,6 +9,7 @@ bytes still match and goes on from there, and a rerun with other settings or inp
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -244,9 +246,13 @@ def _swap_in(staging: Path, dest: Path, replaced: list[Path]) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _worker_signals() -> None:
+def _worker_signals(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle, once
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the parent's handler, inherited through fork
+    if sys.platform.startswith("linux"):   # a parent killed with -9 takes its workers along: no orphans
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        if os.getppid() != parent:   # it died before the line above
+            os._exit(1)
 
 
 @contextlib.contextmanager
@@ -259,7 +265,7 @@ def _decoding_pool(workers: int):
         yield _InlinePool()
         return
     context = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_signals)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_signals, initargs=(os.getpid(),))
     try:
         yield pool
     except BaseException:
