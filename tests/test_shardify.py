@@ -431,3 +431,21 @@ def test_file_links_are_followed_folder_links_are_not(tmp_path):
     shard_once(src, tmp_path / "out", val_count=0)
     items, _ = all_items(tmp_path / "out", "train")
     assert sum(np.array_equal(item, gradient_image(16, 16, seed=1)) for item in items) == 1   # the linked file
+
+
+def test_a_stop_during_the_swap_lets_it_finish(tmp_path, monkeypatch):
+    """Ctrl-C between two renames of the swap-in would leave DEST with neither set's manifest."""
+    src, dest = make_image_folder(tmp_path / "src"), tmp_path / "out"
+    assert run_shardify(cli_args(src, dest, "--workers=1")) == 0
+    real_replace = os.replace
+
+    def replace_then_interrupt(source, target):
+        real_replace(source, target)
+        if Path(target).parent.name == dataprep.PREVIOUS_NAME:   # the old set's manifest just moved aside
+            monkeypatch.setattr(dataprep.os, "replace", real_replace)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(dataprep.os, "replace", replace_then_interrupt)
+    assert run_shardify(cli_args(src, dest, "--workers=1", "--overwrite", "--seed=5")) == 0
+    shard_once(src, tmp_path / "clean", seed=5)
+    assert folder_digest(dest) == folder_digest(tmp_path / "clean")

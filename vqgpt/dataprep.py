@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -316,10 +317,26 @@ def write_shards(source: Source, dest: str | os.PathLike, *, size: int, shard_si
         raise DataPrepError("a decoding process died (killed by the system: out of memory?); the finished shards "
                             "are kept: rerun the same command, with fewer --workers if memory is short") from None
     try:
-        _swap_in(staging, dest, replaced)
+        with _stops_deferred():
+            _swap_in(staging, dest, replaced)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+@contextlib.contextmanager
+def _stops_deferred():
+    """Ctrl-C and SIGTERM are ignored for the few renames of the swap-in, which then completes: stopped half-way,
+    DEST would hold neither set's manifest. Python runs signal handlers in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)   # None: set outside Python
 
 
 def _write_set(source: Source, out: Path, title: str, size: int, shard_size: int, n_val: int, seed: int,
