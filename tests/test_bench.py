@@ -26,6 +26,14 @@ def check_shards(f: dict) -> None:
     ratio_of(f, "reader_permuted_vs_plain", "reader_permuted_channels_images_per_s", "reader_images_per_s")
 
 
+def check_shardify(f: dict) -> None:
+    assert (f["jpegs"], f["size"]) == (6, 32)
+    for resize in ("lanczos", "adm"):
+        ratio_of(f, f"{resize}_speedup_all_vs_w1", f"{resize}_images_per_s_all", f"{resize}_images_per_s_w1")
+        hours, rate = f[f"{resize}_imagenet_hours_w1"], f[f"{resize}_images_per_s_w1"]
+        assert hours * rate * 3600 == pytest.approx(1_281_167, rel=1e-3)
+
+
 def check_vqgan_step(f: dict) -> None:
     assert (f["preset"], f["batch_size"], f["threads"]) == ("tiny", 2, 1)
     ratio_of(f, "speedup_vs_reference", "images_per_s", "reference_images_per_s")
@@ -62,6 +70,9 @@ BENCHES = [
     ("bench/shards.py", ["--jpegs", "12", "--builtin", "64", "--reader-images", "256", "--batch-size", "16"],
      ["shardify_builtin32_images_per_s_w1", "bytes_per_image_256", "reader_images_per_s",
       "reader_speedup_vs_jpeg_decode"], check_shards),
+    ("bench/shardify.py", ["--jpegs", "6", "--size", "32"],
+     ["lanczos_images_per_s_w1", "lanczos_images_per_s_all", "adm_images_per_s_all", "lanczos_imagenet_hours_all"],
+     check_shardify),
     ("bench/vqgan_step.py", ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--ranks", "0", "--muon"],
      ["images_per_s", "gflops_per_step", "mfu", "speedup_vs_reference", "images_per_s_bf16", "bf16_speedup",
       "images_per_s_muon", "muon_vs_adam"], check_vqgan_step),

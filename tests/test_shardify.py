@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +15,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import gradient_image, make_image_folder
-from tests.helpers import run_shardify
+from tests.helpers import ROOT, run_shardify, script_env
 from vqgpt import dataprep
 from vqgpt.dataprep import DataPrepError, scan_folder, write_shards
+from vqgpt.images import SkipImage, load_square_image
 from vqgpt.shards import ShardError, ShardSplit, ShardWriter
 
 
@@ -172,28 +178,69 @@ def test_empty_or_all_skipped_source_exits_2(tmp_path, capsys):
     assert not (tmp_path / "out2" / "manifest.json").exists()
 
 
-def test_interrupted_run_leaves_nothing_then_rerun_completes(tmp_path, monkeypatch):
-    src = make_image_folder(tmp_path / "src", per_class=6)
-    dest = tmp_path / "out"
+def interrupt_after_shards(monkeypatch, finished: int) -> None:
+    """The next shardify run stops (as by Ctrl-C) when it starts writing shard number `finished` + 1."""
     real_write = ShardWriter.write_shard
     calls = {"n": 0}
 
-    def crash_after_first_shard(*args, **kwargs):
+    def write_or_stop(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated crash between shards")
+        if calls["n"] > finished:
+            monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(real_write))
+            raise KeyboardInterrupt("simulated interruption between shards")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(crash_after_first_shard))
+    monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(write_or_stop))
+
+
+def count_decodes(monkeypatch) -> dict:
+    real_load, calls = dataprep.load_square_image, {"n": 0}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(dataprep, "load_square_image", counted)
+    return calls
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    src = make_image_folder(tmp_path / "src", per_class=6)   # 12 images: train 10 in shards of 3, val 2
+    (src / "cats" / "broken.png").write_text("not a picture")   # a skip before the interruption is kept too
+    shard_once(src, tmp_path / "clean")
+    dest = tmp_path / "out"
+    interrupt_after_shards(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         shard_once(src, dest)
-    assert not any(dest.iterdir())   # the partial set lived in the staging folder, now gone
+    assert visible(dest) == []   # the partial set lives in the staging folder
     with pytest.raises(ShardError, match="manifest.json"):
         ShardSplit(dest, "train")
-    monkeypatch.setattr(ShardWriter, "write_shard", staticmethod(real_write))
+    decodes = count_decodes(monkeypatch)
     shard_once(src, dest)   # no --overwrite needed: there was no finished manifest
-    shard_once(src, tmp_path / "clean")
     assert folder_digest(dest) == folder_digest(tmp_path / "clean")
+    assert decodes["n"] <= 13 - 6   # the 6 images of the 2 kept shards were not decoded again
+    assert not (dest / dataprep.STAGING_NAME).exists()
+
+    # a kept shard whose bytes changed is written again, with all after it
+    interrupt_after_shards(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        shard_once(src, tmp_path / "again")
+    staged = tmp_path / "again" / dataprep.STAGING_NAME / "train_00001.npy"
+    staged.write_bytes(staged.read_bytes()[:-1] + b"\x00")
+    decodes["n"] = 0
+    shard_once(src, tmp_path / "again")
+    assert folder_digest(tmp_path / "again") == folder_digest(tmp_path / "clean")
+    assert 13 - 3 - 1 <= decodes["n"] <= 13 - 3   # only the first shard was kept
+
+    # another seed is another set: the staged shards are dropped, not mixed in
+    interrupt_after_shards(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        shard_once(src, tmp_path / "other")
+    decodes["n"] = 0
+    shard_once(src, tmp_path / "other", seed=1)
+    shard_once(src, tmp_path / "clean1", seed=1)
+    assert folder_digest(tmp_path / "other") == folder_digest(tmp_path / "clean1")
+    assert decodes["n"] == 26   # both seed-1 runs decoded everything
 
 
 def test_builtin_cli_and_help(tmp_path, capsys):
@@ -253,3 +300,185 @@ def test_a_vqgan_trains_on_random_crops_of_images_stored_larger(tmp_path):
     run_script("train_resnet_vqgan.py", *vqgan_args(tmp_path / "shapes", tmp_path / "run", 2))   # eval at the end
     records = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(train_records(tmp_path / "run")) == 2 and records["kind"] == "eval" and records["val_images"] == 10
+
+
+# shardify.py with decoding hooked, in a subprocess of its own: a worker that dies or a SIGTERM must not hang pytest
+HOOKED_SHARDIFY = """
+import os, signal, sys, time
+import shardify
+from vqgpt import dataprep
+from vqgpt.config import parse_config
+from vqgpt.errors import exit_on_user_error
+from vqgpt.settings import SHARDIFY_PRESETS, ShardifyConfig
+
+action, target, marks = sys.argv[1:4]
+real_load = dataprep.load_square_image
+
+def hooked(path, *args, **kwargs):
+    open(os.path.join(marks, str(os.getpid())), "w").close()   # who decoded: the workers' pids
+    if action == "kill" and str(path).endswith(target):
+        os.kill(os.getpid(), signal.SIGKILL)   # what the OOM killer does
+    if action == "slow":
+        time.sleep(0.2)
+    return real_load(path, *args, **kwargs)
+
+dataprep.load_square_image = hooked
+sys.exit(exit_on_user_error(lambda: shardify.main(parse_config(ShardifyConfig, SHARDIFY_PRESETS, sys.argv[4:])),
+                            "shardify"))
+"""
+
+
+def start_hooked(action: str, target: str, marks: Path, argv: list[str]) -> subprocess.Popen:
+    marks.mkdir()
+    return subprocess.Popen([sys.executable, "-c", HOOKED_SHARDIFY, action, target, str(marks), *argv], cwd=ROOT,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, bound: float = 60) -> str:
+    """stderr of a process that must end by itself; a hang is killed (with its workers) and fails the test."""
+    try:
+        return process.communicate(timeout=bound)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"shardify still running after {bound} s")
+
+
+def visible(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.iterdir() if p.name != dataprep.STAGING_NAME) if dest.exists() else []
+
+
+def cli_args(src: Path, dest: Path, *extra: str) -> list[str]:
+    return [str(src), str(dest), "--size=16", "--shard-size=3", "--val-count=2", "--progress=false", *extra]
+
+
+def test_killed_worker_fails_with_one_line_and_the_rerun_finishes(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=6)
+    dest = tmp_path / "out"
+    process = start_hooked("kill", "dogs/img_3.jpg", tmp_path / "marks", cli_args(src, dest, "--workers=2"))
+    err = finish(process)
+    assert process.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "decoding process" in lines[0] and "Traceback" not in err, err
+    assert visible(dest) == []   # DEST as it was: empty
+    assert run_shardify(cli_args(src, dest, "--workers=1")) == 0   # the same command, fewer workers
+    shard_once(src, tmp_path / "clean")
+    assert folder_digest(dest) == folder_digest(tmp_path / "clean")
+
+
+def test_sigterm_stops_workers_and_leaves_dest_as_it_was(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=6)
+    dest, marks = tmp_path / "out", tmp_path / "marks"
+    process = start_hooked("slow", "", marks, cli_args(src, dest, "--workers=2"))
+    while not any(marks.iterdir()) and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)   # to shardify alone, as `kill PID` or a job scheduler does
+    err = finish(process)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "Error" not in err, err
+    workers = [int(p.name) for p in marks.iterdir()]
+    assert workers and process.pid not in workers
+    for pid in workers:   # terminated and reaped, not orphans still decoding into a closed pipe
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert visible(dest) == []
+    assert run_shardify(cli_args(src, dest, "--workers=2")) == 0   # the same command goes on
+    shard_once(src, tmp_path / "clean")
+    assert folder_digest(dest) == folder_digest(tmp_path / "clean")
+
+
+def test_workers_do_not_outlive_a_killed_shardify(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=6)
+    marks = tmp_path / "marks"
+    process = start_hooked("slow", "", marks, cli_args(src, tmp_path / "out", "--workers=2"))
+    while not any(marks.iterdir()) and process.poll() is None:
+        time.sleep(0.05)
+    process.kill()   # kill -9: no handler runs in shardify itself
+    finish(process)
+    workers = [int(p.name) for p in marks.iterdir()]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert workers and not any(alive(pid) for pid in workers)
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a reaper that this container may not have."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def center_crop_arr(pil_image, image_size):
+    """guided-diffusion's image_datasets.center_crop_arr, as published (the reference --resize adm must match)."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def test_resize_adm_matches_center_crop_arr_pixel_for_pixel(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    # (width, height): a typical photo, odd sides, exactly 2x, just under 2x, large (several halvings), upscaled
+    for width, height in ((400, 350), (257, 129), (64, 128), (127, 300), (1031, 777), (20, 45), (33, 32)):
+        smooth = gradient_image(width, height, seed=width)
+        noisy = np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(src / f"{width}x{height}.png")
+    Image.fromarray(gradient_image(500, 375, seed=1)).save(src / "photo.jpg", quality=90)
+    for path in sorted(src.iterdir()):
+        with Image.open(path) as image:
+            image.load()
+            expected = center_crop_arr(image.convert("RGB"), 32)
+        assert np.array_equal(load_square_image(path, 32, resize="adm"), expected), path.name
+    manifest = write_shards(scan_folder(src), tmp_path / "out", size=32, resize="adm", val_count=0, workers=1,
+                            progress=False)
+    assert manifest["resize"] == "adm" and manifest["skipped"] == []
+    assert shard_once(src, tmp_path / "default", size=32)["resize"] == "lanczos"
+    Image.fromarray(gradient_image(2, 400, seed=3)).save(tmp_path / "strip.png")   # 32 x 6400 once scaled up
+    with pytest.raises(SkipImage, match="elongated"):
+        load_square_image(tmp_path / "strip.png", 32, resize="adm")
+    with pytest.raises(SystemExit):   # built-in images are drawn at the size: nothing to resize
+        run_shardify(["--builtin", "shapes", str(tmp_path / "shapes"), "--resize", "adm"])
+
+
+def test_file_links_are_followed_folder_links_are_not(tmp_path):
+    """A symlink farm of image files is a legitimate SRC (README); a linked folder is not descended (no loops)."""
+    elsewhere, src = tmp_path / "elsewhere", tmp_path / "src"
+    (elsewhere / "more").mkdir(parents=True)
+    src.mkdir()
+    for k, path in enumerate((src / "a.png", elsewhere / "b.png", elsewhere / "more" / "c.png")):
+        Image.fromarray(gradient_image(16, 16, seed=k)).save(path)
+    (src / "b.png").symlink_to(elsewhere / "b.png")
+    (src / "more").symlink_to(elsewhere / "more")
+    (src / "loop").symlink_to(src)
+    assert scan_folder(src).files == ["a.png", "b.png"]
+    shard_once(src, tmp_path / "out", val_count=0)
+    items, _ = all_items(tmp_path / "out", "train")
+    assert sum(np.array_equal(item, gradient_image(16, 16, seed=1)) for item in items) == 1   # the linked file
+
+
+def test_a_stop_during_the_swap_lets_it_finish(tmp_path, monkeypatch):
+    """Ctrl-C between two renames of the swap-in would leave DEST with neither set's manifest."""
+    src, dest = make_image_folder(tmp_path / "src"), tmp_path / "out"
+    assert run_shardify(cli_args(src, dest, "--workers=1")) == 0
+    real_replace = os.replace
+
+    def replace_then_interrupt(source, target):
+        real_replace(source, target)
+        if Path(target).parent.name == dataprep.PREVIOUS_NAME:   # the old set's manifest just moved aside
+            monkeypatch.setattr(dataprep.os, "replace", real_replace)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(dataprep.os, "replace", replace_then_interrupt)
+    assert run_shardify(cli_args(src, dest, "--workers=1", "--overwrite", "--seed=5")) == 0
+    shard_once(src, tmp_path / "clean", seed=5)
+    assert folder_digest(dest) == folder_digest(tmp_path / "clean")

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from vqgpt.files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+RESIZE_METHODS = ("lanczos", "adm")
 
 
 class SkipImage(Exception):
@@ -56,11 +57,14 @@ def to_rgb(image: Image.Image, significant_bits: int | None = None) -> Image.Ima
     return image.convert("RGB")
 
 
-def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """EXIF-oriented RGB, its centre square resized to `size`: uint8 (size, size, 3).
+def load_square_image(path: str | os.PathLike, size: int, resize: str = "lanczos") -> np.ndarray:
+    """RGB, its centre square at `size`: uint8 (size, size, 3).
 
+    resize "lanczos": EXIF-oriented, the centre square resized with Lanczos. "adm": as ADM's and LlamaGen's
+    loaders make it (no EXIF rotation, no JPEG draft decoding, `adm_center_crop`), so FID statistics match theirs.
     Raises SkipImage with a short reason for anything unusable.
     """
+    adm = resize == "adm"
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -69,11 +73,11 @@ def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.seek(0)  # first frame of animations
-                if image.format == "JPEG":
+                if image.format == "JPEG" and not adm:
                     image.draft("RGB", (size, size))  # decoder-side downscale, still >= size on both sides
                 image.load()
                 bits = png_significant_bits(path) if image.format == "PNG" and image.mode.startswith("I") else None
-                image = to_rgb(ImageOps.exif_transpose(image), bits)
+                image = to_rgb(image if adm else ImageOps.exif_transpose(image), bits)
     except SkipImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -86,6 +90,8 @@ def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
         raise SkipImage(f"unreadable: {err}") from None
     except Exception as err:   # Pillow's parsers also raise struct.error, KeyError, IndexError, ...
         raise SkipImage(f"unreadable: {type(err).__name__}: {err}") from None
+    if adm:
+        return adm_center_crop(image, size)
     # the centre square in source coordinates, resized once: a 1 x 60000 strip never becomes 256 x 15M pixels
     width, height = image.size
     side = min(width, height)
@@ -93,6 +99,20 @@ def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
     image = image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side),
                          reducing_gap=3.0)
     return np.asarray(image, dtype=np.uint8)
+
+
+def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """guided-diffusion's `center_crop_arr` (image_datasets.py), pixel for pixel: box-filter halvings while the
+    short side is at least 2 * size, bicubic to a short side of `size`, then the centre crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BOX)
+    scale = size / min(image.size)
+    width, height = round(image.width * scale), round(image.height * scale)
+    if width * height > 64 * size * size:   # a thin strip scaled up: gigabytes for one crop
+        raise SkipImage(f"{image.width}x{image.height}: too elongated for --resize adm (over 64:1)")
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,10 @@ class ShardifyConfig:
     shard_size: int = setting("images per shard file", 1000)
     val_fraction: float | None = setting("share of images for validation (none: 0.01 unless --val-count)", None)
     val_count: int | None = setting("exact number of validation images (instead of --val-fraction)", None)
-    workers: int = setting("decoding processes (0: all cores)", 0)
+    resize: str = setting("how an image becomes a square: lanczos (its centre square, Lanczos) or adm (ADM's "
+                          "center_crop_arr: box halvings, bicubic, centre crop; FID references that match "
+                          "ADM/LlamaGen's)", "lanczos", choices=("lanczos", "adm"))
+    workers: int = setting("decoding processes (0: all cores this process may use)", 0)
     seed: int = setting("seed of the split and order shuffle", 0)
     labels: str = setting("auto: first-level sub-folders are classes; none: no labels", "auto", choices=("auto", "none"))
     overwrite: bool = setting("replace the shard set already in DEST (the new set is built aside, then swapped in)",
@@ -219,6 +222,8 @@ class ShardifyConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_count is not None and self.val_count < 0:
             raise ValueError(f"--val-count must not be negative, got {self.val_count}")
+        if self.builtin and self.resize != "lanczos":
+            raise ValueError("--resize applies to image files; --builtin draws its images at --size")
 
     @property
     def source(self) -> str:
