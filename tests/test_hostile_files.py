@@ -69,6 +69,128 @@ def test_a_checkpoint_link_planted_in_a_run_folder_is_not_resumed_from(gpt_run, 
     assert resolve_checkpoint(run).name == "step_00000009.pt"
 
 
+def test_a_manifest_that_links_out_of_its_shard_folder_is_not_read(tmp_path):
+    tokens = token_set(tmp_path / "tokens")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(tokens / "manifest.json", tmp_path / "elsewhere" / "manifest.json")
+    os.symlink(tmp_path / "elsewhere" / "manifest.json", tokens / "manifest.json")
+    with pytest.raises(ShardError, match="manifest.json: is a link pointing outside"):
+        ShardSplit(tokens, "train")
+
+
+def test_a_quantizer_receipt_never_leads_out_of_the_token_folder(chain, tmp_path, monkeypatch):
+    tokens = tmp_path / "tokens"
+    shutil.copytree(chain / "tokens", tokens)
+    secret = tmp_path / "secret_labels.npy"
+    np.save(secret, np.zeros(16, np.int16))
+    receipt_path = tokens / RECEIPTS_DIR / "train_00000.npy.json"
+    receipt = json.loads(receipt_path.read_text())
+    receipt_path.write_text(json.dumps({**receipt, "labels_file": "../secret_labels.npy"}))
+    hashed = []
+    real_sha256 = quantize_module.sha256_file
+    monkeypatch.setattr(quantize_module, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256(path))
+    quantize_chain(chain, chain / "shards", tokens)   # the edited receipt's shard is redone
+    assert secret.resolve() not in [path.resolve() for path in hashed]
+    assert json.loads(receipt_path.read_text())["labels_file"] == "train_00000_labels.npy"
+    receipt_path.unlink()
+    os.symlink(secret, receipt_path)   # a receipt that is a link out
+    with pytest.raises(RunError, match="is a link pointing outside"):
+        quantize_chain(chain, chain / "shards", tokens)
+
+
+# ---- 2. data that is not what it claims --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("items", [np.zeros((4, 32, 32, 3), np.uint16), np.zeros((4, 32, 32, 3), np.int32),
+                                   np.zeros((4, 32, 16, 3), np.uint8), np.zeros((4, 32, 32, 4), np.uint8)],
+                         ids=["uint16", "int32", "32x16", "4-channels"])
+def test_image_shards_that_are_not_uint8_squares_of_rgb_are_refused(tmp_path, items):
+    record = ShardWriter.write_shard(tmp_path, "train_00000", items, None)
+    write_manifest(tmp_path, build_manifest("images", items.shape[1:], items.dtype, {"train": [record]}, []))
+    cfg = parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, ["--preset=tiny", f"--data={tmp_path}",
+                                                                f"--out={tmp_path / 'run'}"])
+    with pytest.raises(ShardError, match="images must be uint8 \\(S, S, 3\\)"):
+        train_resnet_vqgan.load_splits(cfg)
+
+
+@pytest.mark.parametrize("field, value, message", [("codebook_size", 65536, "codebook_size 65536"),
+                                                   ("latent_grid", "half height", "latent_grid"),
+                                                   ("latent_grid", None, "lacks its latent_grid")])
+def test_token_claims_are_checked_against_the_vqgan(chain, tmp_path, capsys, field, value, message):
+    manifest = read_manifest(chain / "tokens")
+    rows, columns = manifest["latent_grid"]
+    value = [rows // 2, columns * 2] if value == "half height" else value
+    if value is None:
+        del manifest[field]
+    else:
+        manifest[field] = value
+    with pytest.raises(RunError, match=message):
+        load_bound_vqgan(manifest)   # train_gpt's samples, sample.py, evaluate.py
+    state = load_checkpoint(chain / "gpt")
+    (tmp_path / "gpt").mkdir()
+    torch.save({**state, "token_manifest": manifest}, tmp_path / "gpt" / "step_00000001.pt")
+    line = one_line_exit_2(capsys, lambda: sample.main(parse_config(SampleConfig, {}, [
+        "--gpt", str(tmp_path / "gpt"), "--out", str(tmp_path / "out"), "--n", "2", "--device", "cpu"])))
+    assert message.split()[0] in line and not (tmp_path / "out").exists()
+
+
+# ---- 3. bytes changed under an unchanged manifest ----------------------------------------------------------------
+
+def flip_last_byte(path: Path) -> None:
+    """The lowest bit of the last value (little-endian): another valid value, same header."""
+    itemsize = np.load(path, mmap_mode="r").dtype.itemsize
+    data = bytearray(path.read_bytes())
+    data[-itemsize] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["train_00000.npy", "train_00001_labels.npy"])
+def test_the_quantizer_refuses_image_shards_changed_under_their_manifest(chain, tmp_path, name):
+    shards = tmp_path / "shards"
+    shutil.copytree(chain / "shards", shards)
+    flip_last_byte(shards / name)
+    with pytest.raises(ShardError, match=f"{name}: sha256 does not match"):
+        quantize_chain(chain, shards, tmp_path / "tokens")
+
+
+def test_the_gpt_trainer_refuses_token_bytes_changed_under_their_manifest_also_on_resume(gpt_run, tmp_path):
+    tokens, run = gpt_run
+    changed = tmp_path / "changed"
+    shutil.copytree(tokens, changed)
+    flip_last_byte(changed / "train_00000.npy")
+    with pytest.raises(ShardError, match="train_00000.npy: sha256 does not match"):
+        train_gpt.main(gpt_cfg(changed, tmp_path / "fresh"))
+    flip_last_byte(tokens / "val_00000_labels.npy")
+    before = tree_digest(run)
+    with pytest.raises(ShardError, match="val_00000_labels.npy: sha256 does not match"):
+        train_gpt.main(gpt_cfg(tokens, run, "--max-steps=3"))
+    assert tree_digest(run) == before
+
+
+def test_vqgan_verify_reads_every_image_shard(chain, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(chain / "shards", shards)
+    flip_last_byte(shards / "val_00000.npy")
+    flags = ["--preset=tiny", f"--data={shards}", f"--out={tmp_path / 'run'}"]
+    train_resnet_vqgan.load_splits(parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, flags))   # headers only
+    with pytest.raises(ShardError, match="val_00000.npy: sha256 does not match"):
+        train_resnet_vqgan.load_splits(parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*flags, "--verify"]))
+
+
+def test_token_ranges_are_recorded_by_the_quantizer_and_trusted_when_opened(chain, tmp_path):
+    manifest = read_manifest(chain / "tokens")
+    for record in manifest["splits"]["train"]["shards"]:
+        tokens = np.load(chain / "tokens" / record["file"])
+        assert record["token_range"] == [int(tokens.min()), int(tokens.max())]
+    copy = tmp_path / "tokens"
+    shutil.copytree(chain / "tokens", copy)
+    edit_manifest(copy, lambda m: m["splits"]["train"]["shards"][0].update(token_range=[0, m["codebook_size"]]))
+    with pytest.raises(ShardError, match="outside the codebook"):   # the recorded range, not the file, is read
+        ShardSplit(copy, "train")
+    edit_manifest(copy, lambda m: m["splits"]["train"]["shards"][0].update(token_range="0..3"))
+    with pytest.raises(ShardError, match="is not \\[lowest id, highest id\\]"):
+        ShardSplit(copy, "train")
+
+
 # ---- 4. damaged run records --------------------------------------------------------------------------------------
 
 def test_metrics_that_are_not_utf8_are_one_line_on_resume_and_export(gpt_run, tmp_path, capsys):
