@@ -44,7 +44,8 @@ ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.n
 
 def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, ShardSplit | None]:
     """Open the token shards and take codebook size, grid length and classes from their manifest."""
-    train_split = ShardSplit(cfg.tokens, "train")
+    # token shards are small (2 bytes a code): every start checks their sha256, then trusts the recorded id ranges
+    train_split = ShardSplit(cfg.tokens, "train", verify_hashes=True)
     manifest = train_split.manifest
     if manifest.get("kind") != "tokens":
         raise RunError(f"{cfg.tokens}: holds {manifest.get('kind')} shards; the GPT trains on token shards "
@@ -59,7 +60,7 @@ def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, Shar
     cfg = dataclasses.replace(cfg, codebook_size=cfg.codebook_size or codebook_size, n_classes=len(train_split.classes),
                               tokens_per_image=train_split.item_shape[0])
     has_val = manifest["splits"].get("val", {}).get("count", 0) > 0
-    return cfg, train_split, ShardSplit(cfg.tokens, "val") if has_val else None
+    return cfg, train_split, ShardSplit(cfg.tokens, "val", verify_hashes=True) if has_val else None
 
 
 def main(cfg: GPTTrainConfig) -> int:

@@ -49,7 +49,7 @@ def build_perceptual(cfg: VQGANTrainConfig) -> torch.nn.Module | None:
 
 
 def load_splits(cfg: VQGANTrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
-    train_split = ShardSplit(cfg.data, "train")
+    train_split = ShardSplit(cfg.data, "train", verify_hashes=cfg.verify)
     if train_split.manifest.get("kind") != "images":
         raise RunError(f"{cfg.data}: holds {train_split.manifest.get('kind')} shards; the VQGAN trains on image shards")
     size = train_split.item_shape[0]
@@ -57,7 +57,7 @@ def load_splits(cfg: VQGANTrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
         raise RunError(f"{cfg.data}: images are {size}x{size} but the config takes {cfg.image_size}x{cfg.image_size}; "
                        f"pass --image-size {size} (a multiple of {2 ** (len(cfg.ch_mult) - 1)}) or re-shard with --size {cfg.image_size}")
     has_val = "val" in train_split.manifest["splits"] and train_split.manifest["splits"]["val"]["count"] > 0
-    return train_split, ShardSplit(cfg.data, "val") if has_val else None
+    return train_split, ShardSplit(cfg.data, "val", verify_hashes=cfg.verify) if has_val else None
 
 
 def main(cfg: VQGANTrainConfig) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from vqgpt.errors import CheckpointError
-from vqgpt.files import atomic_path, atomic_write_bytes
+from vqgpt.files import atomic_path, atomic_write_bytes, file_inside
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 LATEST_NAME = "latest"
@@ -63,9 +63,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             name = ""
         # only a plain checkpoint name inside this folder: `latest` must not lead anywhere else
         if CHECKPOINT_PATTERN.match(name) and (run_dir / name).is_file():
-            return run_dir / name
+            return file_inside(run_dir, name, CheckpointError)
     found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    return file_inside(run_dir, found[-1].name, CheckpointError) if found else None   # a planted link out: refused
 
 
 def resolve_checkpoint(path_or_run: str | Path) -> Path:
@@ -102,6 +102,7 @@ def load_checkpoint(path: str | Path, required_keys: tuple[str, ...] = (), mmap:
 
 
 _FIELD_TYPES = {"stage": str, "step": int, "config": dict, "world_size": int, "rng": list}
+MAX_STEP = 10 ** 8 - 1   # the eight digits of step_XXXXXXXX.pt
 
 
 def check_field_types(path: Path, state: dict) -> None:
@@ -111,6 +112,9 @@ def check_field_types(path: Path, state: dict) -> None:
         if not isinstance(value, expected) or isinstance(value, bool) or (expected is int and value < 0):
             raise CheckpointError(f"{path}: field {key!r} holds {type(value).__name__} {str(value)[:40]!r}, "
                                   f"expected a {'non-negative ' if expected is int else ''}{expected.__name__}")
+    if state.get("step", 0) > MAX_STEP:
+        raise CheckpointError(f"{path}: claims step {state['step']}, beyond the {MAX_STEP} a run's checkpoint names "
+                              "can count; not a checkpoint this project wrote")
 
 
 def capture_rng_state() -> dict:

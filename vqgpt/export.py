@@ -18,8 +18,8 @@ from models.vqgan import VQGAN, VQGANConfig, count_parameters
 from vqgpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from vqgpt.config import config_to_dict, subconfig_from_dict
 from vqgpt.errors import RunError, first_line
-from vqgpt.files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
-from vqgpt.runlog import METRICS_NAME, read_metrics
+from vqgpt.files import atomic_path, atomic_write_bytes, atomic_write_json, file_inside, sha256_file
+from vqgpt.runlog import METRICS_NAME, read_metrics, read_run_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -144,18 +144,16 @@ def export_run(source: str | Path, out: str | Path) -> Path:
 
 
 def _last_eval(run_dir: Path) -> dict:
-    records = [r for r in read_metrics(run_dir / METRICS_NAME) if r.get("kind") == "eval"] \
-        if (run_dir / METRICS_NAME).is_file() else []
+    records = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"] \
+        if file_inside(run_dir, METRICS_NAME, RunError).is_file() else []
     return records[-1] if records else {}
 
 
 def _data_of(run_dir: Path, state: dict) -> str:
     if state["stage"] == "gpt":
         return str(state["config"].get("tokens", ""))
-    try:
-        return str(json.loads((run_dir / "config.json").read_text()).get("image_shards", state["config"].get("data", "")))
-    except (OSError, ValueError):
-        return str(state["config"].get("data", ""))
+    run_config = read_run_config(run_dir, CONFIG_NAME) or {}
+    return str(run_config.get("image_shards", state["config"].get("data", "")))
 
 
 def model_card(info: dict, parameters: int) -> str:

@@ -11,6 +11,8 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
+from vqgpt.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
@@ -73,6 +75,23 @@ def _finite_or_null(obj):
     if isinstance(obj, (list, tuple)):
         return [_finite_or_null(value) for value in obj]
     return obj
+
+
+# a file name a manifest, receipt or run folder may name: no folder part, no leading dot or dash
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def file_inside(folder: str | os.PathLike, name, error: type[UserError] = UserError, named_in: str = "") -> Path:
+    """`folder / name` for a file a manifest names or a run folder holds: a plain name, and no link out of `folder`
+    (a link to a file inside it is fine). Whether the file exists is the caller's to check."""
+    folder = Path(folder)
+    where = f"{named_in}: " if named_in else ""
+    if not isinstance(name, str) or not PLAIN_NAME.match(name):
+        raise error(f"{where}{str(name)[:80]!r} is not a plain file name inside {folder}")
+    path = folder / name
+    if path.is_symlink() and not os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep):
+        raise error(f"{path}: is a link pointing outside {folder}; remove it (nothing is read through it)")
+    return path
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

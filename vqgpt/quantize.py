@@ -25,7 +25,7 @@ import torch
 from vqgpt import distributed
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError
-from vqgpt.files import atomic_write_json, remove_stale_temporaries, sha256_file
+from vqgpt.files import atomic_write_json, file_inside, remove_stale_temporaries, sha256_file
 from vqgpt.images import to_unit_range
 from vqgpt.metrics import codebook_usage
 from vqgpt.runlog import progress as progress_bar
@@ -98,6 +98,8 @@ def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job], crops
         ours |= {HISTOGRAM_NAME, USAGE_PLOT_NAME} | {record.get(key) for entry in manifest["splits"].values()
                                                      for record in entry["shards"] for key in ("file", "labels_file")}
     receipts = out / RECEIPTS_DIR
+    if receipts.is_symlink():
+        raise RunError(f"{receipts}: is a link; a token folder's receipts stay inside it (remove the link)")
     for receipt_path in sorted(receipts.glob("*.json")) if receipts.is_dir() else []:
         receipt = read_receipt(receipt_path)
         if receipt is not None and any(receipt.get(k) != v for k, v in bound.items()):
@@ -105,8 +107,7 @@ def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job], crops
                            "choose another --out or delete it")
         if receipt is not None:   # an unfinished run of ours: its shards, and what its last step writes
             ours |= {receipt.get("file"), receipt.get("labels_file"), HISTOGRAM_NAME, USAGE_PLOT_NAME}
-    planned = {HISTOGRAM_NAME, USAGE_PLOT_NAME} | {name for job in jobs
-                                                  for name in (job.out_name, job.out_name[:-4] + "_labels.npy")}
+    planned = {HISTOGRAM_NAME, USAGE_PLOT_NAME} | {name for job in jobs for name in (job.out_name, labels_name(job))}
     foreign = sorted(name for name in planned - ours if os.path.lexists(out / name))
     if foreign:
         raise RunError(f"{out}: holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''} that "
@@ -115,7 +116,9 @@ def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job], crops
 
 
 def read_receipt(path: Path) -> dict | None:
-    """A receipt, or None when it is unreadable or edited into another shape (its shard is then redone)."""
+    """A receipt, or None when it is unreadable or edited into another shape (its shard is then redone); a link
+    out of the receipts folder is refused."""
+    path = file_inside(path.parent, path.name, RunError)
     try:
         receipt = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
@@ -125,19 +128,31 @@ def read_receipt(path: Path) -> dict | None:
 
 def receipt_matches(out: Path, job: Job, source_sha256: str, bound: dict, count: int) -> dict | None:
     path = out / RECEIPTS_DIR / (job.out_name + ".json")
-    if not path.is_file() or not (out / job.out_name).is_file():
+    tokens_path = file_inside(out, job.out_name, RunError)
+    if not path.is_file() or not tokens_path.is_file():
         return None
     receipt = read_receipt(path)
     if receipt is None or receipt.get("source_sha256") != source_sha256 or any(receipt.get(k) != v for k, v in bound.items()):
         return None
-    if receipt.get("file") != job.out_name or receipt.get("count") != count:   # edited by hand
-        return None
-    if sha256_file(out / job.out_name) != receipt.get("sha256"):
-        return None
     labels_file = receipt.get("labels_file")
-    if labels_file and (not (out / labels_file).is_file() or sha256_file(out / labels_file) != receipt.get("labels_sha256")):
+    if receipt.get("file") != job.out_name or receipt.get("count") != count or \
+            labels_file not in (None, labels_name(job)) or not _is_range(receipt.get("token_range")):   # edited by hand
         return None
+    if sha256_file(tokens_path) != receipt.get("sha256"):
+        return None
+    if labels_file:
+        labels_path = file_inside(out, labels_file, RunError)
+        if not labels_path.is_file() or sha256_file(labels_path) != receipt.get("labels_sha256"):
+            return None
     return receipt
+
+
+def labels_name(job: Job) -> str:
+    return job.out_name[:-len(".npy")] + "_labels.npy"
+
+
+def _is_range(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def background_batches(items: np.ndarray, batch_size: int, flipped: bool, pin: bool, depth: int = 3,
@@ -235,6 +250,7 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
     mine = jobs[dist.rank::dist.world_size]
     total_images = sum(splits[j.split].shards[j.shard_index].count for j in mine)
     skipped = 0
+    verified: set[tuple[str, int]] = set()   # a flipped job reads the shard its plain job has checked
     with progress_bar(progress, total=total_images, desc=f"quantize rank {dist.rank}", unit="img",
                       enabled=dist.is_main) as bar:
         for job in mine:
@@ -243,10 +259,15 @@ def quantize(vqgan: LoadedVQGAN, data: str | Path, out: str | Path, *, batch_siz
                 skipped += 1
                 bar.update(source.count)
                 continue
+            if (job.split, job.shard_index) not in verified:   # read whole anyway: bytes changed under the manifest stop here
+                splits[job.split].verify_shard(job.shard_index)
+                verified.add((job.split, job.shard_index))
             items, labels = splits[job.split].shard_arrays(job.shard_index)
             tokens = encode_shard(vqgan, items, batch_size, job.flipped, dist.device, dtype, encoder,
                                   crop_corners(splits[job.split], job.shard_index, job.crop))
             record = ShardWriter.write_shard(out, job.out_name[:-len(".npy")], tokens, labels)
+            # trusted by the reader in place of a scan: the GPT trainer checks these bytes' sha256 when it opens them
+            record["token_range"] = [int(tokens.min()), int(tokens.max())]
             atomic_write_json(out / RECEIPTS_DIR / (job.out_name + ".json"),
                               {**record, **bound, "source_file": source.items_path.name,
                                "source_sha256": source.sha256, "flipped": job.flipped, "crop": job.crop,
@@ -267,8 +288,11 @@ def write_token_manifest(vqgan: LoadedVQGAN, data: Path, out: Path, splits: dict
     histogram = np.zeros(codebook_size, dtype=np.int64)
     records: dict[str, list[dict]] = {name: [] for name in splits}
     for job in jobs:
-        receipt = json.loads((out / RECEIPTS_DIR / (job.out_name + ".json")).read_text())
-        record = {k: receipt[k] for k in ("file", "count", "sha256", "labels_file", "labels_sha256") if k in receipt}
+        receipt = read_receipt(out / RECEIPTS_DIR / (job.out_name + ".json"))
+        if receipt is None:
+            raise RunError(f"{out / RECEIPTS_DIR / (job.out_name + '.json')}: changed while quantizing; rerun")
+        record = {k: receipt[k] for k in ("file", "count", "sha256", "labels_file", "labels_sha256", "token_range")
+                  if k in receipt}
         record["flipped"] = job.flipped
         if job.crop:
             record["crop"] = job.crop

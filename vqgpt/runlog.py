@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vqgpt.errors import RunError
-from vqgpt.files import atomic_write_bytes
+from vqgpt.files import atomic_write_bytes, file_inside
 
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_NAME = "tensorboard"
@@ -94,11 +94,40 @@ def _clean(value):
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl (or of RUN/metrics.jsonl); a line that is not UTF-8 is a RunError."""
     path = Path(path)
     if path.is_dir():
-        path = path / METRICS_NAME
-    with open(path) as handle:
-        return [record for record in map(_parse, handle) if record is not None]
+        path = file_inside(path, METRICS_NAME, RunError)
+    return [record for record in map(_parse, metrics_lines(path)) if record is not None]
+
+
+def metrics_lines(path: Path) -> list[str]:
+    """The lines of metrics.jsonl, ends kept. This project writes JSON (ASCII): bytes that are not UTF-8 were put
+    there by something else, and are refused with their line number rather than dropped or a traceback."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        try:
+            line.decode()
+        except UnicodeDecodeError:
+            raise RunError(f"{path}: line {number} is not UTF-8 text; remove or fix that line (nothing was "
+                           "changed)") from None
+    return [line.decode() for line in lines]
+
+
+def read_run_config(run_dir: str | os.PathLike, name: str = "config.json") -> dict | None:
+    """A run folder's config.json as written by the trainers (None when absent); anything else is a RunError."""
+    path = file_inside(run_dir, name, RunError)
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
+        raise RunError(f"{path}: not a readable run config ({type(err).__name__}); move it away or use another "
+                       "run folder (nothing was changed)") from None
+    if not isinstance(config, dict) or not isinstance(config.get("config", {}), dict):
+        raise RunError(f"{path}: not a run config (a JSON {type(config).__name__}, not an object with a config); "
+                       "move it away or use another run folder (nothing was changed)")
+    return config
 
 
 def _parse(line: str) -> dict | None:
@@ -132,6 +161,12 @@ def start_wandb(run_dir: Path, project: str):
                       config=config)
 
 
+def _step(record: dict) -> float:
+    """A record's step; a hand-edited one without a number counts as step 0 (kept on resume, not a traceback)."""
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
+
+
 class RunLog:
     """Main-rank logger; on other ranks every method is a no-op. Scalars go to metrics.jsonl and TensorBoard
     (`RUN/tensorboard/`), and with `wandb_project` to that Weights & Biases project too."""
@@ -159,8 +194,8 @@ class RunLog:
         """A resumed run rewrites the steps after its checkpoint; keep the file free of duplicates."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                if (record := _parse(line)) is not None and record.get("step", 0) <= step]
+        kept = [line for line in metrics_lines(self.path)
+                if (record := _parse(line)) is not None and _step(record) <= step]
         atomic_write_bytes(self.path, "".join(kept).encode())
 
     def log(self, step: int, kind: str, metrics: dict) -> None:

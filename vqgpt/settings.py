@@ -88,6 +88,9 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
     applies_only_with: ClassVar[dict[str, tuple[str, object]]] = {"muon_lr_scale": ("optimizer", "muon"),
                                                                    "permuted_share": ("permute_channels", True)}
     data: str = setting("image shard folder made by shardify.py", "", required=True)
+    verify: bool = setting("read every image shard whole before step one and check its sha256 against the manifest "
+                           "(a large set takes minutes; without it only the manifest and the .npy headers are checked)",
+                           False)
     flip: bool = setting("random horizontal flips", True)
     permute_channels: bool = setting("give each training image its RGB channels in a random order (one of six): on a small "
                                      "set the model cannot learn the training images' palette and paint it onto unseen "

@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import queue
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,13 @@ import numpy as np
 import torch
 
 from vqgpt.errors import ShardError
-from vqgpt.files import atomic_path, atomic_write_json, sha256_file
+from vqgpt.files import atomic_path, atomic_write_json, file_inside, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "vqgpt-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 ALLOWED_DTYPES = ("uint8", "uint16", "int32")
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.npy$")
 
 
 def shard_stem(split: str, index: int) -> str:
@@ -132,9 +130,9 @@ def write_manifest(dest: str | os.PathLike, manifest: dict) -> None:
 
 def read_manifest(root: str | os.PathLike) -> dict:
     root = Path(root)
-    path = root / MANIFEST_NAME
     if not root.is_dir():
         raise ShardError(f"{root}: no such shard folder")
+    path = file_inside(root, MANIFEST_NAME, ShardError)
     if not path.is_file():
         raise ShardError(f"{path}: missing; this folder holds no finished shards (run shardify.py, or rerun it to complete)")
     try:
@@ -154,6 +152,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: item_shape {shape!r} is not a list of positive ints")
     if not isinstance(manifest.get("splits"), dict) or not isinstance(manifest.get("classes", []), list):
         raise ShardError(f"{path}: 'splits' or 'classes' malformed")
+    _check_kind(manifest, path)
     _check_splits(manifest, path)
     if manifest.get("kind") == "tokens":
         _check_token_fields(manifest, path)
@@ -185,6 +184,21 @@ def _check_splits(manifest: dict, path: Path) -> None:
                 listed[name] = split
 
 
+def _check_kind(manifest: dict, path: Path) -> None:
+    """Images are uint8 (S, S, 3), tokens (h*w,): other data would be trained on as if it were."""
+    kind, dtype, shape = manifest.get("kind"), manifest["dtype"], manifest["item_shape"]
+    if kind == "images":
+        if dtype != "uint8" or len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+            raise ShardError(f"{path}: images must be uint8 (S, S, 3), the manifest says {dtype}{shape}; "
+                             "re-shard with shardify.py")
+    elif kind == "tokens":
+        if len(shape) != 1:
+            raise ShardError(f"{path}: token grids are (h*w,), the manifest says {dtype}{shape}; "
+                             "re-quantize with image_quantizer.py")
+    else:
+        raise ShardError(f"{path}: kind {str(kind)[:40]!r} is neither 'images' nor 'tokens'")
+
+
 def _check_token_fields(manifest: dict, path: Path) -> None:
     for key in ("vqgan_checkpoint", "vqgan_sha256", "source_shards"):   # opened and compared as strings later
         if key in manifest and not isinstance(manifest[key], str):
@@ -214,12 +228,10 @@ def _image_shape(manifest: dict, path: Path) -> tuple[int, ...]:
 
 
 def _resolve_inside(root: Path, name, manifest_path: Path) -> Path:
-    """A manifest is untrusted: only plain file names that stay inside the folder are accepted."""
-    if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name != os.path.basename(name):
-        raise ShardError(f"{manifest_path}: shard name {name!r} is not a plain .npy file name inside {root}")
-    path = root / name
-    if path.is_symlink() and not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
-        raise ShardError(f"{path}: is a link pointing outside {root}")
+    """A manifest is untrusted: only plain .npy file names that stay inside the folder are accepted."""
+    if not isinstance(name, str) or not name.endswith(".npy"):
+        raise ShardError(f"{manifest_path}: shard name {str(name)[:80]!r} is not a plain .npy file name inside {root}")
+    path = file_inside(root, name, ShardError, named_in=str(manifest_path))
     if not path.is_file():
         raise ShardError(f"{path}: listed in {manifest_path.name} but missing")
     return path
@@ -231,11 +243,12 @@ class Shard:
     count: int
     sha256: str
     labels_path: Path | None
+    labels_sha256: str | None = None
 
 
 class ShardSplit:
-    """One validated split of a shard folder; items are memory-mapped, read only where indexed (token
-    shards are scanned once here, when opened, for ids outside the codebook)."""
+    """One validated split of a shard folder; items are memory-mapped, read only where indexed. Opening reads the
+    manifest and each file's .npy header (dtype, shape); `verify_hashes` also reads every file whole for its sha256."""
 
     def __init__(self, root: str | os.PathLike, split: str, verify_hashes: bool = False):
         self.root = Path(root)
@@ -271,10 +284,17 @@ class ShardSplit:
             raise ShardError(f"{items_path}: holds {items.dtype}{list(items.shape)}, manifest says "
                              f"{self.dtype}{[count, *self.stored_shape]}")
         codebook_size = self.manifest.get("codebook_size") if self.manifest.get("kind") == "tokens" else None
-        if codebook_size is not None and count:
-            # ids equal to a class or start token, or beyond the vocabulary, would be trained on silently
-            low, high = int(items.min()), int(items.max())
-            if low < 0 or high >= codebook_size:
+        if codebook_size is not None:
+            # ids equal to a class or start token, or beyond the vocabulary, would be trained on silently. The range
+            # the quantizer recorded is trusted (its bytes are what --verify checks); older manifests: read it
+            recorded = record.get("token_range")
+            if recorded is None:
+                recorded = [int(items.min()), int(items.max())]
+            if not (isinstance(recorded, list) and len(recorded) == 2):
+                raise ShardError(f"{manifest_path}: token_range {str(recorded)[:40]!r} of {items_path.name} is not "
+                                 "[lowest id, highest id]")
+            low, high = recorded
+            if not (_is_count(low) and _is_count(high)) or high >= codebook_size:
                 raise ShardError(f"{items_path}: token ids {low}..{high} outside the codebook [0, {codebook_size}); "
                                  "re-quantize with the VQGAN named in the manifest")
         labels_path = None
@@ -286,13 +306,20 @@ class ShardSplit:
                 raise ShardError(f"{labels_path}: holds {labels.dtype}{list(labels.shape)}, expected {count} integer labels")
             if count and (labels.min() < 0 or labels.max() >= len(self.classes)):
                 raise ShardError(f"{labels_path}: labels outside [0, {len(self.classes)})")
-        if verify_hashes:
-            for path, key in ((items_path, "sha256"), (labels_path, "labels_sha256")):
-                if path is not None and sha256_file(path) != record.get(key):
-                    raise ShardError(f"{path}: sha256 does not match {manifest_path.name}; the file changed or is corrupt")
-        self.shards.append(Shard(items_path, count, record.get("sha256", ""), labels_path))
+        self.shards.append(Shard(items_path, count, record.get("sha256", ""), labels_path, record.get("labels_sha256")))
         self._items.append(items)
         self._labels.append(labels)
+        if verify_hashes:
+            self.verify_shard(len(self.shards) - 1)
+
+    def verify_shard(self, shard_index: int) -> None:
+        """Read the shard (and its labels) whole and check the sha256s the manifest lists: bytes changed under an
+        unchanged manifest are refused, not trained on."""
+        shard = self.shards[shard_index]
+        for path, expected in ((shard.items_path, shard.sha256), (shard.labels_path, shard.labels_sha256)):
+            if path is not None and sha256_file(path) != expected:
+                raise ShardError(f"{path}: sha256 does not match {MANIFEST_NAME}; the file changed or is corrupt "
+                                 "(re-make the folder, or restore the file)")
 
     @staticmethod
     def _load(path: Path) -> np.ndarray:

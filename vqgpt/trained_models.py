@@ -44,7 +44,23 @@ def load_bound_vqgan(token_manifest: dict, override_path: str = "", device: torc
     if vqgan.sha256 != token_manifest.get("vqgan_sha256"):
         raise RunError(f"{vqgan.path}: sha256 {vqgan.sha256[:12]}... is not the checkpoint that made {tokens_name} "
                        f"({str(token_manifest.get('vqgan_sha256'))[:12]}...); decode with that one or re-quantize")
+    check_token_claims(token_manifest, vqgan, tokens_name)
     return vqgan
+
+
+def check_token_claims(token_manifest: dict, vqgan: LoadedVQGAN, tokens_name: str = "the tokens") -> None:
+    """The codebook size and grid a token manifest claims are its VQGAN's: a GPT sized or shaped by other claims
+    would sample ids the VQGAN cannot decode, or images cut into the wrong rows."""
+    grid = token_manifest.get("latent_grid")
+    if grid is None or "codebook_size" not in token_manifest:
+        raise RunError(f"the manifest of {tokens_name} lacks its latent_grid or codebook_size; re-make the tokens "
+                       "with image_quantizer.py")
+    claims = {"codebook_size": token_manifest["codebook_size"], "latent_grid": grid}
+    actual = {"codebook_size": vqgan.config.codebook_size, "latent_grid": list(vqgan.model.latent_grid)}
+    wrong = [f"{key} {str(claims[key])[:40]} (the VQGAN's: {actual[key]})" for key in claims if claims[key] != actual[key]]
+    if wrong:
+        raise RunError(f"the manifest of {tokens_name} claims {', '.join(wrong)} for {vqgan.path}; "
+                       "re-quantize with image_quantizer.py")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from vqgpt.config import check_removed_settings, config_to_dict, field_defaults,
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError, UserError, first_line
 from vqgpt.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_file
-from vqgpt.runlog import METRICS_NAME
+from vqgpt.runlog import METRICS_NAME, read_metrics, read_run_config
 from vqgpt.shards import ShardError
 
 CONFIG_NAME = "config.json"
@@ -213,6 +213,10 @@ class TrainingRun:
                 raise RunError(f"{self.run_dir / name}: is a link; a run folder holds no links (remove it)")
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunError(f"--out {self.run_dir}: is a file, not a run folder")
+        if self.run_dir.is_dir():   # damaged records stop the run here, before anything in the folder is rewritten
+            read_run_config(self.run_dir, CONFIG_NAME)
+            if (self.run_dir / METRICS_NAME).is_file():
+                read_metrics(self.run_dir)
         if self.dist.is_main and self.run_dir.is_dir():
             remove_stale_temporaries(self.run_dir)   # a kill -9 mid-save leaves .step_XXXXXXXX.pt.PID.RANDOM.tmp
             if (self.run_dir / SAMPLES_NAME).is_dir():
