@@ -35,7 +35,8 @@ from vqgpt.vqgan_step import evaluate
 
 
 # settings only some of the three evaluations read
-READ_ONLY_BY = {**dict.fromkeys(("num_samples", "cfg", "temperature", "top_k", "top_p", "seed", "save_samples"), ("gpt",)),
+READ_ONLY_BY = {**dict.fromkeys(("num_samples", "cfg", "cfg_schedule", "cfg_interval", "temperature", "top_k",
+                                   "top_p", "seed", "save_samples"), ("gpt",)),
                 "lpips_weights": ("vqgan",), "compile": ("gpt", "vqgan"), "channels_last": ("gpt", "vqgan"),
                 "ref_split": ("gpt", "images")}
 
@@ -116,8 +117,8 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
     reference = reference_statistics(cfg.ref, cfg.ref_split, inception, cfg.batch_size, rank=dist.rank,
                                      world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress)
     labels = balanced_labels(cfg.num_samples, n_classes)
-    sampling = dict(cfg_scale=cfg.cfg if n_classes else 1.0, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                    top_p=cfg.top_p if cfg.top_p < 1 else None)
+    sampling = dict(cfg_scale=cfg.cfg if n_classes else 1.0, cfg_schedule=cfg.cfg_schedule, cfg_interval=cfg.cfg_interval,
+                    temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1 else None)
     save_dir = Path(cfg.save_samples) if cfg.save_samples else None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,8 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
     counts = np.bincount(labels, minlength=n_classes).tolist() if labels is not None else []
     return {"fid": frechet_distance(fid_statistics(features.pool), reference.stats), **inception_score(features.logits),
             "images": len(features), "images_per_class": counts, "checkpoint": str(gpt.path), "step": gpt.step,
-            "vqgan_sha256": vqgan.sha256, "sampling": {"cfg": sampling["cfg_scale"], "temperature": cfg.temperature,
+            "vqgan_sha256": vqgan.sha256, "sampling": {"cfg": sampling["cfg_scale"], "cfg_schedule": cfg.cfg_schedule,
+                                                       "cfg_interval": cfg.cfg_interval, "temperature": cfg.temperature,
                                                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed},
             **reference.info}
 

@@ -89,6 +89,24 @@ def test_sample_blind_class_and_completion(gpt_run, shapes_shards, tmp_path):
     assert bad.returncode == 2 and "outside [0, 6)" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_sample_saves_tokens_and_without_its_vqgan_samples_tokens_only(gpt_run, tmp_path):
+    import torch
+
+    run_script("sample.py", f"--gpt={gpt_run}", "--n=3", "--class=1", f"--out={tmp_path / 'images'}", "--save-tokens")
+    tokens = np.load(tmp_path / "images" / "tokens.npy")
+    assert tokens.shape == (3, 64) and tokens.dtype == np.int64 and 0 <= tokens.min() and tokens.max() < 256
+    state = load(latest_checkpoint(gpt_run))   # the same GPT, its tokens naming a VQGAN that is gone
+    state["token_manifest"] = {**state["token_manifest"], "vqgan_checkpoint": str(tmp_path / "gone.pt")}
+    torch.save(state, tmp_path / "orphan.pt")
+    result = run_script("sample.py", f"--gpt={tmp_path / 'orphan.pt'}", "--n=3", "--class=1", f"--out={tmp_path / 'codes'}")
+    assert len(result.stdout.strip().splitlines()) == 1 and "tokens only" in result.stdout and "--vqgan" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == ["tokens.npy"]
+    assert np.array_equal(np.load(tmp_path / "codes" / "tokens.npy"), tokens)   # same seed, same codes
+    named = run_script("sample.py", f"--gpt={tmp_path / 'orphan.pt'}", f"--vqgan={tmp_path / 'gone.pt'}",
+                       f"--out={tmp_path / 'x'}", check=False)   # a --vqgan given is a VQGAN asked for
+    assert named.returncode == 2 and "is missing" in named.stderr
+
+
 @pytest.mark.parametrize("flags, message", [(["--n=0"], "--num-samples (--n) must be"), (["--top-k=-1"], "--top-k must"),
                                             (["--top-p=2"], "--top-p must"), (["--temperature=-1"], "--temperature"),
                                             (["--cfg=3"], "give --class"),

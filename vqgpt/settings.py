@@ -13,6 +13,7 @@ from models.gpt import GPT_PRESETS, GPTConfig
 from models.vqgan import VQGAN_PRESETS, VQGANConfig
 from vqgpt.config import (PRECISIONS, PROGRESS_HELP, PROGRESS_MODES, check_finite, check_not_negative,
                           check_precision, setting)
+from vqgpt.sampling import CFG_SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +325,11 @@ GPT_TRAIN_PRESETS = {
 }
 
 
+CFG_SCHEDULE_HELP = ("how the guidance scale varies over the token grid: constant (--cfg at every token) or linear "
+                     "(token i of L gets 1 + (cfg - 1) x i / (L - 1): 1 at the first token, --cfg at the last)")
+CFG_INTERVAL_HELP = "guide only the first K tokens of the grid, the rest with scale 1 (LlamaGen's cfg interval; 0: all)"
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
     """sample.py: images from a GPT, decoded by the VQGAN that made its tokens."""
@@ -333,10 +339,14 @@ class SampleConfig:
     class_: int | None = setting("class id (class-conditional models; none: unconditional)", None)
     cfg: float = setting("classifier-free guidance scale (1: plain conditional; needs --class or labelled --complete)",
                          1.0)
+    cfg_schedule: str = setting(CFG_SCHEDULE_HELP, "constant", choices=CFG_SCHEDULES)
+    cfg_interval: int = setting(CFG_INTERVAL_HELP, 0)
     temperature: float = setting("softmax temperature (0: greedy)", 1.0)
     top_k: int = setting("sample among the k most likely codes (0: off)", 0)
     top_p: float = setting("nucleus sampling mass (1: off)", 1.0)
     seed: int = setting("random seed (same seed, same images)", 0)
+    save_tokens: bool = setting("also write OUT/tokens.npy: the sampled codes, (n, grid x grid) int64 in raster order",
+                                False)
     complete: str = setting("image shard folder (its val split), image folder or image file whose top rows to complete",
                             "")
     keep_rows: int | None = setting("token rows kept with --complete (none: half)", None)
@@ -352,7 +362,7 @@ class SampleConfig:
 
     def __post_init__(self):
         check_finite(self)
-        check_not_negative(self, ("seed", "temperature", "top_k", "cfg"))
+        check_not_negative(self, ("seed", "temperature", "top_k", "cfg", "cfg_interval"))
         if self.num_samples < 1:
             raise ValueError(f"--num-samples (--n) must be at least 1, got {self.num_samples}")
         if not 0 < self.top_p <= 1:
@@ -383,6 +393,8 @@ class EvaluateConfig:
     num_samples: int = setting("samples to generate with --gpt (a multiple of the number of classes)", 50000,
                                aliases=("--n",))
     cfg: float = setting("classifier-free guidance scale of the samples (1: plain conditional)", 1.0)
+    cfg_schedule: str = setting(CFG_SCHEDULE_HELP, "constant", choices=CFG_SCHEDULES)
+    cfg_interval: int = setting(CFG_INTERVAL_HELP, 0)
     temperature: float = setting("sampling temperature (0: greedy)", 1.0)
     top_k: int = setting("sample among the k most likely codes (0: off)", 0)
     top_p: float = setting("nucleus sampling mass (1: off)", 1.0)
@@ -404,7 +416,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         check_finite(self)
-        check_not_negative(self, ("seed",))
+        check_not_negative(self, ("seed", "cfg_interval"))
         if self.num_samples < 2 or self.batch_size < 1:   # a covariance needs two samples
             raise ValueError(f"--num-samples must be at least 2 and --batch-size at least 1, got {self.num_samples}, "
                              f"{self.batch_size}")
