@@ -59,7 +59,7 @@ def main(cfg: SampleConfig) -> int:
 
 
 def sample(cfg: SampleConfig, device: torch.device) -> int:
-    gpt = load_gpt(cfg.gpt, device)
+    gpt = load_gpt(cfg.gpt, device, cfg.weights)
     config = gpt.config
     if cfg.class_ is not None and not 0 <= cfg.class_ < config.n_classes:
         raise ConfigError(f"--class {cfg.class_} outside [0, {config.n_classes}) "
@@ -103,7 +103,7 @@ def sample(cfg: SampleConfig, device: torch.device) -> int:
         save_png(out / f"sample_{index:03d}.png", np.ascontiguousarray(image))
     if cfg.save_tokens:
         save_tokens(out / "tokens.npy", sampled)
-    print(f"{out}: {len(outputs)} image(s) from {gpt.path.name} (step {gpt.step})")
+    print(f"{out}: {len(outputs)} image(s) from {gpt.path.name} (step {gpt.step}, {gpt.weights} weights)")
     return 0
 
 
@@ -124,8 +124,9 @@ def sample_tokens_only(cfg: SampleConfig, gpt, device: torch.device) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_tokens(out / "tokens.npy", tokens)
     named = gpt.token_manifest.get("vqgan_checkpoint", "")
-    print(f"{out}: tokens only, {len(tokens)} grid(s) in tokens.npy from {gpt.path.name} (step {gpt.step}): the VQGAN "
-          f"of its tokens ({named or 'none named'}) is absent; pass --vqgan PATH to decode images")
+    print(f"{out}: tokens only, {len(tokens)} grid(s) in tokens.npy from {gpt.path.name} (step {gpt.step}, "
+          f"{gpt.weights} weights): the VQGAN of its tokens ({named or 'none named'}) is absent; pass --vqgan PATH "
+          "to decode images")
     return 0
 
 
