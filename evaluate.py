@@ -35,9 +35,10 @@ from vqgpt.vqgan_step import evaluate
 
 
 # settings only some of the three evaluations read
-READ_ONLY_BY = {**dict.fromkeys(("num_samples", "cfg", "temperature", "top_k", "top_p", "seed", "save_samples"), ("gpt",)),
+READ_ONLY_BY = {**dict.fromkeys(("num_samples", "cfg", "cfg_schedule", "cfg_interval", "temperature", "top_k",
+                                   "top_p", "seed", "save_samples"), ("gpt",)),
                 "lpips_weights": ("vqgan",), "compile": ("gpt", "vqgan"), "channels_last": ("gpt", "vqgan"),
-                "ref_split": ("gpt", "images")}
+                "ref_split": ("gpt", "images"), "weights": ("gpt", "vqgan")}
 
 
 def mode_of(cfg: EvaluateConfig) -> str:
@@ -67,7 +68,7 @@ def mode_of(cfg: EvaluateConfig) -> str:
 
 def evaluate_vqgan(cfg: EvaluateConfig, inception: Inception, dist: distributed.DistInfo) -> dict:
     dtype = resolve_precision(cfg.precision, dist.device)
-    vqgan = load_vqgan(cfg.vqgan, dist.device)
+    vqgan = load_vqgan(cfg.vqgan, dist.device, cfg.weights)
     optimize_for_inference(vqgan.model, compile=cfg.compile, channels_last=cfg.channels_last)
     split = ShardSplit(cfg.data, cfg.split)
     originals = ImageSource.from_shards(split)
@@ -85,7 +86,8 @@ def evaluate_vqgan(cfg: EvaluateConfig, inception: Inception, dist: distributed.
         return {}
     return {"fid": metrics.pop("rfid"), "images": metrics.pop("val_images"), "split": cfg.split,
             "data": originals.description, **metrics, "lpips_weights": "pretrained" if perceptual else "absent",
-            "checkpoint": str(vqgan.path), "checkpoint_sha256": vqgan.sha256, "step": vqgan.step, **reference.info}
+            "checkpoint": str(vqgan.path), "checkpoint_sha256": vqgan.sha256, "step": vqgan.step,
+            "weights": vqgan.weights, **reference.info}
 
 
 def optional_lpips(weights_path: str, device):
@@ -102,7 +104,7 @@ def optional_lpips(weights_path: str, device):
 
 def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.DistInfo) -> dict:
     dtype = resolve_precision(cfg.precision, dist.device)
-    gpt = load_gpt(cfg.gpt, dist.device)
+    gpt = load_gpt(cfg.gpt, dist.device, cfg.weights)
     vqgan = load_bound_vqgan(gpt.token_manifest, cfg.vqgan, dist.device, tokens_name=f"the tokens of {gpt.path}")
     n_classes = gpt.config.n_classes
     if n_classes and cfg.num_samples % n_classes:
@@ -116,8 +118,8 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
     reference = reference_statistics(cfg.ref, cfg.ref_split, inception, cfg.batch_size, rank=dist.rank,
                                      world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress)
     labels = balanced_labels(cfg.num_samples, n_classes)
-    sampling = dict(cfg_scale=cfg.cfg if n_classes else 1.0, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                    top_p=cfg.top_p if cfg.top_p < 1 else None)
+    sampling = dict(cfg_scale=cfg.cfg if n_classes else 1.0, cfg_schedule=cfg.cfg_schedule, cfg_interval=cfg.cfg_interval,
+                    temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1 else None)
     save_dir = Path(cfg.save_samples) if cfg.save_samples else None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +139,9 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
     counts = np.bincount(labels, minlength=n_classes).tolist() if labels is not None else []
     return {"fid": frechet_distance(fid_statistics(features.pool), reference.stats), **inception_score(features.logits),
             "images": len(features), "images_per_class": counts, "checkpoint": str(gpt.path), "step": gpt.step,
-            "vqgan_sha256": vqgan.sha256, "sampling": {"cfg": sampling["cfg_scale"], "temperature": cfg.temperature,
-                                                       "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed},
+            "weights": gpt.weights, "vqgan_sha256": vqgan.sha256,
+            "sampling": {"cfg": sampling["cfg_scale"], "cfg_schedule": cfg.cfg_schedule, "cfg_interval": cfg.cfg_interval,
+                         "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed},
             **reference.info}
 
 

@@ -2,6 +2,7 @@
 
     python export.py runs/vqgan --out exports/vqgan
     python export.py runs/gpt/step_00003000.pt --out exports/gpt
+    python export.py runs/gpt --out exports/gpt-raw --weights raw      # the trained weights, not their EMA
     python image_quantizer.py --vqgan exports/vqgan --data data/shapes --out data/shapes-tokens
 
 `vqgpt.export.from_pretrained(DIR)` loads the folder, and every --vqgan /
@@ -19,7 +20,7 @@ from vqgpt.export import export_run
 
 
 def main(cfg: ExportConfig) -> int:
-    out = export_run(cfg.run, cfg.out)
+    out = export_run(cfg.run, cfg.out, cfg.weights)
     print(f"{out}: config.json, model.safetensors, README.md")
     return 0
 

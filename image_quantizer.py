@@ -27,7 +27,7 @@ from vqgpt.training import resolve_precision
 def main(cfg: QuantizeConfig) -> int:
     dist = distributed.setup(cfg.device)
     try:
-        vqgan = load_vqgan(cfg.vqgan, dist.device)
+        vqgan = load_vqgan(cfg.vqgan, dist.device, cfg.weights)
         manifest = quantize(vqgan, cfg.data, cfg.out, batch_size=cfg.batch_size, flip=cfg.flip, crops=cfg.crops,
                             dist=dist,
                             dtype=resolve_precision(cfg.precision, dist.device), progress=cfg.progress,

@@ -8,7 +8,7 @@
 
 Rerunning the same command continues from the latest checkpoint (--resume auto). SIGTERM or
 Ctrl-C writes a checkpoint and exits 0. Each eval writes the val loss and a sample grid decoded
-by the VQGAN the token manifest names. `--help` lists every setting.
+by the VQGAN the token manifest names (of the weight EMA under --ema-decay). `--help` lists every setting.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 from models.gpt import GPT, GPTConfig
 from vqgpt import distributed
 from vqgpt.config import parse_config, subconfig
+from vqgpt.ema import WeightEMA, ema_key
 from vqgpt.settings import GPT_TRAIN_PRESETS, GPTTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics, sample_fid
@@ -103,6 +104,10 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
         step = run.restore(resume)
     elif init is not None:   # a fine-tune: the source's weights, fresh optimizer, step 0
         model.load_state_dict(init.gpt)
+    ema = WeightEMA.start(model, cfg.weight_ema_decay, resume, ema_key("gpt"))
+    if ema is not None:
+        run.networks[ema_key("gpt")] = ema.model   # in every checkpoint; checked equal on every rank like the GPT
+    eval_model = model if ema is None else ema.model
     wrapped: torch.nn.Module = model
     if dist.is_distributed:
         wrapped = distributed.wrap_ddp(model, device)
@@ -141,6 +146,8 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
         stop, skip = run.end_of_step_consensus(bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm)), step)
         if not skip:
             scaler.step(optimizer)
+            if ema is not None:
+                ema.update()
         scaler.update()   # after an overflow: a smaller scale
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -158,15 +165,16 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
             if dist.is_main:
                 metrics = {}
                 if val_split is not None:
-                    metrics["val_loss"] = validation_loss(model, val_split, cfg.eval_batch_size, device, dtype)
+                    metrics["val_loss"] = validation_loss(eval_model, val_split, cfg.eval_batch_size, device, dtype)
                 if inception is not None:
                     if fid_reference is None:
                         fid_reference = reference_statistics(image_shards, "train", inception, cfg.eval_batch_size).stats
-                    metrics.update(sample_fid(model, vqgan.model, cfg.eval_fid_samples, fid_reference, inception,
+                    metrics.update(sample_fid(eval_model, vqgan.model, cfg.eval_fid_samples, fid_reference, inception,
                                               seed=cfg.seed, batch_size=cfg.eval_batch_size, dtype=dtype,
                                               temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None))
                 if vqgan is not None and cfg.sample_count > 0:
-                    grid = sample_grid(model, vqgan.model, cfg.sample_count, tuple(train_split.manifest["latent_grid"]),
+                    grid = sample_grid(eval_model, vqgan.model, cfg.sample_count,
+                                       tuple(train_split.manifest["latent_grid"]),
                                        seed=cfg.seed + step, temperature=cfg.sample_temperature,
                                        top_k=cfg.sample_top_k, device=device)
                     grid_path = Path(cfg.out) / "samples" / f"samples_{step:08d}.png"

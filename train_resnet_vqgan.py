@@ -7,7 +7,8 @@
     python train_resnet_vqgan.py --data data/imgs --out runs/vq-ft --init-from runs/taming-f16   # fine-tune
 
 Rerunning the same command continues from the latest checkpoint (--resume auto). SIGTERM or
-Ctrl-C writes a checkpoint and exits 0. `--help` lists every setting.
+Ctrl-C writes a checkpoint and exits 0. Evals score the weight EMA under --ema-decay. `--help` lists
+every setting.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from models.perceptual import build_lpips
 from models.vqgan import VQGAN, VQGANConfig, count_parameters
 from vqgpt import distributed
 from vqgpt.config import parse_config, subconfig
+from vqgpt.ema import WeightEMA, ema_key
 from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import load_inception, reference_statistics
@@ -107,6 +109,10 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         vqgan.load_state_dict(init.vqgan)
         if init.discriminator is not None:
             discriminator.load_state_dict(init.discriminator)
+    ema = WeightEMA.start(vqgan, cfg.weight_ema_decay, resume, ema_key("vqgan"))
+    if ema is not None:
+        run.networks[ema_key("vqgan")] = ema.model   # in every checkpoint; checked equal on every rank like the VQGAN
+    eval_vqgan = vqgan if ema is None else ema.model
 
     models = VQGANModels(vqgan=vqgan, discriminator=discriminator, raw_vqgan=vqgan,
                          raw_discriminator=discriminator, perceptual=perceptual)
@@ -178,6 +184,8 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
                 for saved, tensor in zip(before_forward, state_changed_by_forward(models, gan_active)):
                     tensor.copy_(saved)
         codes_restarted += after_optimizer_step(vqgan, opt_g, skip)
+        if ema is not None and not skip:
+            ema.update()   # after the code restarts: the average follows the codebook the step left
         scaler_g.update()   # after an overflow: a smaller scale
         if gan_active:
             scaler_d.update()
@@ -198,7 +206,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
             if dist.is_main:
                 if inception is not None and val_reference is None:
                     val_reference = reference_statistics(cfg.data, "val", inception, cfg.eval_batch_size).stats
-                metrics, grid_rows = evaluate(vqgan, perceptual if lpips_backbone == "pretrained" else None,
+                metrics, grid_rows = evaluate(eval_vqgan, perceptual if lpips_backbone == "pretrained" else None,
                                               val_split, cfg.eval_batch_size, cfg.codebook_size, device, dtype,
                                               inception=inception, reference_stats=val_reference)
                 log.log(step, "eval", metrics)

@@ -250,12 +250,14 @@ def gpt_run(shapes_tokens, tmp_path_factory) -> Path:
 
 
 def test_gpt_mode_generates_balanced_classes(gpt_run, image_sets, weights, tmp_path, monkeypatch, capsys):
-    drawn = []
+    drawn, schedules = [], set()
     real_sample = fid.sample_tokens
-    monkeypatch.setattr(fid, "sample_tokens",
-                        lambda model, n, labels=None, **k: drawn.append(labels.tolist()) or real_sample(model, n, labels=labels, **k))
+    monkeypatch.setattr(fid, "sample_tokens", lambda model, n, labels=None, **k: drawn.append(labels.tolist()) or
+                        schedules.add((k["cfg_schedule"], k["cfg_interval"])) or real_sample(model, n, labels=labels, **k))
     result = score(tmp_path, f"--gpt={gpt_run}", f"--ref={image_sets['a_shards']}", "--n=18", "--cfg=2",
-                   "--top-k=50", f"--inception-weights={weights}", f"--save-samples={tmp_path / 'samples'}")
+                   "--cfg-schedule=linear", "--cfg-interval=40", "--top-k=50", f"--inception-weights={weights}",
+                   f"--save-samples={tmp_path / 'samples'}")
+    assert schedules == {("linear", 40)} and result["sampling"]["cfg_schedule"] == "linear"
     labels = [label for batch in drawn for label in batch]
     assert np.bincount(labels).tolist() == [3] * 6 and result["images_per_class"] == [3] * 6
     assert result["images"] == 18 and result["fid"] > 0

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.gpt import GPT, GPT_PRESETS, GPTConfig, make_condition_tokens
-from vqgpt.sampling import filter_logits, sample_tokens
+from vqgpt.sampling import filter_logits, guidance_scale, sample_tokens
 
 CODEBOOK, CLASSES, LENGTH = 40, 3, 12
 CONFIG = dataclasses.replace(GPT_PRESETS["tiny"], codebook_size=CODEBOOK, n_classes=CLASSES,
@@ -158,6 +158,24 @@ def test_guidance_scale_zero_is_unconditional(model):
     unconditional = sample_tokens(model, 3, temperature=0)
     assert torch.equal(sample_tokens(model, 3, labels=labels, cfg_scale=0.0, temperature=0), unconditional)
     assert not torch.equal(sample_tokens(model, 3, labels=labels, temperature=0), unconditional)
+
+
+def test_guidance_schedules_meet_constant_guidance_at_their_end_points(model):
+    assert [guidance_scale(3.0, i, 5, "linear") for i in range(5)] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert [guidance_scale(3.0, i, 5, interval=2) for i in range(5)] == [3.0, 3.0, 1.0, 1.0, 1.0]
+    labels = torch.tensor([2, 0, 1, 1])
+
+    def draw(**options):
+        return sample_tokens(model, 4, labels=labels, generator=seeded(3), **options)
+    constant = draw(cfg_scale=3.0)
+    assert torch.equal(draw(cfg_scale=3.0, cfg_interval=LENGTH), constant)   # every token inside the interval
+    assert torch.equal(draw(cfg_scale=1.0, cfg_schedule="linear"), draw(cfg_scale=1.0))   # a ramp from 1 to 1
+    ramp = draw(cfg_scale=3.0, cfg_schedule="linear")
+    assert torch.equal(ramp[:, 0], draw(cfg_scale=1.0)[:, 0])   # the first token is drawn unguided
+    assert torch.equal(ramp, draw(cfg_scale=3.0, cfg_schedule="linear", use_kv_cache=False))
+    assert not torch.equal(ramp, constant) and not torch.equal(draw(cfg_scale=3.0, cfg_interval=2), constant)
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        draw(cfg_scale=3.0, cfg_schedule="cosine")
 
 
 def test_completion_keeps_the_given_rows_bit_for_bit(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.helpers import assert_state_dicts_equal, gpt_args, load, run_script
@@ -37,6 +38,42 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shapes_tokens, tmp_path
     assert losses(tmp_path / "full") == losses(tmp_path / "split") and len(losses(tmp_path / "full")) == 6
     assert_state_dicts_equal(load(latest_checkpoint(tmp_path / "full"))["gpt"],
                              load(latest_checkpoint(tmp_path / "split"))["gpt"])
+    assert "gpt_ema" not in load(latest_checkpoint(tmp_path / "full"))   # --ema-decay 0: no copy kept
+
+
+@pytest.fixture(scope="module")
+def ema_runs(shapes_tokens, tmp_path_factory):
+    """Two ranks with --ema-decay 0.5: 4 steps straight, and 2 + 2 with a resume between."""
+    root = tmp_path_factory.mktemp("gpt_ema")
+    flags = ("--sample-count=0", "--ema-decay=0.5", "--batch-size=4")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "full", 4, *flags), nproc=2)
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "split", 4, *flags, "--stop-at-step=2"), nproc=2)
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "split", 4, *flags), nproc=2)
+    return root / "full", root / "split"
+
+
+def test_weight_ema_resumes_exactly_under_two_ranks(ema_runs):
+    full, split = (load(latest_checkpoint(run)) for run in ema_runs)
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train"]  # noqa: E731
+    assert losses(ema_runs[0]) == losses(ema_runs[1]) and len(losses(ema_runs[0])) == 4
+    assert_state_dicts_equal(full["gpt_ema"], split["gpt_ema"])
+    assert_state_dicts_equal(full["gpt"], split["gpt"])
+    assert full["world_size"] == 2 and len(set(full["rank_checksums"])) == 1   # the checksum covers the EMA
+    assert any(not torch.equal(full["gpt_ema"][key], full["gpt"][key]) for key in full["gpt"])   # an average
+
+
+def test_sampling_uses_the_weight_ema_unless_told_raw(ema_runs, tmp_path):
+    state = load(latest_checkpoint(ema_runs[0]))
+    state["gpt"] = state.pop("gpt_ema")   # a checkpoint whose trained weights are the EMA
+    torch.save(state, tmp_path / "ema_as_raw.pt")
+
+    def tokens(gpt, *flags):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        run_script("sample.py", f"--gpt={gpt}", "--n=4", "--class=1", f"--out={out}", "--save-tokens", *flags)
+        return np.load(out / "tokens.npy")
+    ema = tokens(ema_runs[0])
+    assert np.array_equal(ema, tokens(tmp_path / "ema_as_raw.pt"))
+    assert not np.array_equal(ema, tokens(ema_runs[0], "--weights=raw"))
 
 
 def test_llama_block_trains_and_resumes_exactly_with_its_options(shapes_tokens, tmp_path):
@@ -68,7 +105,6 @@ def test_resume_applies_new_optimizer_settings_and_refuses_another_seed(shapes_t
 
 def test_refuses_a_vqgan_that_did_not_make_the_tokens(shapes_tokens, tiny_vqgan_run, tmp_path):
     import shutil
-    import torch
 
     other = tmp_path / "other.pt"
     state = torch.load(latest_checkpoint(tiny_vqgan_run), weights_only=True)
@@ -101,6 +137,22 @@ def test_sample_blind_class_and_completion(gpt_run, shapes_shards, tmp_path):
     assert grid.shape[0] > grid.shape[1] / 3    # three rows: originals, reconstructions, completions
     bad = run_script("sample.py", f"--gpt={gpt_run}", "--class=99", f"--out={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "outside [0, 6)" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_sample_saves_tokens_and_without_its_vqgan_samples_tokens_only(gpt_run, tmp_path):
+    run_script("sample.py", f"--gpt={gpt_run}", "--n=3", "--class=1", f"--out={tmp_path / 'images'}", "--save-tokens")
+    tokens = np.load(tmp_path / "images" / "tokens.npy")
+    assert tokens.shape == (3, 64) and tokens.dtype == np.int64 and 0 <= tokens.min() and tokens.max() < 256
+    state = load(latest_checkpoint(gpt_run))   # the same GPT, its tokens naming a VQGAN that is gone
+    state["token_manifest"] = {**state["token_manifest"], "vqgan_checkpoint": str(tmp_path / "gone.pt")}
+    torch.save(state, tmp_path / "orphan.pt")
+    result = run_script("sample.py", f"--gpt={tmp_path / 'orphan.pt'}", "--n=3", "--class=1", f"--out={tmp_path / 'codes'}")
+    assert len(result.stdout.strip().splitlines()) == 1 and "tokens only" in result.stdout and "--vqgan" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == ["tokens.npy"]
+    assert np.array_equal(np.load(tmp_path / "codes" / "tokens.npy"), tokens)   # same seed, same codes
+    named = run_script("sample.py", f"--gpt={tmp_path / 'orphan.pt'}", f"--vqgan={tmp_path / 'gone.pt'}",
+                       f"--out={tmp_path / 'x'}", check=False)   # a --vqgan given is a VQGAN asked for
+    assert named.returncode == 2 and "is missing" in named.stderr
 
 
 @pytest.mark.parametrize("flags, message", [(["--n=0"], "--num-samples (--n) must be"), (["--top-k=-1"], "--top-k must"),

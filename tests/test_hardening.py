@@ -668,7 +668,7 @@ def test_every_user_error_is_one_line_exit_2_and_errors_imports_nothing(capsys):
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
-def train_three_steps_spoiling_the_third(chain, run, function_name: str, spoil) -> tuple[dict, dict]:
+def train_three_steps_spoiling_the_third(chain, run, function_name: str, spoil, *extra: str) -> tuple[dict, dict]:
     """Checkpoints before and after a VQGAN step (GAN active, BatchNorm in the forward) whose third call of
     train_resnet_vqgan.<function_name> was passed through `spoil`."""
     import train_resnet_vqgan
@@ -684,7 +684,7 @@ def train_three_steps_spoiling_the_third(chain, run, function_name: str, spoil) 
     cfg = parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [
         "--preset=tiny", f"--data={chain / 'shards'}", f"--out={run}", "--max-steps=3", "--batch-size=4",
         "--warmup-steps=1", "--disc-start=0", "--eval-every=0", "--ckpt-every=1", "--log-every=1", "--keep-last=5",
-        "--perceptual-weight=0", "--device=cpu"])
+        "--perceptual-weight=0", "--device=cpu", *extra])
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_resnet_vqgan, function_name, third_spoiled)
@@ -696,9 +696,9 @@ def train_three_steps_spoiling_the_third(chain, run, function_name: str, spoil) 
 
 @pytest.fixture(scope="module")
 def skipped_step(chain, tmp_path_factory):
-    """A step whose batch was all NaN."""
+    """A step whose batch was all NaN (with a weight EMA, which the skip must leave alone too)."""
     return train_three_steps_spoiling_the_third(chain, tmp_path_factory.mktemp("skipped") / "run", "to_unit_range",
-                                                lambda images: torch.full_like(images, float("nan")))
+                                                lambda images: torch.full_like(images, float("nan")), "--ema-decay=0.5")
 
 
 def test_a_step_skipped_after_a_finite_forward_undoes_what_the_forward_changed(chain, tmp_path):
@@ -718,7 +718,7 @@ def test_a_step_skipped_after_a_finite_forward_undoes_what_the_forward_changed(c
 def test_a_non_finite_batch_leaves_weights_optimizers_and_batchnorm_untouched(skipped_step):
     before, after = skipped_step
     assert after["skipped_steps"] == 1
-    for key in ("vqgan", "discriminator"):   # parameters and buffers: BatchNorm statistics, codebook
+    for key in ("vqgan", "discriminator", "vqgan_ema"):   # parameters and buffers: BatchNorm statistics, codebook
         for name, tensor in before[key].items():
             if name.endswith("steps_unused"):
                 continue   # see the next test

@@ -24,11 +24,13 @@ def test_seed_presets_chain_end_to_end_at_256px(tmp_path):
                "--batch-size=2", timeout=900)
     manifest = json.loads((tokens / "manifest.json").read_text())
     assert manifest["codebook_size"] == 8192 and manifest["latent_grid"] == [16, 16]
+    assert manifest["vqgan_weights"] == "ema"   # the preset keeps a weight EMA, and the tokens come from it
     run_script("train_gpt.py", "--preset=seed", f"--tokens={tokens}", f"--out={gpt_run}", "--max-steps=1",
                "--batch-size=1", "--sample-count=0", timeout=900)
     state = load(gpt_run / (gpt_run / "latest").read_text().strip())
     assert state["config"]["codebook_size"] == 8192 and state["config"]["tokens_per_image"] == 256
     assert state["config"]["n_classes"] == 2
+    assert state["config"]["weight_ema_decay"] == 0.9999 and "gpt_ema" in state
     run_script("sample.py", f"--gpt={gpt_run}", "--n=1", "--class=1", f"--out={samples}", timeout=900)
     sample = np.asarray(Image.open(samples / "sample_000.png"))
     assert sample.shape == (256, 256, 3)

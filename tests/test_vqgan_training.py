@@ -389,3 +389,27 @@ def test_help_lists_every_setting():
         assert flag in result.stdout
     bad = run_script("train_resnet_vqgan.py", "--max-stepz=3", check=False)
     assert bad.returncode == 2 and "valid settings" in bad.stderr and "--max-steps" in bad.stderr
+
+
+def test_vqgan_weight_ema_resumes_exactly_and_binds_the_tokens_it_makes(shapes_shards, tmp_path):
+    from vqgpt.shards import read_manifest
+    from vqgpt.trained_models import load_bound_vqgan
+
+    flags = ("--ema-decay=0.5", "--batch-size=2")
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "full", 3, *flags))
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 3, *flags, "--stop-at-step=2"))
+    run_script("train_resnet_vqgan.py", *vqgan_args(shapes_shards, tmp_path / "split", 3, *flags))
+    full, split = (load(latest_checkpoint(tmp_path / run)) for run in ("full", "split"))
+    assert_state_dicts_equal(full["vqgan_ema"], split["vqgan_ema"])
+    assert_state_dicts_equal(full["vqgan"], split["vqgan"])
+    assert any(not torch.equal(full["vqgan_ema"][k], full["vqgan"][k]) for k in full["vqgan"])
+    tokens = tmp_path / "tokens"
+    run_script("image_quantizer.py", f"--vqgan={tmp_path / 'full'}", f"--data={shapes_shards}", f"--out={tokens}",
+               "--batch-size=128", "--progress=false")
+    manifest = read_manifest(tokens)
+    assert manifest["vqgan_weights"] == "ema" and load_bound_vqgan(manifest).weights == "ema"
+    run_script("export.py", str(tmp_path / "full"), f"--out={tmp_path / 'raw'}", "--weights=raw")
+    with pytest.raises(RunError, match="made with its ema weights"):   # the same checkpoint, the other weights
+        load_bound_vqgan(manifest, str(tmp_path / "raw"))
+    run_script("export.py", str(tmp_path / "full"), f"--out={tmp_path / 'ema'}")
+    assert load_bound_vqgan(manifest, str(tmp_path / "ema")).weights == "ema"

@@ -184,11 +184,15 @@ def field_defaults(cls: type) -> dict:
 # settings removed after they lost every measurement, with the value that meant "off": a saved config that
 # holds that value loads as before; one that used the setting was trained by another network or loss
 REMOVED_SETTINGS = {"rotation_trick": False, "ema_decay": 0.0, "fsq_levels": [], "chroma_gain": 1.0}
+# a removed name the flags use again for something else: a saved `ema_decay` was the quantizer's EMA codebook,
+# the weight EMA of --ema-decay is saved as weight_ema_decay
+REMOVED_MEANING = {"ema_decay": " (the quantizer's EMA codebook)"}
 
 
 def check_removed_settings(saved: dict, source: str) -> None:
     """Refuse a saved config made with a setting this version no longer has; ConfigError names it."""
-    used = [f"{flag_name(k)} {saved[k]}" for k, off in REMOVED_SETTINGS.items() if k in saved and saved[k] != off]
+    used = [f"{flag_name(k)} {saved[k]}{REMOVED_MEANING.get(k, '')}" for k, off in REMOVED_SETTINGS.items()
+            if k in saved and saved[k] != off]
     if saved.get("quantizer") == "fsq":
         used.append("--quantizer fsq")
     if used:

@@ -17,6 +17,7 @@ from models.gpt import GPT, GPTConfig
 from models.vqgan import VQGAN, VQGANConfig, count_parameters
 from vqgpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from vqgpt.config import config_to_dict, subconfig_from_dict
+from vqgpt.ema import ema_key
 from vqgpt.errors import RunError, first_line
 from vqgpt.files import atomic_path, atomic_write_bytes, atomic_write_json, file_inside, sha256_file
 from vqgpt.runlog import METRICS_NAME, read_metrics, read_run_config
@@ -96,10 +97,12 @@ def load_exported(folder: str | Path, stage: str) -> Exported:
     return Exported(model, config, info, weights_path)
 
 
-def load_stage_model(path_or_run: str | Path, stage: str, device: torch.device | str = "cpu") -> tuple:
+def load_stage_model(path_or_run: str | Path, stage: str, device: torch.device | str = "cpu",
+                     weights: str = "ema") -> tuple:
     """The `stage` ('vqgan' or 'gpt') network of a checkpoint or a run's latest, in eval mode without grads:
-    (model, config, checkpoint path, the whole state). The file is memory-mapped: optimizer moments and
-    the discriminator are never read."""
+    (model, config, checkpoint path, the whole state, the weights loaded: 'ema' or 'raw'). weights 'ema' takes
+    the weight EMA when the checkpoint holds one. The file is memory-mapped: optimizer moments and the
+    discriminator are never read."""
     path = resolve_checkpoint(path_or_run)
     state = load_checkpoint(path, required_keys=("stage", "config"), mmap=True)
     if state["stage"] != stage or stage not in state:
@@ -109,24 +112,26 @@ def load_stage_model(path_or_run: str | Path, stage: str, device: torch.device |
     model_cls, config_cls = MODELS[stage]
     config = subconfig_from_dict(config_cls, state["config"])
     model = model_cls(config)
+    used = "ema" if weights == "ema" and ema_key(stage) in state else "raw"
     try:
-        model.load_state_dict(state[stage])
+        model.load_state_dict(state[ema_key(stage) if used == "ema" else stage])
     except (RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: its {stage} weights do not fit its config ({first_line(err)})") from None
     model.to(device).eval().requires_grad_(False)
-    return model, config, path, state
+    return model, config, path, state, used
 
 
-def export_run(source: str | Path, out: str | Path) -> Path:
-    """Write config.json, model.safetensors and README.md for the VQGAN or GPT in `source` into `out`."""
+def export_run(source: str | Path, out: str | Path, weights: str = "ema") -> Path:
+    """Write config.json, model.safetensors and README.md for the VQGAN or GPT in `source` into `out`
+    (its weight EMA when it has one and `weights` is 'ema'; config.json's `weights` says which)."""
     path = resolve_checkpoint(source)
     out = ensure_fresh_folder(out)
     stage = load_checkpoint(path, required_keys=("stage",), mmap=True)["stage"]
     if stage not in MODELS:
         raise CheckpointError(f"{path}: a {stage!r} checkpoint; export.py takes VQGAN and GPT checkpoints")
-    model, config, path, state = load_stage_model(path, stage)
+    model, config, path, state, used = load_stage_model(path, stage, weights=weights)
     run_dir = path.parent
-    info = {"format": FORMAT, "stage": stage, "config": config_to_dict(config),
+    info = {"format": FORMAT, "stage": stage, "config": config_to_dict(config), "weights": used,
             "source": {"checkpoint": str(path.resolve()), "sha256": sha256_file(path), "step": int(state["step"])},
             "metrics": _last_eval(run_dir), "data": _data_of(run_dir, state)}
     if stage == "gpt":
@@ -161,7 +166,8 @@ def model_card(info: dict, parameters: int) -> str:
     metrics = {k: v for k, v in info["metrics"].items() if k not in ("kind",)}
     lines = [f"# vqgpt {stage.upper()}", "",
              f"{parameters / 1e6:.2f}M parameters, exported from `{info['source']['checkpoint']}` "
-             f"(step {info['source']['step']}, sha256 `{info['source']['sha256'][:16]}...`).", "",
+             f"(step {info['source']['step']}, sha256 `{info['source']['sha256'][:16]}...`), "
+             f"{'its weight EMA' if info.get('weights') == 'ema' else 'the trained weights'}.", "",
              "```python", "from vqgpt.export import from_pretrained",
              "model = from_pretrained(\"PATH/TO/THIS/FOLDER\")", "```", "",
              "## Config", "", "```json", json.dumps(info["config"], indent=2), "```", "",

@@ -76,8 +76,15 @@ def crop_corners(split: ShardSplit, shard_index: int, crop: int) -> np.ndarray |
 
 
 def binding(vqgan: LoadedVQGAN, data: Path) -> dict:
-    """What ties token shards to their inputs: the checkpoint and the source manifest."""
-    return {"vqgan_sha256": vqgan.sha256, "source_manifest_sha256": sha256_file(data / MANIFEST_NAME)}
+    """What ties token shards to their inputs: the checkpoint, which of its weights (trained or EMA), and the
+    source manifest."""
+    return {"vqgan_sha256": vqgan.sha256, "vqgan_weights": vqgan.weights,
+            "source_manifest_sha256": sha256_file(data / MANIFEST_NAME)}
+
+
+def bound_value(record: dict, key: str):
+    """A binding as a manifest or receipt records it; those older than the weight EMA were made with raw weights."""
+    return record.get(key, "raw" if key == "vqgan_weights" else None)
 
 
 def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job], crops: int = 0) -> None:
@@ -87,7 +94,7 @@ def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job], crops
     if (out / MANIFEST_NAME).exists():
         manifest = read_manifest(out)
         for key, value in bound.items():
-            if manifest.get(key) != value:
+            if bound_value(manifest, key) != value:
                 raise RunError(f"{out}: holds tokens made from another {key.split('_')[0]} "
                                f"({key} differs); choose another --out or delete it")
         if bool(manifest.get("flip")) != flip:
@@ -102,7 +109,7 @@ def check_destination(out: Path, bound: dict, flip: bool, jobs: list[Job], crops
         raise RunError(f"{receipts}: is a link; a token folder's receipts stay inside it (remove the link)")
     for receipt_path in sorted(receipts.glob("*.json")) if receipts.is_dir() else []:
         receipt = read_receipt(receipt_path)
-        if receipt is not None and any(receipt.get(k) != v for k, v in bound.items()):
+        if receipt is not None and any(bound_value(receipt, k) != v for k, v in bound.items()):
             raise RunError(f"{out}: holds unfinished tokens from another checkpoint or data ({receipt_path.name}); "
                            "choose another --out or delete it")
         if receipt is not None:   # an unfinished run of ours: its shards, and what its last step writes
@@ -132,7 +139,8 @@ def receipt_matches(out: Path, job: Job, source_sha256: str, bound: dict, count:
     if not path.is_file() or not tokens_path.is_file():
         return None
     receipt = read_receipt(path)
-    if receipt is None or receipt.get("source_sha256") != source_sha256 or any(receipt.get(k) != v for k, v in bound.items()):
+    if receipt is None or receipt.get("source_sha256") != source_sha256 or \
+            any(bound_value(receipt, k) != v for k, v in bound.items()):
         return None
     labels_file = receipt.get("labels_file")
     if receipt.get("file") != job.out_name or receipt.get("count") != count or \

@@ -40,6 +40,24 @@ def filter_logits(logits: torch.Tensor, temperature: float | None = 1.0, top_k: 
     return logits
 
 
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def guidance_scale(cfg_scale: float, position: int, length: int, schedule: str = "constant",
+                   interval: int = 0) -> float:
+    """The guidance scale at token `position` (0-based) of a grid of `length` tokens.
+
+    constant: cfg_scale at every position. linear: 1 + (cfg_scale - 1) * position / (length - 1), rising from
+    1 at the first token to cfg_scale at the last (MUSE's / LlamaGen's linear schedule).
+    interval K > 0: only the first K tokens are guided, the rest take scale 1 (LlamaGen's --cfg-interval).
+    """
+    if interval and position >= interval:
+        return 1.0
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * position / max(length - 1, 1)
+    return cfg_scale
+
+
 def _check_options(model: GPT, n: int, labels, prefix, temperature, top_k, top_p) -> None:
     config = model.config
     if n < 1:
@@ -68,18 +86,22 @@ def _check_options(model: GPT, n: int, labels, prefix, temperature, top_k, top_p
 def sample_tokens(model: GPT, n: int, *, labels: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
                   cfg_scale: float = 1.0, temperature: float | None = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None,
-                  use_kv_cache: bool = True) -> torch.Tensor:
+                  use_kv_cache: bool = True, cfg_schedule: str = "constant", cfg_interval: int = 0) -> torch.Tensor:
     """(n, tokens_per_image) int64 codes.
 
     labels: (n,) class ids, or None for unconditional samples (start token).
     prefix: (n, k) codes kept from real images; they are copied unchanged and the rest is sampled.
     cfg_scale: classifier-free guidance, uncond + cfg_scale * (cond - uncond); only with labels,
         and 1.0 is plain conditional sampling (no unconditional rows are run at all).
+    cfg_schedule, cfg_interval: how the scale varies over the grid (see guidance_scale).
     temperature 0 or None: greedy argmax (top_k / top_p then change nothing).
     generator: drives torch.multinomial; must live on the model's device.
     use_kv_cache=False recomputes the whole sequence at every step (the slow reference).
     """
     _check_options(model, n, labels, prefix, temperature, top_k, top_p)
+    if cfg_schedule not in CFG_SCHEDULES or cfg_interval < 0:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES} and cfg_interval >= 0, "
+                         f"got {cfg_schedule!r}, {cfg_interval}")
     config = model.config
     device = next(model.parameters()).device
     greedy = not temperature
@@ -93,11 +115,12 @@ def sample_tokens(model: GPT, n: int, *, labels: torch.Tensor | None = None, pre
     def model_rows(tokens: torch.Tensor) -> torch.Tensor:
         return torch.cat([tokens, tokens]) if guided else tokens
 
-    def next_tokens(last_logits: torch.Tensor) -> torch.Tensor:   # (rows, vocab) -> (n,)
+    def next_tokens(last_logits: torch.Tensor, position: int) -> torch.Tensor:   # (rows, vocab) -> (n,)
         logits = last_logits.float()
         if guided:   # before masking: -inf - -inf would be nan
             conditional, unconditional = logits.chunk(2)
-            logits = unconditional + cfg_scale * (conditional - unconditional)
+            scale = guidance_scale(cfg_scale, position, config.tokens_per_image, cfg_schedule, cfg_interval)
+            logits = conditional if scale == 1.0 else unconditional + scale * (conditional - unconditional)
         if greedy:
             return filter_logits(logits, None, None, None, config.codebook_size).argmax(dim=-1)
         probs = filter_logits(logits, temperature, top_k, top_p, config.codebook_size).softmax(dim=-1)
@@ -119,13 +142,13 @@ def sample_tokens(model: GPT, n: int, *, labels: torch.Tensor | None = None, pre
             # prefill: the condition token and every kept code in one pass
             logits, _ = model(torch.cat([cond[:, None], model_rows(tokens[:, :kept])], dim=1), cache=cache)
             for position in range(kept, length):
-                tokens[:, position] = next_tokens(logits[:, -1])
+                tokens[:, position] = next_tokens(logits[:, -1], position)
                 if position + 1 < length:
                     logits, _ = model(model_rows(tokens[:, position:position + 1]), cache=cache)
         else:
             for position in range(kept, length):
                 logits, _ = model(torch.cat([cond[:, None], model_rows(tokens[:, :position])], dim=1))
-                tokens[:, position] = next_tokens(logits[:, -1])
+                tokens[:, position] = next_tokens(logits[:, -1], position)
     finally:
         model.train(was_training)
     return tokens

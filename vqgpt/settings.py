@@ -13,6 +13,8 @@ from models.gpt import GPT_PRESETS, GPTConfig
 from models.vqgan import VQGAN_PRESETS, VQGANConfig
 from vqgpt.config import (PRECISIONS, PROGRESS_HELP, PROGRESS_MODES, check_finite, check_not_negative,
                           check_precision, setting)
+from vqgpt.ema import WEIGHT_CHOICES, WEIGHTS_HELP
+from vqgpt.sampling import CFG_SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,10 @@ class TrainConfig:
     stop_at_step: int = setting("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
     eval_fid: bool = setting("add rFID (VQGAN) or gFID (GPT) to each eval; needs the Inception weights", False)
     inception_weights: str = setting("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
+    # saved as weight_ema_decay: a saved `ema_decay` is the removed EMA codebook of the VQGAN's quantizer
+    weight_ema_decay: float = setting("keep an EMA of the weights, updated after each optimizer step with this decay "
+                                      "(e.g. 0.9999); evals, sampling, evaluate.py, image_quantizer.py and export.py "
+                                      "use it (0: off)", 0.0, aliases=("--ema-decay",))
 
     def __post_init__(self):
         # caught here, at parse time, not hours later at the first eval or checkpoint
@@ -70,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.weight_ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1) (0: off), got {self.weight_ema_decay}")
         if self.min_lr_ratio > 1:
             raise ValueError(f"--min-lr-ratio must be at most 1 (the cosine decays to lr x this), got {self.min_lr_ratio}")
         if not self.out.strip():
@@ -166,11 +174,14 @@ VQGAN_TRAIN_PRESETS = {
     # disc_start: the GAN for the second half of the default 10,000 steps
     "b64": _vqgan_preset("b64", **_OURS, optimizer="muon", batch_size=8, lr=2e-4, disc_start=5000,
                          permute_channels=True, permuted_share=0.5, chroma_weight=2.0, out="runs/vqgan-b64"),
+    # the 256 px presets keep a weight EMA (a horizon of 10,000 steps on runs of 300,000 and more); the short
+    # and demo presets none: over a few thousand steps it would lag far behind the weights
     "seed": _vqgan_preset("seed", **{**_OURS, "warmup_steps": 100}, batch_size=8, lr=1e-4, disc_start=30000,
-                          max_steps=300000, eval_every=5000, ckpt_every=5000, out="runs/vqgan-seed"),
+                          max_steps=300000, eval_every=5000, ckpt_every=5000, weight_ema_decay=0.9999,
+                          out="runs/vqgan-seed"),
     "f16-16384": _vqgan_preset("f16-16384", **{**_OURS, "warmup_steps": 100}, batch_size=12, lr=1e-4,
                                disc_start=250001, max_steps=1000000, eval_every=5000, ckpt_every=5000,
-                               out="runs/vqgan-f16-16384"),
+                               weight_ema_decay=0.9999, out="runs/vqgan-f16-16384"),
     # taming's configs: custom_vqgan.yaml, vqgan_imagenet_f16_1024.yaml, vqgan_imagenet_f16_16384.yaml
     "taming-b64": _taming_preset("taming-b64", batch_size=8, disc_start=10000, max_steps=20000,
                                  out="runs/vqgan-taming-b64"),
@@ -257,6 +268,7 @@ class QuantizeConfig:
     device: str = setting("auto, cpu or cuda", "auto")
     precision: str = setting("auto: bf16 autocast on CUDA, fp32 on CPU; the code lookup is always fp32", "auto",
                              choices=PRECISIONS)
+    weights: str = setting(WEIGHTS_HELP + "; the manifest records which", "ema", choices=WEIGHT_CHOICES)
     compile: bool = setting("torch.compile the encoder and code lookup (the first batch compiles for a minute or more)", False)
     channels_last: bool = setting("channels_last memory format for the encoder", False)
     progress: str = setting(PROGRESS_HELP, "auto", choices=PROGRESS_MODES)
@@ -317,6 +329,7 @@ class ExportConfig:
     run: str = setting("VQGAN or GPT run folder (its latest checkpoint) or checkpoint file (also the first word: "
                        "export.py RUN --out DIR)", "", required=True)
     out: str = setting("folder to create; must not exist or be empty", "", required=True)
+    weights: str = setting(WEIGHTS_HELP, "ema", choices=WEIGHT_CHOICES)
 
 
 EXPORT_PRESETS: dict[str, ExportConfig] = {}
@@ -362,14 +375,20 @@ GPT_TRAIN_PRESETS = {
     "g256": _gpt_preset("g256", batch_size=8, lr=3e-4, warmup_steps=1000, max_steps=100000, weight_decay=0.01,
                         eval_every=2000, ckpt_every=2000, out="runs/gpt-g256"),
     "seed": _gpt_preset("seed", batch_size=16, lr=3e-4, warmup_steps=2000, max_steps=300000, weight_decay=0.01,
-                        eval_every=5000, ckpt_every=5000, out="runs/gpt-seed"),
+                        eval_every=5000, ckpt_every=5000, weight_ema_decay=0.9999, out="runs/gpt-seed"),
     # LlamaGen's c2i recipe: constant lr 1e-4 without warmup, AdamW (0.9, 0.95), weight decay 0.05, 256 sequences a
     # step (at most 32 a rank per micro-step), 300 ImageNet epochs
     **{f"llamagen-{size}": _gpt_preset(f"llamagen-{size}", global_batch_size=256, batch_size=32, lr=1e-4, warmup_steps=0,
                                        min_lr_ratio=1.0, weight_decay=0.05, max_steps=1_500_000, eval_every=5000,
-                                       ckpt_every=5000, out=f"runs/gpt-llamagen-{size}")
+                                       ckpt_every=5000, weight_ema_decay=0.9999,
+                                       out=f"runs/gpt-llamagen-{size}")
        for size in ("B", "L", "XL", "XXL")},
 }
+
+
+CFG_SCHEDULE_HELP = ("how the guidance scale varies over the token grid: constant (--cfg at every token) or linear "
+                     "(token i of L gets 1 + (cfg - 1) x i / (L - 1): 1 at the first token, --cfg at the last)")
+CFG_INTERVAL_HELP = "guide only the first K tokens of the grid, the rest with scale 1 (LlamaGen's cfg interval; 0: all)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,14 +400,19 @@ class SampleConfig:
     class_: int | None = setting("class id (class-conditional models; none: unconditional)", None)
     cfg: float = setting("classifier-free guidance scale (1: plain conditional; needs --class or labelled --complete)",
                          1.0)
+    cfg_schedule: str = setting(CFG_SCHEDULE_HELP, "constant", choices=CFG_SCHEDULES)
+    cfg_interval: int = setting(CFG_INTERVAL_HELP, 0)
     temperature: float = setting("softmax temperature (0: greedy)", 1.0)
     top_k: int = setting("sample among the k most likely codes (0: off)", 0)
     top_p: float = setting("nucleus sampling mass (1: off)", 1.0)
     seed: int = setting("random seed (same seed, same images)", 0)
+    save_tokens: bool = setting("also write OUT/tokens.npy: the sampled codes, (n, grid x grid) int64 in raster order",
+                                False)
     complete: str = setting("image shard folder (its val split), image folder or image file whose top rows to complete",
                             "")
     keep_rows: int | None = setting("token rows kept with --complete (none: half)", None)
     vqgan: str = setting("VQGAN checkpoint (default: the one named by the tokens; sha256 checked)", "")
+    weights: str = setting(WEIGHTS_HELP, "ema", choices=WEIGHT_CHOICES)
     kv_cache: bool = setting("reuse the keys and values of the prefix (false: recompute it each step, the slow "
                              "reference)", True)
     device: str = setting("auto, cpu or cuda", "auto")
@@ -400,7 +424,7 @@ class SampleConfig:
 
     def __post_init__(self):
         check_finite(self)
-        check_not_negative(self, ("seed", "temperature", "top_k", "cfg"))
+        check_not_negative(self, ("seed", "temperature", "top_k", "cfg", "cfg_interval"))
         if self.num_samples < 1:
             raise ValueError(f"--num-samples (--n) must be at least 1, got {self.num_samples}")
         if not 0 < self.top_p <= 1:
@@ -431,6 +455,8 @@ class EvaluateConfig:
     num_samples: int = setting("samples to generate with --gpt (a multiple of the number of classes)", 50000,
                                aliases=("--n",))
     cfg: float = setting("classifier-free guidance scale of the samples (1: plain conditional)", 1.0)
+    cfg_schedule: str = setting(CFG_SCHEDULE_HELP, "constant", choices=CFG_SCHEDULES)
+    cfg_interval: int = setting(CFG_INTERVAL_HELP, 0)
     temperature: float = setting("sampling temperature (0: greedy)", 1.0)
     top_k: int = setting("sample among the k most likely codes (0: off)", 0)
     top_p: float = setting("nucleus sampling mass (1: off)", 1.0)
@@ -440,6 +466,8 @@ class EvaluateConfig:
     inception_weights: str = setting("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
     lpips_weights: str = setting("path to vgg16-397923af.pth for LPIPS with --vqgan (default: the torch hub cache; "
                                  "without it LPIPS is left out)", "")
+    weights: str = setting(WEIGHTS_HELP + " (of the --vqgan or --gpt scored; a GPT's VQGAN decodes with the weights "
+                           "that made its tokens)", "ema", choices=WEIGHT_CHOICES)
     cache: bool = setting("reuse and write reference statistics beside the reference shards", True)
     out: str = setting("also write the JSON result to this file", "")
     device: str = setting("auto, cpu or cuda", "auto")
@@ -452,7 +480,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         check_finite(self)
-        check_not_negative(self, ("seed",))
+        check_not_negative(self, ("seed", "cfg_interval"))
         if self.num_samples < 2 or self.batch_size < 1:   # a covariance needs two samples
             raise ValueError(f"--num-samples must be at least 2 and --batch-size at least 1, got {self.num_samples}, "
                              f"{self.batch_size}")

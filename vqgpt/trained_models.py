@@ -20,17 +20,19 @@ class LoadedVQGAN:
     path: Path
     sha256: str
     step: int
+    weights: str = "raw"   # 'ema': the checkpoint's weight EMA; tokens record which weights made them
 
 
-def load_vqgan(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedVQGAN:
+def load_vqgan(path_or_run: str | Path, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedVQGAN:
     """The VQGAN of a checkpoint, a run's latest or an exported folder, in eval mode, with the file's sha256
-    (an export's is that of the checkpoint it was made from: the same weights, the same tokens)."""
+    (an export's is that of the checkpoint it was made from: the same weights, the same tokens). weights 'ema':
+    the weight EMA when the checkpoint holds one (an export holds the one it was made with)."""
     if is_exported(path_or_run):
         exported = load_exported(path_or_run, "vqgan")
         return LoadedVQGAN(exported.model.to(device), exported.config, exported.path, exported.source_sha256,
-                           int(exported.info["source"]["step"]))
-    model, config, path, state = load_stage_model(path_or_run, "vqgan", device)
-    return LoadedVQGAN(model, config, path, sha256_file(path), int(state["step"]))
+                           int(exported.info["source"]["step"]), exported.info.get("weights", "raw"))
+    model, config, path, state, used = load_stage_model(path_or_run, "vqgan", device, weights)
+    return LoadedVQGAN(model, config, path, sha256_file(path), int(state["step"]), used)
 
 
 def load_bound_vqgan(token_manifest: dict, override_path: str = "", device: torch.device | str = "cpu",
@@ -40,11 +42,15 @@ def load_bound_vqgan(token_manifest: dict, override_path: str = "", device: torc
     if not path or not Path(path).exists():
         raise RunError(f"the VQGAN checkpoint {path!r} that made {tokens_name} is missing; "
                        "pass --vqgan PATH to a copy of it")
-    vqgan = load_vqgan(path, device)
+    made_with = token_manifest.get("vqgan_weights", "raw")   # token sets older than the weight EMA: raw
+    vqgan = load_vqgan(path, device, made_with)
     if vqgan.sha256 != token_manifest.get("vqgan_sha256"):
         raise RunError(f"{vqgan.path}: sha256 {vqgan.sha256[:12]}... is not the checkpoint that made {tokens_name} "
                        f"({str(token_manifest.get('vqgan_sha256'))[:12]}...); decode with that one or re-quantize")
     check_token_claims(token_manifest, vqgan, tokens_name)
+    if vqgan.weights != made_with:
+        raise RunError(f"{vqgan.path}: holds the VQGAN's {vqgan.weights} weights, but {tokens_name} were made with its "
+                       f"{made_with} weights; decode with those (export.py --weights {made_with}) or re-quantize")
     return vqgan
 
 
@@ -70,16 +76,18 @@ class LoadedGPT:
     token_manifest: dict
     path: Path
     step: int
+    weights: str = "raw"
 
 
-def load_gpt(path_or_run: str | Path, device: torch.device | str = "cpu") -> LoadedGPT:
-    """The GPT of a checkpoint, a run's latest or an exported folder, in eval mode, with the manifest of its tokens."""
+def load_gpt(path_or_run: str | Path, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedGPT:
+    """The GPT of a checkpoint, a run's latest or an exported folder, in eval mode, with the manifest of its tokens;
+    weights 'ema': its weight EMA when it holds one."""
     if is_exported(path_or_run):
         exported = load_exported(path_or_run, "gpt")
         return LoadedGPT(exported.model.to(device), exported.config, exported.info.get("token_manifest", {}),
-                         exported.path, int(exported.info["source"]["step"]))
-    model, config, path, state = load_stage_model(path_or_run, "gpt", device)
-    return LoadedGPT(model, config, state.get("token_manifest", {}), path, int(state["step"]))
+                         exported.path, int(exported.info["source"]["step"]), exported.info.get("weights", "raw"))
+    model, config, path, state, used = load_stage_model(path_or_run, "gpt", device, weights)
+    return LoadedGPT(model, config, state.get("token_manifest", {}), path, int(state["step"]), used)
 
 
 def optimize_for_inference(model: VQGAN | GPT, *, compile: bool = False, channels_last: bool = False) -> VQGAN | GPT:
