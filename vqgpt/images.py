@@ -5,6 +5,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,10 +57,11 @@ def to_rgb(image: Image.Image, significant_bits: int | None = None) -> Image.Ima
     return image.convert("RGB")
 
 
-def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """EXIF-oriented RGB, its centre square resized to `size`: uint8 (size, size, 3).
+def decode_image(path: str | os.PathLike, prepare: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """The first frame of an image file, opened and turned into what the caller needs by `prepare`.
 
-    Raises SkipImage with a short reason for anything unusable.
+    Raises SkipImage with a short reason for anything unusable: empty, unreadable, or a
+    decompression bomb (more than Pillow's MAX_IMAGE_PIXELS: its warning is treated as the error).
     """
     path = Path(path)
     try:
@@ -69,11 +71,7 @@ def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.seek(0)  # first frame of animations
-                if image.format == "JPEG":
-                    image.draft("RGB", (size, size))  # decoder-side downscale, still >= size on both sides
-                image.load()
-                bits = png_significant_bits(path) if image.format == "PNG" and image.mode.startswith("I") else None
-                image = to_rgb(ImageOps.exif_transpose(image), bits)
+                return prepare(image)
     except SkipImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -86,6 +84,21 @@ def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
         raise SkipImage(f"unreadable: {err}") from None
     except Exception as err:   # Pillow's parsers also raise struct.error, KeyError, IndexError, ...
         raise SkipImage(f"unreadable: {type(err).__name__}: {err}") from None
+
+
+def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """EXIF-oriented RGB, its centre square resized to `size`: uint8 (size, size, 3).
+
+    Raises SkipImage with a short reason for anything unusable.
+    """
+    def prepare(image: Image.Image) -> Image.Image:
+        if image.format == "JPEG":
+            image.draft("RGB", (size, size))  # decoder-side downscale, still >= size on both sides
+        image.load()
+        bits = png_significant_bits(path) if image.format == "PNG" and image.mode.startswith("I") else None
+        return to_rgb(ImageOps.exif_transpose(image), bits)
+
+    image = decode_image(path, prepare)
     # the centre square in source coordinates, resized once: a 1 x 60000 strip never becomes 256 x 15M pixels
     width, height = image.size
     side = min(width, height)

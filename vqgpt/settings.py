@@ -389,6 +389,8 @@ class EvaluateConfig:
     batch_size: int = setting("images per generation, reconstruction and Inception batch", 50)
     seed: int = setting("seed of the samples (the same on any number of ranks)", 0)
     save_samples: str = setting("folder to keep the --gpt samples as PNGs", "")
+    save_npz: str = setting("also write the --gpt samples to this .npz in ADM's evaluator format (arr_0: uint8 "
+                            "(N, H, W, 3), arr_1: classes)", "")
     inception_weights: str = setting("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
     lpips_weights: str = setting("path to vgg16-397923af.pth for LPIPS with --vqgan (default: the torch hub cache; "
                                  "without it LPIPS is left out)", "")
@@ -411,6 +413,8 @@ class EvaluateConfig:
         if self.temperature < 0 or self.top_k < 0 or self.cfg < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"--temperature, --top-k and --cfg must not be negative and --top-p must be in (0, 1]; "
                              f"got {self.temperature}, {self.top_k}, {self.cfg}, {self.top_p}")
+        if self.save_npz and not self.save_npz.endswith(".npz"):   # what --images and ADM's evaluator recognise
+            raise ValueError(f"--save-npz must name a .npz file, got {self.save_npz!r}")
         check_precision(self.precision)
 
 
