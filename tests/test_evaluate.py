@@ -6,6 +6,7 @@ layout stands in, its BatchNorm statistics calibrated so that its features do no
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from PIL import Image
 
 import evaluate
 from tests.conftest import gradient_image
-from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, gpt_args, run_script, spy_vqgan_memory_format
+from tests.helpers import (GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, gpt_args, run_script, spy_vqgan_memory_format,
+                           vqgan_args)
 from vqgpt import fid
 from vqgpt.config import parse_config
 from vqgpt.settings import EVALUATE_PRESETS, EvaluateConfig
@@ -344,6 +346,33 @@ def test_gpt_mode_generates_balanced_classes(gpt_run, image_sets, weights, tmp_p
                                                           "--n=10", f"--inception-weights={weights}")
 
 
+def test_gpt_eval_fid_reads_only_the_image_shards_quantize_wrote_or_fid_ref(shapes_tokens, image_sets, weights,
+                                                                            tmp_path, capsys):
+    import train_gpt
+    from tests.test_hardening import gpt_cfg, token_set
+
+    shards = image_sets["a_shards"].resolve()
+    (tmp_path / "link").symlink_to(shards)
+    named = {"relative": os.path.relpath(shards), "dotdot": str(shards / ".." / shards.name),
+             "link": str(tmp_path / "link"), "image_folder": str(image_sets["a_png"].resolve()),
+             "moved": str(tmp_path / "moved"), "token_shards": str(tmp_path / "tokens_relative")}
+    for name, path in named.items():   # a token manifest is untrusted: none of these is read
+        cfg = gpt_cfg(token_set(tmp_path / f"tokens_{name}", source_shards=path), tmp_path / f"run_{name}", "--eval-fid",
+                      f"--inception-weights={weights}")
+        assert exit_on_user_error(lambda: train_gpt.main(cfg), "train_gpt") == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "source_shards" in line and "--fid-ref" in line, (name, line)
+
+    tokens = shutil.copytree(shapes_tokens, tmp_path / "tokens")   # the image shards moved: --fid-ref names them
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    (tokens / "manifest.json").write_text(json.dumps({**manifest, "source_shards": str(tmp_path / "moved")}))
+    run_script("train_gpt.py", *gpt_args(tokens, tmp_path / "gpt", 1, "--sample-count=0", "--eval-fid-samples=6",
+                                          "--eval-batch-size=6", "--eval-fid", f"--inception-weights={weights}",
+                                          f"--fid-ref={image_sets['b_png']}"))
+    evals = [r for r in read_metrics(tmp_path / "gpt") if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["gfid"] > 0
+
+
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_equal_one_process(gpt_run, image_sets, weights, tmp_path):
     results = {}
@@ -359,6 +388,56 @@ def test_two_ranks_under_torchrun_equal_one_process(gpt_run, image_sets, weights
     one, two = sorted((tmp_path / "samples_0").glob("*.png")), sorted((tmp_path / "samples_2").glob("*.png"))
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 12
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+
+
+def test_fid_ref_is_checked_when_parsed_and_at_start(shapes_shards, weights, tmp_path, capsys):
+    import train_resnet_vqgan
+    from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
+
+    def config(*flags):
+        return parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS,
+                            vqgan_args(shapes_shards, tmp_path / "run", 1, *flags, "--device=cpu"))
+
+    with pytest.raises(SystemExit) as exited:   # nothing would read it
+        config(f"--fid-ref={shapes_shards}")
+    assert exited.value.code == 2 and "--fid-ref is the reference of --eval-fid" in capsys.readouterr().err
+    cfg = config("--eval-fid", f"--inception-weights={weights}", f"--fid-ref={tmp_path / 'nowhere'}")
+    assert exit_on_user_error(lambda: train_resnet_vqgan.main(cfg), "train_resnet_vqgan") == 2
+    assert "--fid-ref" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+SPY = """import os, runpy, sys
+from vqgpt import fid
+spy_dir = sys.argv.pop(1)
+real_features = fid.Inception.features
+
+def features(self, images):   # which rank ran Inception on how many images
+    with open(os.path.join(spy_dir, "rank" + os.environ.get("RANK", "0")), "a") as log:
+        log.write(f"{len(images)} ")
+    return real_features(self, images)
+
+fid.Inception.features = features
+runpy.run_path("train_resnet_vqgan.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_trainer_reference_statistics_are_extracted_by_every_rank(weights, tmp_path):
+    shards = tmp_path / "shapes"
+    write_shards(builtin_source("shapes", 14), shards, size=32, shard_size=100, val_count=6, workers=1, progress=False)
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    (tmp_path / "calls").mkdir()
+    run_script(str(spy), str(tmp_path / "calls"), *vqgan_args(shards, tmp_path / "vqgan", 1, "--eval-fid", "--eval-batch-size=2",
+               f"--inception-weights={weights}", "--device=cpu"), nproc=2)
+    # rank 1 ran the reference's middle batch of 2 (the reconstructions are scored on rank 0 alone)
+    assert (tmp_path / "calls" / "rank1").read_text().split() == ["2"]
+    [cache] = shards.glob("fid_stats_val_*.npz")
+    one = fid.reference_statistics(str(shards), "val", fid.load_inception(str(weights)), 2, use_cache=False)
+    with np.load(cache) as cached:
+        np.testing.assert_allclose(cached["mu"], one.stats["mu"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(cached["sigma"], one.stats["sigma"], rtol=1e-5, atol=1e-6)
+        assert int(cached["count"]) == 6
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from vqgpt.files import atomic_path, sha256_file
 from vqgpt.images import IMAGE_SUFFIXES, SkipImage, decode_image, to_uint8
 from vqgpt.runlog import progress as progress_bar
 from vqgpt.sampling import sample_tokens
-from vqgpt.shards import MANIFEST_NAME, ShardError, ShardSplit
+from vqgpt.shards import MANIFEST_NAME, ShardError, ShardSplit, read_manifest
 from vqgpt.training import autocast, strict_fp32
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -281,6 +282,33 @@ def open_images(path: str, split: str) -> ImageSource:
             raise RunError(f"{where}: has no arr_0 images (only {files})")
         return ImageSource.from_array(where, arrays["arr_0"])
     raise RunError(f"{where}: not an image folder, an image shard folder or a .npz file")
+
+
+def check_reference_path(path: str, flag: str = "--fid-ref") -> None:
+    """Refused at start, not at the first eval hours later."""
+    where = Path(path)
+    if not (where.is_dir() or (where.is_file() and where.suffix == ".npz")):
+        raise RunError(f"{flag} {path}: not an image shard folder, an image folder or a .npz file")
+
+
+def token_source_shards(manifest: dict, tokens: str) -> str:
+    """The image shards a token manifest names, taken only as quantize.py writes them.
+
+    A manifest is untrusted (shards.py's rule): the path must be absolute with no link or `..` in it and hold
+    image shards, else --eval-fid would read and score whatever folder it names.
+    """
+    named = manifest.get("source_shards", "")
+    fix = "pass --fid-ref with the train images' shards (or an image folder or ADM .npz)"
+    plain = os.path.isabs(named) and ".." not in Path(named).parts and os.path.realpath(named) == os.path.normpath(named)
+    if not plain:
+        raise RunError(f"{tokens}: source_shards {named!r} is not the absolute, link-free path quantize.py writes; {fix}")
+    try:
+        kind = read_manifest(named).get("kind")
+    except (ShardError, OSError):
+        kind = None
+    if kind != "images":
+        raise RunError(f"{tokens}: source_shards {named} holds no image shards (moved?); {fix}")
+    return named
 
 
 def cache_path(split: ShardSplit, weights_sha256: str) -> Path:

@@ -52,6 +52,9 @@ class TrainConfig:
     stop_at_step: int = setting("checkpoint and exit after this step, as a preemption would (0: run to max_steps)", 0)
     eval_fid: bool = setting("add rFID (VQGAN) or gFID (GPT) to each eval; needs the Inception weights", False)
     inception_weights: str = setting("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
+    fid_ref: str = setting("reference of --eval-fid: image shard folder (its val split for the VQGAN, train for the "
+                           "GPT), image folder or ADM .npz (default: --data's val split; for the GPT the image shards "
+                           "its tokens were made from)", "")
 
     def __post_init__(self):
         # caught here, at parse time, not hours later at the first eval or checkpoint
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio must be at most 1 (the cosine decays to lr x this), got {self.min_lr_ratio}")
         if not self.out.strip():
             raise ValueError("--out must name a run folder (an empty one is the working directory)")
+        if self.fid_ref and not self.eval_fid:
+            raise ValueError("--fid-ref is the reference of --eval-fid; add --eval-fid or drop it")
         check_precision(self.precision)
         network_checks = getattr(super(), "__post_init__", None)   # the network config's own checks
         if network_checks is not None:
