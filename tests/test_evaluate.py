@@ -380,11 +380,14 @@ def test_two_ranks_under_torchrun_equal_one_process(gpt_run, image_sets, weights
         out = tmp_path / f"result_{nproc}.json"
         run_script("evaluate.py", f"--gpt={gpt_run}", f"--ref={image_sets['b_png']}", "--num-samples=12", "--batch-size=4",
                    f"--inception-weights={weights}", f"--save-samples={tmp_path / f'samples_{nproc}'}",
-                   f"--out={out}", "--device=cpu", "--progress=false", nproc=nproc)
+                   f"--save-npz={tmp_path / f'samples_{nproc}.npz'}", f"--out={out}", "--device=cpu",
+                   "--progress=false", nproc=nproc)
         results[nproc] = json.loads(out.read_text())
     assert results[2]["world_size"] == 2
-    for key in ("fid", "isc_mean", "isc_std", "images", "ref_images"):
+    for key in ("fid", "sfid", "precision", "recall", "isc_mean", "isc_std", "images", "ref_images"):
         assert results[2][key] == results[0][key], key
+    with np.load(tmp_path / "samples_0.npz") as one, np.load(tmp_path / "samples_2.npz") as two:   # gathered in order
+        assert one["arr_0"].shape[0] == 12 and np.array_equal(one["arr_0"], two["arr_0"])
     one, two = sorted((tmp_path / "samples_0").glob("*.png")), sorted((tmp_path / "samples_2").glob("*.png"))
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 12
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
