@@ -78,8 +78,10 @@ def evaluate_vqgan(cfg: EvaluateConfig, inception: Inception, dist: distributed.
         raise RunError(f"{cfg.data}: images are {split.item_shape[0]}x{split.item_shape[1]}, the VQGAN takes "
                        f"{size}x{size}; evaluate on shards made with --size {size}")
     perceptual = optional_lpips(cfg.lpips_weights, dist.device)
+    # the pool features too: the cache then serves --images / --gpt against this split (precision / recall)
     reference = reference_statistics(cfg.data, cfg.split, inception, cfg.batch_size, rank=dist.rank,
-                                     world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress)
+                                     world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress,
+                                     keep_features=True)
     metrics, _ = evaluate(vqgan.model, perceptual, split, cfg.batch_size, vqgan.config.codebook_size, dist.device, dtype,
                           inception=inception, reference_stats=reference.stats, rank=dist.rank,
                           world_size=dist.world_size, progress=cfg.progress)
