@@ -1,8 +1,9 @@
-"""Score a VQGAN (rFID), a GPT (gFID, Inception Score) or any images (FID) with torch-fidelity, offline.
+"""Score a VQGAN (rFID), a GPT (gFID, sFID, precision / recall, IS) or any images with torch-fidelity, offline.
 
     python evaluate.py --vqgan runs/vqgan --data data/shapes                        # whole val split: rFID, PSNR, SSIM, ...
     python evaluate.py --gpt runs/gpt --ref data/shapes --n 50000 --cfg 1.5 --top-k 100 --save-samples samples/50k
     python evaluate.py --images samples/50k --ref VIRTUAL_imagenet256_labeled.npz   # any folder vs an ADM reference batch
+    python evaluate.py --gpt runs/gpt --ref VIRTUAL_imagenet256_labeled.npz --n 50000 --save-npz samples.npz  # for ADM's evaluator
     torchrun --standalone --nproc_per_node=8 evaluate.py --gpt runs/gpt --ref data/imgs --num-samples 50000
 
 The Inception weights (weights-inception-2015-12-05-6726825d.pth) come from --inception-weights
@@ -24,9 +25,9 @@ from vqgpt import distributed
 from vqgpt.config import ConfigError, config_to_dict, flag_name, parse_config
 from vqgpt.settings import EVALUATE_PRESETS, EvaluateConfig
 from vqgpt.errors import RunError, exit_on_user_error
-from vqgpt.fid import (Inception, ImageSource, balanced_labels, extract_features, frechet_distance, fid_statistics,
-                       generate_images, inception_score, load_inception, open_images, reference_statistics)
-from vqgpt.files import atomic_write_json
+from vqgpt.fid import (Inception, ImageSource, balanced_labels, extract_features, generate_images, load_inception,
+                       open_images, reference_statistics)
+from vqgpt.files import atomic_path, atomic_write_json
 from vqgpt.images import save_png
 from vqgpt.shards import ShardSplit
 from vqgpt.trained_models import load_bound_vqgan, load_gpt, load_vqgan, optimize_for_inference
@@ -36,7 +37,7 @@ from vqgpt.vqgan_step import evaluate
 
 # settings only some of the three evaluations read
 READ_ONLY_BY = {**dict.fromkeys(("num_samples", "cfg", "cfg_schedule", "cfg_interval", "temperature", "top_k",
-                                   "top_p", "seed", "save_samples"), ("gpt",)),
+                                   "top_p", "seed", "save_samples", "save_npz"), ("gpt",)),
                 "lpips_weights": ("vqgan",), "compile": ("gpt", "vqgan"), "channels_last": ("gpt", "vqgan"),
                 "ref_split": ("gpt", "images"), "weights": ("gpt", "vqgan")}
 
@@ -77,8 +78,10 @@ def evaluate_vqgan(cfg: EvaluateConfig, inception: Inception, dist: distributed.
         raise RunError(f"{cfg.data}: images are {split.item_shape[0]}x{split.item_shape[1]}, the VQGAN takes "
                        f"{size}x{size}; evaluate on shards made with --size {size}")
     perceptual = optional_lpips(cfg.lpips_weights, dist.device)
+    # the pool features too: the cache then serves --images / --gpt against this split (precision / recall)
     reference = reference_statistics(cfg.data, cfg.split, inception, cfg.batch_size, rank=dist.rank,
-                                     world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress)
+                                     world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress,
+                                     keep_features=True)
     metrics, _ = evaluate(vqgan.model, perceptual, split, cfg.batch_size, vqgan.config.codebook_size, dist.device, dtype,
                           inception=inception, reference_stats=reference.stats, rank=dist.rank,
                           world_size=dist.world_size, progress=cfg.progress)
@@ -116,13 +119,15 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
     optimize_for_inference(gpt.model, compile=cfg.compile)
     optimize_for_inference(vqgan.model, compile=cfg.compile, channels_last=cfg.channels_last)
     reference = reference_statistics(cfg.ref, cfg.ref_split, inception, cfg.batch_size, rank=dist.rank,
-                                     world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress)
+                                     world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress,
+                                     keep_features=True)
     labels = balanced_labels(cfg.num_samples, n_classes)
     sampling = dict(cfg_scale=cfg.cfg if n_classes else 1.0, cfg_schedule=cfg.cfg_schedule, cfg_interval=cfg.cfg_interval,
                     temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1 else None)
     save_dir = Path(cfg.save_samples) if cfg.save_samples else None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
+    kept: dict[int, np.ndarray] = {}   # this rank's batches for --save-npz
 
     def make_batch(start: int, stop: int) -> np.ndarray:
         images = generate_images(gpt.model, vqgan.model, labels, start, stop, seed=cfg.seed, dtype=dtype, **sampling)
@@ -130,19 +135,37 @@ def evaluate_gpt(cfg: EvaluateConfig, inception: Inception, dist: distributed.Di
             for index, image in enumerate(images, start):
                 label = "" if labels is None else f"_class{labels[index]}"
                 save_png(save_dir / f"{index:06d}{label}.png", image)
+        if cfg.save_npz:
+            kept[start] = images
         return images
 
     features = extract_features(cfg.num_samples, cfg.batch_size, make_batch, inception, rank=dist.rank,
                                 world_size=dist.world_size, progress=cfg.progress, desc="sample + inception")
+    if cfg.save_npz:
+        save_npz(cfg.save_npz, kept, labels, dist.world_size)
     if features is None:
         return {}
     counts = np.bincount(labels, minlength=n_classes).tolist() if labels is not None else []
-    return {"fid": frechet_distance(fid_statistics(features.pool), reference.stats), **inception_score(features.logits),
-            "images": len(features), "images_per_class": counts, "checkpoint": str(gpt.path), "step": gpt.step,
-            "weights": gpt.weights, "vqgan_sha256": vqgan.sha256,
+    return {**reference.scores(features), "images": len(features), "images_per_class": counts,
+            "checkpoint": str(gpt.path), "step": gpt.step, "weights": gpt.weights, "vqgan_sha256": vqgan.sha256,
             "sampling": {"cfg": sampling["cfg_scale"], "cfg_schedule": cfg.cfg_schedule, "cfg_interval": cfg.cfg_interval,
                          "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed},
             **reference.info}
+
+
+def save_npz(path: str, kept: dict[int, np.ndarray], labels: np.ndarray | None, world_size: int) -> None:
+    """All ranks' samples in order, as ADM's evaluator reads them: arr_0 uint8 (N, H, W, 3), arr_1 the classes."""
+    gathered = distributed.gather_to_main(kept) if world_size > 1 else [kept]
+    if gathered is None:
+        return
+    batches = {start: images for part in gathered for start, images in part.items()}
+    arrays = {"arr_0": np.concatenate([batches[start] for start in sorted(batches)])}
+    if labels is not None:
+        arrays["arr_1"] = labels
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:   # a handle: np.savez would add .npz to the temporary name
+            np.savez(handle, **arrays)
 
 
 def evaluate_images(cfg: EvaluateConfig, inception: Inception, dist: distributed.DistInfo) -> dict:
@@ -150,13 +173,13 @@ def evaluate_images(cfg: EvaluateConfig, inception: Inception, dist: distributed
     if source.count < 2:
         raise RunError(f"{cfg.images}: holds {source.count} image; FID needs at least 2")
     reference = reference_statistics(cfg.ref, cfg.ref_split, inception, cfg.batch_size, rank=dist.rank,
-                                     world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress)
+                                     world_size=dist.world_size, use_cache=cfg.cache, progress=cfg.progress,
+                                     keep_features=True)
     features = extract_features(source.count, cfg.batch_size, source.read, inception, rank=dist.rank,
                                 world_size=dist.world_size, progress=cfg.progress, desc="images")
     if features is None:
         return {}
-    result = {"fid": frechet_distance(fid_statistics(features.pool), reference.stats),
-              **inception_score(features.logits), "images": len(features), "source": source.description}
+    result = {**reference.scores(features), "images": len(features), "source": source.description}
     if source.shards is not None:
         result["split"] = cfg.split
     return {**result, **reference.info}

@@ -27,7 +27,7 @@ from vqgpt.config import parse_config, subconfig
 from vqgpt.ema import WeightEMA, ema_key
 from vqgpt.settings import GPT_TRAIN_PRESETS, GPTTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
-from vqgpt.fid import load_inception, reference_statistics, sample_fid
+from vqgpt.fid import check_reference_path, load_inception, reference_statistics, sample_fid, token_source_shards
 from vqgpt.finetune import (GPT_TRAINING_FIELDS, GPTInitSource, adopt_gpt_architecture, check_fits_tokens,
                             load_gpt_init_source)
 from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss
@@ -80,11 +80,12 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
     if init is not None:
         check_fits_tokens(cfg, init)
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
-    image_shards = train_split.manifest.get("source_shards", "")
-    if cfg.eval_fid and not (image_shards and Path(image_shards).is_dir()):   # Path("") is the current folder
-        raise RunError(f"--eval-fid compares samples with the images the tokens were made from, but {image_shards!r} "
-                       f"(named in {cfg.tokens}) is missing")
-    fid_reference = None   # FID statistics of those train images, made at the first eval (and cached beside them)
+    fid_ref = ""   # --eval-fid's reference: --fid-ref, else the train images the tokens were made from
+    if cfg.eval_fid:
+        if cfg.fid_ref:
+            check_reference_path(cfg.fid_ref)
+        fid_ref = cfg.fid_ref or token_source_shards(train_split.manifest, cfg.tokens)
+    fid_reference = None   # its statistics, made at the first eval by every rank (and cached beside shards)
     run = TrainingRun(cfg, dist, "gpt", ARCHITECTURE_FIELDS + ("seed",))   # the seed draws the data order
     resume = run.load_resume_state()
     vqgan = None
@@ -162,14 +163,15 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
         # saved before the eval: an eval that fails must not cost the steps since the last checkpoint
         run.checkpoint_if_due(step, stop, log, token_manifest=train_split.manifest)
         if run.is_due(step, cfg.eval_every):
+            if inception is not None and fid_reference is None:   # every rank extracts a share; rank 0 gets the result
+                fid_reference = reference_statistics(fid_ref, "train", inception, cfg.eval_batch_size, rank=dist.rank,
+                                                     world_size=dist.world_size)
             if dist.is_main:
                 metrics = {}
                 if val_split is not None:
                     metrics["val_loss"] = validation_loss(eval_model, val_split, cfg.eval_batch_size, device, dtype)
                 if inception is not None:
-                    if fid_reference is None:
-                        fid_reference = reference_statistics(image_shards, "train", inception, cfg.eval_batch_size).stats
-                    metrics.update(sample_fid(eval_model, vqgan.model, cfg.eval_fid_samples, fid_reference, inception,
+                    metrics.update(sample_fid(eval_model, vqgan.model, cfg.eval_fid_samples, fid_reference.stats, inception,
                                               seed=cfg.seed, batch_size=cfg.eval_batch_size, dtype=dtype,
                                               temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None))
                 if vqgan is not None and cfg.sample_count > 0:

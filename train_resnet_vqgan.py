@@ -29,7 +29,7 @@ from vqgpt.config import parse_config, subconfig
 from vqgpt.ema import WeightEMA, ema_key
 from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
-from vqgpt.fid import load_inception, reference_statistics
+from vqgpt.fid import check_reference_path, load_inception, reference_statistics
 from vqgpt.finetune import InitSource, adopt_architecture, load_init_source
 from vqgpt.images import image_grid, save_png, to_unit_range
 from vqgpt.optim import adam, vqgan_optimizer
@@ -78,7 +78,10 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     if cfg.eval_fid and val_split is None:
         raise RunError(f"{cfg.data}: --eval-fid measures rFID on the val split, and there is none; re-shard with --val-count")
     inception = load_inception(cfg.inception_weights, device) if cfg.eval_fid else None   # missing weights stop here
-    val_reference = None   # FID statistics of the val originals, made at the first eval (and cached beside the shards)
+    if cfg.fid_ref:
+        check_reference_path(cfg.fid_ref)
+    # statistics of --fid-ref or the val originals, made at the first eval by every rank (and cached beside shards)
+    val_reference = None
     # the optimizer's state differs; seed, flips and channel orders are part of the data order an exact resume
     # replays (the share of permuted images only where the orders are drawn: an RGB run resumes under any share)
     orders = ("seed", "flip", "permute_channels") + (("permuted_share",) if cfg.permute_channels else ())
@@ -203,12 +206,14 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
         # saved before the eval: an eval that fails must not cost the steps since the last checkpoint
         run.checkpoint_if_due(step, stop, log)
         if val_split is not None and run.is_due(step, cfg.eval_every):
+            if inception is not None and val_reference is None:   # every rank extracts a share; rank 0 gets the result
+                val_reference = reference_statistics(cfg.fid_ref or cfg.data, "val", inception, cfg.eval_batch_size,
+                                                     rank=dist.rank, world_size=dist.world_size)
             if dist.is_main:
-                if inception is not None and val_reference is None:
-                    val_reference = reference_statistics(cfg.data, "val", inception, cfg.eval_batch_size).stats
                 metrics, grid_rows = evaluate(eval_vqgan, perceptual if lpips_backbone == "pretrained" else None,
                                               val_split, cfg.eval_batch_size, cfg.codebook_size, device, dtype,
-                                              inception=inception, reference_stats=val_reference)
+                                              inception=inception,
+                                              reference_stats=val_reference.stats if val_reference else None)
                 log.log(step, "eval", metrics)
                 log.print(f"step {step} eval {summary_line(metrics)}")
                 grid_path = Path(cfg.out) / "samples" / f"recon_{step:08d}.png"

@@ -6,6 +6,7 @@ layout stands in, its BatchNorm statistics calibrated so that its features do no
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from PIL import Image
 
 import evaluate
 from tests.conftest import gradient_image
-from tests.helpers import GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, gpt_args, run_script, spy_vqgan_memory_format
+from tests.helpers import (GPT_TEST_FLAGS, VQGAN_TEST_FLAGS, gpt_args, run_script, spy_vqgan_memory_format,
+                           vqgan_args)
 from vqgpt import fid
 from vqgpt.config import parse_config
 from vqgpt.settings import EVALUATE_PRESETS, EvaluateConfig
@@ -84,10 +86,19 @@ def test_inception_runs_in_strict_fp32_whatever_the_trainer_switched_on():
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     seen = []
 
-    def network(batch):
-        seen.append((cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32,
-                     torch.is_autocast_enabled("cpu")))
-        return torch.zeros(len(batch), 2048), torch.zeros(len(batch), 1008)
+    class Network(torch.nn.Module):   # the layer sFID reads, and the two outputs
+        def __init__(self):
+            super().__init__()
+            self.Mixed_6d = torch.nn.Module()
+            self.Mixed_6d.branch1x1 = torch.nn.Identity()
+
+        def forward(self, batch):
+            seen.append((cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32,
+                         torch.is_autocast_enabled("cpu")))
+            self.Mixed_6d.branch1x1(torch.zeros(len(batch), 192, 17, 17))
+            return torch.zeros(len(batch), 2048), torch.zeros(len(batch), 1008)
+
+    network = Network()
 
     saved = cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32
     try:   # what configure_backends sets for training on CUDA (settable on any build)
@@ -120,6 +131,8 @@ def test_fid_equals_torch_fidelity_and_separates_different_images(image_sets, we
     same = score(tmp_path, f"--images={image_sets['a_png']}", f"--ref={image_sets['a_shards']}",
                  f"--inception-weights={weights}", "--cache=false")
     assert ours["fid"] > 1.0 and abs(same["fid"]) < 1e-3 * ours["fid"]
+    assert ours["sfid"] > 1.0 and abs(same["sfid"]) < 1e-3 * ours["sfid"]   # mixed_6/conv's 2023 features
+    assert same["precision"] == same["recall"] == 1.0 and ours["precision"] < 1.0
     assert ours["inception_weights_sha256"] == same["inception_weights_sha256"] == sha256_file(weights)
 
 
@@ -138,6 +151,68 @@ def test_npz_references_arr0_and_statistics(image_sets, weights, tmp_path, capsy
     np.savez(tmp_path / "nan.npz", mu=np.full_like(stats["mu"], np.nan), sigma=stats["sigma"])
     assert "hold NaN or infinite values" in refused(capsys, f"--images={image_sets['few_png']}",
                                                     f"--ref={tmp_path / 'nan.npz'}", f"--inception-weights={weights}")
+
+
+def numpy_precision_recall(samples: np.ndarray, reference: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Kynkaanniemi et al.: a point is covered by a set if it lies within some member's distance to its k-th neighbour."""
+    def distances(a, b):
+        return np.sqrt(((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1))
+
+    def covered(points, members):
+        radii = np.sort(distances(members, members), axis=1)[:, k]   # column 0 is the member itself
+        return (distances(points, members) <= radii[None, :]).any(axis=1).mean()
+
+    return covered(samples, reference), covered(reference, samples)
+
+
+def test_precision_and_recall_equal_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((120, 16)).astype(np.float32)
+    samples = (rng.standard_normal((90, 16)) * 0.7 + 0.3).astype(np.float32)
+    assert fid.precision_recall(reference, reference) == {"precision": 1.0, "recall": 1.0}
+    ours = fid.precision_recall(samples, reference)
+    precision, recall = numpy_precision_recall(samples, reference)
+    assert 0 < recall < precision < 1   # narrower samples: mostly inside the reference, covering less of it
+    assert ours["precision"] == pytest.approx(precision, abs=1e-6) and ours["recall"] == pytest.approx(recall, abs=1e-6)
+    shifted = fid.precision_recall(reference + 3.0, reference)
+    assert shifted["precision"] < 0.5 and shifted["recall"] < 0.5
+
+
+def test_malformed_npz_references_are_refused_in_one_line(image_sets, weights, tmp_path, capsys):
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    buffer = tmp_path / "good.npz"
+    np.savez(buffer, mu=mu, sigma=sigma)
+    good = buffer.read_bytes()
+    cases = {"only_mu": dict(mu=mu), "unknown_keys": dict(other=np.zeros(3)),
+             "object_arr0": dict(arr_0=np.array([np.zeros(3), "x"], dtype=object)),
+             "object_mu": dict(mu=np.array([1, "a"], dtype=object), sigma=sigma),
+             "text_mu": dict(mu=np.array(["a"] * 2048), sigma=sigma),
+             "half_spatial": dict(mu=mu, sigma=sigma, mu_s=np.zeros(2023))}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    shutil.copy(tmp_path / "plain.npy", tmp_path / "npy_renamed.npz")
+    (tmp_path / "truncated.npz").write_bytes(good[:len(good) // 2])
+    (tmp_path / "bad_crc.npz").write_bytes(good[:200] + b"x" * 60 + good[260:])
+    images = f"--images={image_sets['few_png']}"
+    for name in [*cases, "npy_renamed", "truncated", "bad_crc"]:
+        line = refused(capsys, images, f"--ref={tmp_path / name}.npz", f"--inception-weights={weights}")
+        assert f"{name}.npz" in line, line
+    for name in ("object_arr0", "npy_renamed", "truncated"):   # the same files given as the images to score
+        line = refused(capsys, f"--images={tmp_path / name}.npz", f"--ref={image_sets['a_shards']}",
+                       f"--inception-weights={weights}")
+        assert f"{name}.npz" in line, line
+
+
+@pytest.mark.parametrize("side", [50, 70])   # over Pillow's limit (a warning), over twice the limit (an error)
+def test_decompression_bombs_in_images_are_refused_in_one_line(side, image_sets, weights, tmp_path, capsys,
+                                                                 monkeypatch):
+    folder = shutil.copytree(image_sets["few_png"], tmp_path / "images")
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(folder / "zz_bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)   # the 32 px images stay under it
+    line = refused(capsys, f"--images={folder}", f"--ref={image_sets['a_shards']}", f"--inception-weights={weights}",
+                   "--cache=false")   # the shared reference stays without a cache for the tests that copy it
+    assert "zz_bomb.png" in line and "decompression bomb" in line
 
 
 def test_cached_statistics_are_reused_and_recomputed_for_other_weights(image_sets, weights, tmp_path, monkeypatch):
@@ -256,14 +331,48 @@ def test_gpt_mode_generates_balanced_classes(gpt_run, image_sets, weights, tmp_p
                         schedules.add((k["cfg_schedule"], k["cfg_interval"])) or real_sample(model, n, labels=labels, **k))
     result = score(tmp_path, f"--gpt={gpt_run}", f"--ref={image_sets['a_shards']}", "--n=18", "--cfg=2",
                    "--cfg-schedule=linear", "--cfg-interval=40", "--top-k=50", f"--inception-weights={weights}",
-                   f"--save-samples={tmp_path / 'samples'}")
+                   f"--save-samples={tmp_path / 'samples'}", f"--save-npz={tmp_path / 'samples.npz'}")
     assert schedules == {("linear", 40)} and result["sampling"]["cfg_schedule"] == "linear"
     labels = [label for batch in drawn for label in batch]
     assert np.bincount(labels).tolist() == [3] * 6 and result["images_per_class"] == [3] * 6
     assert result["images"] == 18 and result["fid"] > 0
     assert len(list((tmp_path / "samples").glob("*_class5.png"))) == 3
+    with np.load(tmp_path / "samples.npz", allow_pickle=False) as saved:   # ADM's evaluator's format
+        assert saved["arr_0"].dtype == np.uint8 and saved["arr_0"].shape == (18, 32, 32, 3)
+        assert saved["arr_1"].tolist() == [i % 6 for i in range(18)]
+    from_npz = score(tmp_path, f"--images={tmp_path / 'samples.npz'}", f"--ref={image_sets['a_shards']}",
+                     f"--inception-weights={weights}")
+    for key in ("fid", "sfid", "precision", "recall", "isc_mean"):
+        assert from_npz[key] == pytest.approx(result[key], rel=1e-6, abs=1e-9), key
     assert "multiple of the model's 6 classes" in refused(capsys, f"--gpt={gpt_run}", f"--ref={image_sets['a_shards']}",
                                                           "--n=10", f"--inception-weights={weights}")
+
+
+def test_gpt_eval_fid_reads_only_the_image_shards_quantize_wrote_or_fid_ref(shapes_tokens, image_sets, weights,
+                                                                            tmp_path, capsys):
+    import train_gpt
+    from tests.test_hardening import gpt_cfg, token_set
+
+    shards = image_sets["a_shards"].resolve()
+    (tmp_path / "link").symlink_to(shards)
+    named = {"relative": os.path.relpath(shards), "dotdot": str(shards / ".." / shards.name),
+             "link": str(tmp_path / "link"), "image_folder": str(image_sets["a_png"].resolve()),
+             "moved": str(tmp_path / "moved"), "token_shards": str(tmp_path / "tokens_relative")}
+    for name, path in named.items():   # a token manifest is untrusted: none of these is read
+        cfg = gpt_cfg(token_set(tmp_path / f"tokens_{name}", source_shards=path), tmp_path / f"run_{name}", "--eval-fid",
+                      f"--inception-weights={weights}")
+        assert exit_on_user_error(lambda: train_gpt.main(cfg), "train_gpt") == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "source_shards" in line and "--fid-ref" in line, (name, line)
+
+    tokens = shutil.copytree(shapes_tokens, tmp_path / "tokens")   # the image shards moved: --fid-ref names them
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    (tokens / "manifest.json").write_text(json.dumps({**manifest, "source_shards": str(tmp_path / "moved")}))
+    run_script("train_gpt.py", *gpt_args(tokens, tmp_path / "gpt", 1, "--sample-count=0", "--eval-fid-samples=6",
+                                          "--eval-batch-size=6", "--eval-fid", f"--inception-weights={weights}",
+                                          f"--fid-ref={image_sets['b_png']}"))
+    evals = [r for r in read_metrics(tmp_path / "gpt") if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["gfid"] > 0
 
 
 @pytest.mark.slow
@@ -273,14 +382,67 @@ def test_two_ranks_under_torchrun_equal_one_process(gpt_run, image_sets, weights
         out = tmp_path / f"result_{nproc}.json"
         run_script("evaluate.py", f"--gpt={gpt_run}", f"--ref={image_sets['b_png']}", "--num-samples=12", "--batch-size=4",
                    f"--inception-weights={weights}", f"--save-samples={tmp_path / f'samples_{nproc}'}",
-                   f"--out={out}", "--device=cpu", "--progress=false", nproc=nproc)
+                   f"--save-npz={tmp_path / f'samples_{nproc}.npz'}", f"--out={out}", "--device=cpu",
+                   "--progress=false", nproc=nproc)
         results[nproc] = json.loads(out.read_text())
     assert results[2]["world_size"] == 2
-    for key in ("fid", "isc_mean", "isc_std", "images", "ref_images"):
+    for key in ("fid", "sfid", "precision", "recall", "isc_mean", "isc_std", "images", "ref_images"):
         assert results[2][key] == results[0][key], key
+    with np.load(tmp_path / "samples_0.npz") as one, np.load(tmp_path / "samples_2.npz") as two:   # gathered in order
+        assert one["arr_0"].shape[0] == 12 and np.array_equal(one["arr_0"], two["arr_0"])
     one, two = sorted((tmp_path / "samples_0").glob("*.png")), sorted((tmp_path / "samples_2").glob("*.png"))
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 12
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+
+
+def test_fid_ref_is_checked_when_parsed_and_at_start(shapes_shards, weights, tmp_path, capsys):
+    import train_resnet_vqgan
+    from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
+
+    def config(*flags):
+        return parse_config(VQGANTrainConfig, VQGAN_TRAIN_PRESETS,
+                            vqgan_args(shapes_shards, tmp_path / "run", 1, *flags, "--device=cpu"))
+
+    with pytest.raises(SystemExit) as exited:   # nothing would read it
+        config(f"--fid-ref={shapes_shards}")
+    assert exited.value.code == 2 and "--fid-ref is the reference of --eval-fid" in capsys.readouterr().err
+    cfg = config("--eval-fid", f"--inception-weights={weights}", f"--fid-ref={tmp_path / 'nowhere'}")
+    assert exit_on_user_error(lambda: train_resnet_vqgan.main(cfg), "train_resnet_vqgan") == 2
+    assert "--fid-ref" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+SPY = """import os, runpy, sys
+from vqgpt import fid
+spy_dir = sys.argv.pop(1)
+real_features = fid.Inception.features
+
+def features(self, images):   # which rank ran Inception on how many images
+    with open(os.path.join(spy_dir, "rank" + os.environ.get("RANK", "0")), "a") as log:
+        log.write(f"{len(images)} ")
+    return real_features(self, images)
+
+fid.Inception.features = features
+runpy.run_path("train_resnet_vqgan.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_trainer_reference_statistics_are_extracted_by_every_rank(weights, tmp_path):
+    shards = tmp_path / "shapes"
+    write_shards(builtin_source("shapes", 14), shards, size=32, shard_size=100, val_count=6, workers=1, progress=False)
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    (tmp_path / "calls").mkdir()
+    run_script(str(spy), str(tmp_path / "calls"), *vqgan_args(shards, tmp_path / "vqgan", 1, "--eval-fid", "--eval-batch-size=2",
+               f"--inception-weights={weights}", "--device=cpu"), nproc=2)
+    # rank 1 ran the reference's middle batch of 2 (the reconstructions are scored on rank 0 alone)
+    assert (tmp_path / "calls" / "rank1").read_text().split() == ["2"]
+    [cache] = shards.glob("fid_stats_val_*.npz")
+    one = fid.reference_statistics(str(shards), "val", fid.load_inception(str(weights)), 2, use_cache=False)
+    with np.load(cache) as cached:
+        np.testing.assert_allclose(cached["mu"], one.stats["mu"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(cached["sigma"], one.stats["sigma"], rtol=1e-5, atol=1e-6)
+        assert int(cached["count"]) == 6
 
 
 @pytest.mark.slow

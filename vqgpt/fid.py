@@ -1,7 +1,9 @@
-"""FID and Inception Score through torch-fidelity, offline, over shards, image folders, .npz batches and samples.
+"""FID, sFID, precision / recall and Inception Score through torch-fidelity, offline, over shards, image folders,
+.npz batches and samples.
 
 torch-fidelity supplies the network (the TF-compatible InceptionV3 behind published FIDs), the
-Frechet distance and the Inception Score; this module feeds it uint8 images straight from the
+Frechet distance, precision / recall and the Inception Score, on the features ADM's evaluator
+uses (pool features; the first 7 channels of mixed_6/conv for sFID); this module feeds it uint8 images straight from the
 shards, splits batches over ranks with results independent of the world size, and caches
 reference statistics beside the reference shards. Nothing is downloaded, and torch-fidelity only
 unpickles bytes that `torch.load(weights_only=True)` has already accepted.
@@ -10,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,10 +26,10 @@ from models.perceptual import find_weights_file, hub_checkpoint_dir
 from vqgpt import distributed
 from vqgpt.errors import RunError
 from vqgpt.files import atomic_path, sha256_file
-from vqgpt.images import IMAGE_SUFFIXES, to_uint8
+from vqgpt.images import IMAGE_SUFFIXES, SkipImage, decode_image, to_uint8
 from vqgpt.runlog import progress as progress_bar
 from vqgpt.sampling import sample_tokens
-from vqgpt.shards import MANIFEST_NAME, ShardError, ShardSplit
+from vqgpt.shards import MANIFEST_NAME, ShardError, ShardSplit, read_manifest
 from vqgpt.training import autocast, strict_fp32
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -32,6 +37,11 @@ INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/down
                          + INCEPTION_WEIGHTS_FILE)
 POOL_FEATURES, LOGITS = "2048", "logits_unbiased"   # torch-fidelity's layers for FID and for IS
 FEATURE_DIM = 2048
+# sFID as ADM's evaluator takes it: TF's mixed_6/conv is Mixed_6d's 1x1 branch (after its ReLU), 17 x 17 at 299 px;
+# its first 7 channels, flattened in TF's (H, W, C) order
+SPATIAL_LAYER, SPATIAL_CHANNELS = "Mixed_6d.branch1x1", 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
+PRC_NEIGHBOURHOOD = 3   # Kynkaanniemi et al. 2019 and ADM's evaluator
 
 Images = np.ndarray | list   # uint8 (B, H, W, 3), or a list of (H, W, 3) arrays of different sizes
 
@@ -56,8 +66,9 @@ def find_inception_weights(user_path: str = "") -> Path:
 
 @dataclass
 class Features:
-    pool: np.ndarray     # float32 (N, 2048): FID
-    logits: np.ndarray   # float32 (N, 1008): Inception Score
+    pool: np.ndarray      # float32 (N, 2048): FID, precision and recall
+    spatial: np.ndarray   # float32 (N, 2023): sFID
+    logits: np.ndarray    # float32 (N, 1008): Inception Score
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -71,6 +82,9 @@ class Inception:
         self.path = path
         self.sha256 = sha256
         self.device = device
+        self._spatial: list[torch.Tensor] = []   # filled by the hook during each forward
+        network.get_submodule(SPATIAL_LAYER).register_forward_hook(
+            lambda module, inputs, output: self._spatial.append(output))
 
     @torch.no_grad()
     def features(self, images: Images) -> Features:
@@ -81,14 +95,17 @@ class Inception:
                 runs[-1].append(image)
             else:
                 runs.append([image])
-        pool, logits = [], []
+        pool, spatial, logits = [], [], []
         for run in runs:
             batch = torch.from_numpy(np.ascontiguousarray(np.stack(run))).to(self.device).permute(0, 3, 1, 2)
+            self._spatial.clear()
             with strict_fp32(), torch.autocast(self.device.type, enabled=False):   # the published protocol: fp32
                 run_pool, run_logits = self.network(batch)
             pool.append(run_pool.float().cpu().numpy())
+            mixed_6 = self._spatial[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
+            spatial.append(mixed_6.reshape(len(run), -1).float().cpu().numpy())
             logits.append(run_logits.float().cpu().numpy())
-        return Features(np.concatenate(pool), np.concatenate(logits))
+        return Features(np.concatenate(pool), np.concatenate(spatial), np.concatenate(logits))
 
 
 def load_inception(user_path: str = "", device: torch.device | str = "cpu") -> Inception:
@@ -116,11 +133,11 @@ def load_inception(user_path: str = "", device: torch.device | str = "cpu") -> I
     return Inception(network, path, hashlib.sha256(data).hexdigest(), torch.device(device))
 
 
-def fid_statistics(pool: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean and covariance of (N, 2048) features, float64 (torch-fidelity's estimator)."""
+def fid_statistics(features: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean and covariance of (N, D) features, float64 (torch-fidelity's estimator): pool for FID, spatial for sFID."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
-    stats = fid_features_to_statistics(torch.from_numpy(np.ascontiguousarray(pool)))
+    stats = fid_features_to_statistics(torch.from_numpy(np.ascontiguousarray(features)))
     return {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
 
 
@@ -128,6 +145,24 @@ def frechet_distance(stats_a: dict, stats_b: dict) -> float:
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
     return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
+
+
+def precision_recall(samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Kynkaanniemi et al.'s precision and recall (k = 3) of sample features against reference features.
+
+    torch-fidelity's estimator on Inception pool features, as ADM's evaluator computes them:
+    precision is the share of samples inside some reference image's k-NN ball, recall the reverse.
+    Each set needs more than k images; with fewer the two are left out.
+    """
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    if min(len(samples), len(reference)) <= PRC_NEIGHBOURHOOD:
+        return {}
+    result = prc_features_to_metric(torch.from_numpy(np.ascontiguousarray(samples)),
+                                    torch.from_numpy(np.ascontiguousarray(reference)),
+                                    prc_neighborhood=PRC_NEIGHBOURHOOD, prc_batch_size=10000, save_cpu_ram=True,
+                                    verbose=False)
+    return {"precision": result[KEY_METRIC_PRECISION], "recall": result[KEY_METRIC_RECALL]}
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> dict[str, float]:
@@ -159,7 +194,7 @@ def extract_features(count: int, batch_size: int, make_batch: Callable[[int, int
         return None
     batches = {start: part for parts in gathered for start, part in parts.items()}
     ordered = [batches[start] for start in sorted(batches)]
-    return Features(np.concatenate([b.pool for b in ordered]), np.concatenate([b.logits for b in ordered]))
+    return Features(*(np.concatenate([getattr(b, name) for b in ordered]) for name in ("pool", "spatial", "logits")))
 
 
 class ImageSource:
@@ -184,8 +219,6 @@ class ImageSource:
 
     @staticmethod
     def from_folder(root: Path) -> "ImageSource":
-        from PIL import Image
-
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise RunError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
@@ -193,11 +226,10 @@ class ImageSource:
         def read(start: int, stop: int) -> list:
             images = []
             for path in files[start:stop]:
-                try:
-                    with Image.open(path) as image:
-                        images.append(np.asarray(image.convert("RGB")))   # what torch-fidelity's folder reader does
-                except (OSError, ValueError) as err:
-                    raise RunError(f"{path}: cannot be read as an image ({err})") from None
+                try:   # convert("RGB"): what torch-fidelity's folder reader does
+                    images.append(np.asarray(decode_image(path, lambda image: image.convert("RGB"))))
+                except SkipImage as err:   # shardify's rule (decompression bombs included); a score needs them all
+                    raise RunError(f"{path}: cannot be scored ({err}); remove it from the folder") from None
             return images
         return ImageSource(str(root), len(files), read)
 
@@ -208,11 +240,33 @@ class ImageSource:
         return ImageSource(str(path), len(array), lambda start, stop: array[start:stop])
 
 
-def _load_npz(path: Path) -> np.lib.npyio.NpzFile:
+def read_npz(path: Path, keys: tuple[str, ...]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The names in a .npz and those of `keys` it has, read without pickles; anything malformed is one RunError."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise RunError(f"{path}: not a readable .npz ({err})") from None
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise RunError(f"{path}: holds one .npy array, not a .npz archive of arr_0 images or mu/sigma")
+        with loaded:
+            return list(loaded.files), {key: loaded[key] for key in keys if key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:   # object arrays: ValueError
+        raise RunError(f"{path}: not a readable .npz ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                       "object arrays and pickles are refused") from None
+
+
+def checked_statistics(path: Path, files: list[str], arrays: dict, names: tuple[str, str], dim: int) -> dict:
+    """mu / sigma of a .npz as float64, refused unless both are there, numeric, (dim,) / (dim, dim) and finite."""
+    mu_name, sigma_name = names
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise RunError(f"{path}: has no {' and no '.join(missing)}; statistics need both {mu_name} and {sigma_name}")
+    mu, sigma = arrays[mu_name], arrays[sigma_name]
+    if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu" or mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise RunError(f"{path}: {mu_name} {mu.dtype}{list(mu.shape)} / {sigma_name} {sigma.dtype}{list(sigma.shape)} "
+                       f"are not ({dim},) / ({dim}, {dim}) real Inception statistics")
+    stats = {"mu": mu.astype(np.float64), "sigma": sigma.astype(np.float64)}
+    if not (np.isfinite(stats["mu"]).all() and np.isfinite(stats["sigma"]).all()):   # FID would be NaN
+        raise RunError(f"{path}: {mu_name} / {sigma_name} hold NaN or infinite values; not a usable reference")
+    return stats
 
 
 def open_images(path: str, split: str) -> ImageSource:
@@ -223,37 +277,65 @@ def open_images(path: str, split: str) -> ImageSource:
     if where.is_dir():
         return ImageSource.from_folder(where)
     if where.is_file() and where.suffix == ".npz":
-        arrays = _load_npz(where)
-        if "arr_0" not in arrays.files:
-            raise RunError(f"{where}: has no arr_0 images (only {arrays.files}); it can only be a --ref")
+        files, arrays = read_npz(where, ("arr_0",))
+        if "arr_0" not in files:
+            raise RunError(f"{where}: has no arr_0 images (only {files})")
         return ImageSource.from_array(where, arrays["arr_0"])
     raise RunError(f"{where}: not an image folder, an image shard folder or a .npz file")
+
+
+def check_reference_path(path: str, flag: str = "--fid-ref") -> None:
+    """Refused at start, not at the first eval hours later."""
+    where = Path(path)
+    if not (where.is_dir() or (where.is_file() and where.suffix == ".npz")):
+        raise RunError(f"{flag} {path}: not an image shard folder, an image folder or a .npz file")
+
+
+def token_source_shards(manifest: dict, tokens: str) -> str:
+    """The image shards a token manifest names, taken only as quantize.py writes them.
+
+    A manifest is untrusted (shards.py's rule): the path must be absolute with no link or `..` in it and hold
+    image shards, else --eval-fid would read and score whatever folder it names.
+    """
+    named = manifest.get("source_shards", "")
+    fix = "pass --fid-ref with the train images' shards (or an image folder or ADM .npz)"
+    plain = os.path.isabs(named) and ".." not in Path(named).parts and os.path.realpath(named) == os.path.normpath(named)
+    if not plain:
+        raise RunError(f"{tokens}: source_shards {named!r} is not the absolute, link-free path quantize.py writes; {fix}")
+    try:
+        kind = read_manifest(named).get("kind")
+    except (ShardError, OSError):
+        kind = None
+    if kind != "images":
+        raise RunError(f"{tokens}: source_shards {named} holds no image shards (moved?); {fix}")
+    return named
 
 
 def cache_path(split: ShardSplit, weights_sha256: str) -> Path:
     return split.root / f"fid_stats_{split.split}_{weights_sha256[:16]}.npz"
 
 
-def _read_cache(path: Path, split: ShardSplit, weights_sha256: str) -> dict | None:
-    """Cached statistics if they were made from these shards (same manifest) with these weights."""
+def _read_cache(path: Path, split: ShardSplit, weights_sha256: str, with_features: bool) -> dict | None:
+    """Cached statistics (and pool features if asked) made from these shards (same manifest) with these weights."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as cached:
             if (str(cached["weights_sha256"]) != weights_sha256 or int(cached["count"]) != len(split)
-                    or str(cached["manifest_sha256"]) != sha256_file(split.root / MANIFEST_NAME)):
+                    or str(cached["manifest_sha256"]) != sha256_file(split.root / MANIFEST_NAME)
+                    or "mu_s" not in cached.files or (with_features and "pool" not in cached.files)):
                 return None
-            return {"mu": cached["mu"], "sigma": cached["sigma"]}
-    except (OSError, ValueError, KeyError):   # torn or foreign file: recompute and overwrite
-        return None
+            return {name: cached[name] for name in ("mu", "sigma", "mu_s", "sigma_s", "pool") if name in cached.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):   # torn, foreign or older
+        return None   # (a cache without sFID's mu_s): recompute and overwrite
 
 
-def _write_cache(path: Path, stats: dict, split: ShardSplit, weights_sha256: str) -> bool:
+def _write_cache(path: Path, arrays: dict, split: ShardSplit, weights_sha256: str) -> bool:
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, mu=stats["mu"], sigma=stats["sigma"], count=len(split),
-                         weights_sha256=weights_sha256, manifest_sha256=sha256_file(split.root / MANIFEST_NAME))
+                np.savez(handle, **arrays, count=len(split), weights_sha256=weights_sha256,
+                         manifest_sha256=sha256_file(split.root / MANIFEST_NAME))
         return True
     except OSError as err:   # a read-only reference folder: evaluate anyway, without a cache
         print(f"{path}: statistics not cached ({err})", flush=True)
@@ -262,40 +344,71 @@ def _write_cache(path: Path, stats: dict, split: ShardSplit, weights_sha256: str
 
 @dataclass
 class Reference:
-    stats: dict | None   # mu/sigma on rank 0 (None elsewhere)
+    stats: dict | None   # pool mu/sigma on rank 0 (None elsewhere)
     info: dict           # what the JSON result says about the reference
+    spatial_stats: dict | None = None   # sFID's mu/sigma, where the reference gives them
+    pool: np.ndarray | None = None      # pool features for precision / recall, where asked for and there are images
+
+    def scores(self, features: Features) -> dict:
+        """FID, then sFID and precision / recall where this reference gives them, and IS of the samples' features."""
+        result = {"fid": frechet_distance(fid_statistics(features.pool), self.stats)}
+        if self.spatial_stats is not None:
+            result["sfid"] = frechet_distance(fid_statistics(features.spatial), self.spatial_stats)
+        if self.pool is not None:
+            result.update(precision_recall(features.pool, self.pool))
+        return {**result, **inception_score(features.logits)}
 
 
 def reference_statistics(path: str, split: str, inception: Inception, batch_size: int, *, rank: int = 0,
-                         world_size: int = 1, use_cache: bool = True, progress: str | bool = False) -> Reference:
-    """FID statistics of a reference: ADM-style .npz `mu`/`sigma` as given, shards through the cache, else extracted."""
+                         world_size: int = 1, use_cache: bool = True, progress: str | bool = False,
+                         keep_features: bool = False) -> Reference:
+    """Statistics of a reference: an ADM-style .npz's `mu`/`sigma` (and `mu_s`/`sigma_s`) as given, shards through
+    the cache, else extracted over all ranks. `keep_features`: also its pool features, for precision / recall
+    (of an ADM .npz, from its arr_0 images, as ADM's evaluator does)."""
     where = Path(path)
     if where.is_file() and where.suffix == ".npz":
-        arrays = _load_npz(where)
-        if "mu" in arrays.files and "sigma" in arrays.files:
-            stats = {"mu": arrays["mu"].astype(np.float64), "sigma": arrays["sigma"].astype(np.float64)}
-            if stats["mu"].shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
-                raise RunError(f"{where}: mu {stats['mu'].shape} / sigma {stats['sigma'].shape} are not "
-                               f"({FEATURE_DIM},) / ({FEATURE_DIM}, {FEATURE_DIM}) Inception pool statistics")
-            if not (np.isfinite(stats["mu"]).all() and np.isfinite(stats["sigma"]).all()):   # FID would be NaN
-                raise RunError(f"{where}: mu / sigma hold NaN or infinite values; not a usable reference")
-            return Reference(stats, {"ref": str(where), "ref_images": None, "ref_statistics": "npz mu/sigma"})
+        files, arrays = read_npz(where, ("mu", "sigma", "mu_s", "sigma_s"))
+        if "mu" in files or "sigma" in files:
+            stats = checked_statistics(where, files, arrays, ("mu", "sigma"), FEATURE_DIM)
+            spatial = (checked_statistics(where, files, arrays, ("mu_s", "sigma_s"), SPATIAL_DIM)
+                       if "mu_s" in files or "sigma_s" in files else None)
+            info = {"ref": str(where), "ref_images": None, "ref_statistics": "npz mu/sigma"}
+            if not (keep_features and "arr_0" in files):
+                return Reference(stats, info, spatial)
+            source = open_images(path, split)
+            features = extract_features(source.count, batch_size, source.read, inception, rank=rank,
+                                        world_size=world_size, progress=progress, desc="reference")
+            if features is None:
+                return Reference(None, info)
+            return Reference(stats, {**info, "ref_images": source.count},
+                             spatial if spatial is not None else fid_statistics(features.spatial), features.pool)
+        if "arr_0" not in files:
+            raise RunError(f"{where}: holds neither mu/sigma statistics nor arr_0 images (only {files})")
     source = open_images(path, split)
     info = {"ref": source.description, "ref_images": source.count}
     if source.shards is not None:
         info["ref_split"] = split
     cache = cache_path(source.shards, inception.sha256) if source.shards is not None and use_cache else None
-    cached = _read_cache(cache, source.shards, inception.sha256) if cache is not None and rank == 0 else None
+    cached = (_read_cache(cache, source.shards, inception.sha256, keep_features)
+              if cache is not None and rank == 0 else None)
     hit = distributed.broadcast_object(cached is not None) if world_size > 1 else cached is not None
     if hit:   # one decision for every rank
-        return Reference(cached, {**info, "ref_statistics": f"cached {cache.name}"})
+        if cached is None:   # the other ranks
+            return Reference(None, info)
+        spatial = {"mu": cached["mu_s"], "sigma": cached["sigma_s"]}
+        return Reference({"mu": cached["mu"], "sigma": cached["sigma"]},
+                         {**info, "ref_statistics": f"cached {cache.name}"}, spatial, cached.get("pool"))
+    # every rank extracts its share of the batches (rank 0 gathers them), whatever the size of the split
     features = extract_features(source.count, batch_size, source.read, inception, rank=rank, world_size=world_size,
                                 progress=progress, desc="reference")
     if features is None:
         return Reference(None, info)
-    stats = fid_statistics(features.pool)
-    written = cache is not None and _write_cache(cache, stats, source.shards, inception.sha256)
-    return Reference(stats, {**info, "ref_statistics": f"extracted, cached in {cache.name}" if written else "extracted"})
+    stats, spatial = fid_statistics(features.pool), fid_statistics(features.spatial)
+    pool = features.pool if keep_features else None
+    arrays = {**stats, "mu_s": spatial["mu"], "sigma_s": spatial["sigma"], **({"pool": pool} if keep_features else {})}
+    written = cache is not None and _write_cache(cache, arrays, source.shards, inception.sha256)
+    return Reference(stats, {**info, "ref_statistics": f"extracted, cached in {cache.name}" if written else "extracted"},
+                     spatial, pool)
 
 
 def balanced_labels(count: int, n_classes: int) -> np.ndarray | None:

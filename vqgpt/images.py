@@ -5,6 +5,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,14 +58,12 @@ def to_rgb(image: Image.Image, significant_bits: int | None = None) -> Image.Ima
     return image.convert("RGB")
 
 
-def load_square_image(path: str | os.PathLike, size: int, resize: str = "lanczos") -> np.ndarray:
-    """RGB, its centre square at `size`: uint8 (size, size, 3).
+def decode_image(path: str | os.PathLike, prepare: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """The first frame of an image file, opened and turned into what the caller needs by `prepare`.
 
-    resize "lanczos": EXIF-oriented, the centre square resized with Lanczos. "adm": as ADM's and LlamaGen's
-    loaders make it (no EXIF rotation, no JPEG draft decoding, `adm_center_crop`), so FID statistics match theirs.
-    Raises SkipImage with a short reason for anything unusable.
+    Raises SkipImage with a short reason for anything unusable: empty, unreadable, or a
+    decompression bomb (more than Pillow's MAX_IMAGE_PIXELS: its warning is treated as the error).
     """
-    adm = resize == "adm"
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -73,11 +72,7 @@ def load_square_image(path: str | os.PathLike, size: int, resize: str = "lanczos
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.seek(0)  # first frame of animations
-                if image.format == "JPEG" and not adm:
-                    image.draft("RGB", (size, size))  # decoder-side downscale, still >= size on both sides
-                image.load()
-                bits = png_significant_bits(path) if image.format == "PNG" and image.mode.startswith("I") else None
-                image = to_rgb(image if adm else ImageOps.exif_transpose(image), bits)
+                return prepare(image)
     except SkipImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -90,6 +85,25 @@ def load_square_image(path: str | os.PathLike, size: int, resize: str = "lanczos
         raise SkipImage(f"unreadable: {err}") from None
     except Exception as err:   # Pillow's parsers also raise struct.error, KeyError, IndexError, ...
         raise SkipImage(f"unreadable: {type(err).__name__}: {err}") from None
+
+
+def load_square_image(path: str | os.PathLike, size: int, resize: str = "lanczos") -> np.ndarray:
+    """RGB, its centre square at `size`: uint8 (size, size, 3).
+
+    resize "lanczos": EXIF-oriented, the centre square resized with Lanczos. "adm": as ADM's and LlamaGen's
+    loaders make it (no EXIF rotation, no JPEG draft decoding, `adm_center_crop`), so FID statistics match theirs.
+    Raises SkipImage with a short reason for anything unusable.
+    """
+    adm = resize == "adm"
+
+    def prepare(image: Image.Image) -> Image.Image:
+        if image.format == "JPEG" and not adm:
+            image.draft("RGB", (size, size))  # decoder-side downscale, still >= size on both sides
+        image.load()
+        bits = png_significant_bits(path) if image.format == "PNG" and image.mode.startswith("I") else None
+        return to_rgb(image if adm else ImageOps.exif_transpose(image), bits)
+
+    image = decode_image(path, prepare)
     if adm:
         return adm_center_crop(image, size)
     # the centre square in source coordinates, resized once: a 1 x 60000 strip never becomes 256 x 15M pixels

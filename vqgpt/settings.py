@@ -60,6 +60,9 @@ class TrainConfig:
     weight_ema_decay: float = setting("keep an EMA of the weights, updated after each optimizer step with this decay "
                                       "(e.g. 0.9999); evals, sampling, evaluate.py, image_quantizer.py and export.py "
                                       "use it (0: off)", 0.0, aliases=("--ema-decay",))
+    fid_ref: str = setting("reference of --eval-fid: image shard folder (its val split for the VQGAN, train for the "
+                           "GPT), image folder or ADM .npz (default: --data's val split; for the GPT the image shards "
+                           "its tokens were made from)", "")
 
     def __post_init__(self):
         # caught here, at parse time, not hours later at the first eval or checkpoint
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio must be at most 1 (the cosine decays to lr x this), got {self.min_lr_ratio}")
         if not self.out.strip():
             raise ValueError("--out must name a run folder (an empty one is the working directory)")
+        if self.fid_ref and not self.eval_fid:
+            raise ValueError("--fid-ref is the reference of --eval-fid; add --eval-fid or drop it")
         check_precision(self.precision)
         network_checks = getattr(super(), "__post_init__", None)   # the network config's own checks
         if network_checks is not None:
@@ -463,6 +468,8 @@ class EvaluateConfig:
     batch_size: int = setting("images per generation, reconstruction and Inception batch", 50)
     seed: int = setting("seed of the samples (the same on any number of ranks)", 0)
     save_samples: str = setting("folder to keep the --gpt samples as PNGs", "")
+    save_npz: str = setting("also write the --gpt samples to this .npz in ADM's evaluator format (arr_0: uint8 "
+                            "(N, H, W, 3), arr_1: classes)", "")
     inception_weights: str = setting("path to weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)", "")
     lpips_weights: str = setting("path to vgg16-397923af.pth for LPIPS with --vqgan (default: the torch hub cache; "
                                  "without it LPIPS is left out)", "")
@@ -487,6 +494,8 @@ class EvaluateConfig:
         if self.temperature < 0 or self.top_k < 0 or self.cfg < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"--temperature, --top-k and --cfg must not be negative and --top-p must be in (0, 1]; "
                              f"got {self.temperature}, {self.top_k}, {self.cfg}, {self.top_p}")
+        if self.save_npz and not self.save_npz.endswith(".npz"):   # what --images and ADM's evaluator recognise
+            raise ValueError(f"--save-npz must name a .npz file, got {self.save_npz!r}")
         check_precision(self.precision)
 
 
