@@ -514,7 +514,7 @@ def test_reader_thread_ends_when_its_consumer_is_gone(tmp_path, monkeypatch):
     real_read = split.read
     calls = {"n": 0}
 
-    def failing_read(indices):
+    def failing_read(indices, corners=None):
         calls["n"] += 1
         if calls["n"] >= 3:
             raise OSError("disk went away")
