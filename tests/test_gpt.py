@@ -86,6 +86,18 @@ def test_kv_cache_logits_equal_full_forward(model, chunks):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
 
 
+def sample_both_ways(model, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 samples with the KV cache and 4 recomputing the prefix, same seed; `options` as the parametrisations give
+    them (label lists, a prefix length)."""
+    options = dict(options)
+    if "labels" in options:
+        options["labels"] = torch.tensor(options["labels"])
+    if "prefix" in options:
+        options["prefix"] = torch.randint(0, CODEBOOK, (4, options["prefix"]), generator=seeded(5))
+    return (sample_tokens(model, 4, generator=seeded(), **options),
+            sample_tokens(model, 4, generator=seeded(), use_kv_cache=False, **options))
+
+
 @pytest.mark.parametrize("options", [
     dict(temperature=0),
     dict(temperature=1.0),
@@ -97,13 +109,7 @@ def test_kv_cache_logits_equal_full_forward(model, chunks):
     dict(labels=[0, 1, 2, 0], cfg_scale=2.0, prefix=3, temperature=0),
 ])
 def test_kv_cache_sampling_equals_recompute(model, options):
-    options = dict(options)
-    if "labels" in options:
-        options["labels"] = torch.tensor(options["labels"])
-    if "prefix" in options:
-        options["prefix"] = torch.randint(0, CODEBOOK, (4, options["prefix"]), generator=seeded(5))
-    with_cache = sample_tokens(model, 4, generator=seeded(), **options)
-    recomputed = sample_tokens(model, 4, generator=seeded(), use_kv_cache=False, **options)
+    with_cache, recomputed = sample_both_ways(model, options)
     assert with_cache.shape == (4, LENGTH) and with_cache.dtype == torch.long
     assert torch.equal(with_cache, recomputed)
 
@@ -309,14 +315,7 @@ def test_kv_cache_logits_equal_full_forward_under_rope_and_grouped_heads(variant
     dict(labels=[0, 1, 2, 0], cfg_scale=2.0, prefix=3, temperature=0),
 ])
 def test_kv_cache_sampling_equals_recompute_under_rope(variant, options):
-    model = trained_looking(LLAMA_VARIANTS[variant])
-    options = dict(options)
-    if "labels" in options:
-        options["labels"] = torch.tensor(options["labels"])
-    if "prefix" in options:
-        options["prefix"] = torch.randint(0, CODEBOOK, (4, options["prefix"]), generator=seeded(5))
-    with_cache = sample_tokens(model, 4, generator=seeded(), **options)
-    recomputed = sample_tokens(model, 4, generator=seeded(), use_kv_cache=False, **options)
+    with_cache, recomputed = sample_both_ways(trained_looking(LLAMA_VARIANTS[variant]), options)
     assert torch.equal(with_cache, recomputed)
     assert with_cache.max() < CODEBOOK
 
