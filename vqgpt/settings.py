@@ -128,7 +128,7 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
             raise ValueError("--l1-weight, --l2-weight and --perceptual-weight are all 0: nothing would teach the "
                              "VQGAN to reconstruct")
         check_not_negative(self, ("l1_weight", "l2_weight", "chroma_weight", "perceptual_weight", "disc_weight",
-                                   "disc_weight_max", "disc_lr", "disc_start", "beta", "muon_lr_scale"))
+                                   "disc_weight_max", "disc_lr", "disc_start", "muon_lr_scale"))
 
 
 def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:

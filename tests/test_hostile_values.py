@@ -1,0 +1,82 @@
+"""Values that make no sense (issue 33): refused in one line when parsed, or handled without a traceback or NaN."""
+from __future__ import annotations
+
+import pytest
+
+from vqgpt.config import ConfigError, config_from_dict, config_to_dict, parse_config
+from vqgpt.settings import (EVALUATE_PRESETS, GPT_TRAIN_PRESETS, IMPORT_PRESETS, SAMPLE_PRESETS,
+                            VQGAN_TRAIN_PRESETS, EvaluateConfig, GPTTrainConfig, ImportConfig, SampleConfig,
+                            ShardifyConfig, VQGANTrainConfig)
+
+VQGAN_BASE = ["--preset=tiny", "--data=d"]
+GPT_BASE = ["--preset=tiny", "--tokens=t"]
+
+
+def refused(cls, presets, argv, capsys) -> str:
+    """The one error line parse_config prints (exit 2) for argv."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, presets, argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# a network that cannot be built from these (a traceback at construction or at the first forward) or that would
+# be built wrong (dropout 1 zeroes every activation; -1 discriminator layers built a 0-layer one)
+@pytest.mark.parametrize("argv, message", [
+    (["--dropout=1.5"], "dropout must be in [0, 1)"),
+    (["--dropout=-0.1"], "dropout must be in [0, 1)"),
+    (["--dropout=1"], "dropout must be in [0, 1)"),
+    (["--disc-layers=6"], "disc_layers 6: a 32 px image fits a PatchGAN of 0 to 3 layers"),
+    (["--disc-layers=-1"], "disc_layers -1"),
+    (["--disc-ndf=0"], "disc_ndf must be positive"),
+    (["--ch-mult="], "ch_mult must be one or more positive multipliers"),
+    (["--ch-mult=1,0,2"], "ch_mult must be one or more positive multipliers"),
+    (["--ch-mult=1,-2"], "ch_mult must be one or more positive multipliers"),
+    (["--ch=48"], "every width must be at most 32 or a multiple of 32"),
+    (["--image-size=0", "--attn-resolutions="], "image_size 0 must be a positive multiple of 4"),
+    (["--image-size=-32", "--attn-resolutions="], "image_size -32 must be a positive multiple of 4"),
+])
+def test_vqgan_networks_that_cannot_be_built_are_refused_when_parsed(argv, message, capsys):
+    assert message in refused(VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, *argv], capsys)
+
+
+def test_every_vqgan_preset_still_builds():
+    import torch
+
+    from models.discriminator import NLayerDiscriminator
+    from models.vqgan import VQGAN_PRESETS
+
+    for config in VQGAN_PRESETS.values():   # the checks refuse nothing a preset uses
+        side = config.image_size
+        NLayerDiscriminator(3, 8, config.disc_layers).eval()(torch.zeros(1, 3, side, side))
+
+
+@pytest.mark.parametrize("cls, presets, argv, message", [
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--lr=1e300"], "beyond the float32 range"),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--lr=-1e39"], "beyond the float32 range"),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--disc-weight-max=1e300"], "beyond the float32 range"),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--adam-betas=0.5,1e300"], "beyond the float32 range"),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--lr=1e400"], "not a finite number"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, f"--seed={2**63}"], "beyond the 64-bit integer range"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, f"--seed={2**64}"], "beyond the 64-bit integer range"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, "--seed=-1"], "--seed must not be negative"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, f"--batch-size={10**30}"], "beyond the 64-bit integer range"),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, f"--attn-resolutions=8,{2**70}"], "64-bit"),
+    (SampleConfig, SAMPLE_PRESETS, ["--gpt=g", "--out=o", f"--seed={2**63}"], "beyond the 64-bit integer range"),
+    (SampleConfig, SAMPLE_PRESETS, ["--gpt=g", "--out=o", "--cfg=1e300", "--class=0"], "beyond the float32 range"),
+    (SampleConfig, SAMPLE_PRESETS, ["--gpt=g", "--out=o", "--temperature=1e39"], "beyond the float32 range"),
+    (EvaluateConfig, EVALUATE_PRESETS, ["--images=i", "--ref=r", f"--seed={2**63}"], "64-bit"),
+    (EvaluateConfig, EVALUATE_PRESETS, ["--gpt=g", "--ref=r", "--cfg=1e300"], "beyond the float32 range"),
+    (ImportConfig, IMPORT_PRESETS, ["--from=llamagen", "--ckpt=c", "--out=o", f"--image-size={2**64}"], "64-bit"),
+    (ShardifyConfig, {}, ["s", "d", f"--seed={2**63}"], "beyond the 64-bit integer range"),
+])
+def test_numbers_that_overflow_are_refused_by_the_parser(cls, presets, argv, message, capsys):
+    line = refused(cls, presets, argv, capsys)
+    assert "error:" in line and message in line, line
+
+
+@pytest.mark.parametrize("key, value", [("lr", 1e300), ("seed", 2**63), ("adam_betas", [0.5, float("inf")])])
+def test_saved_configs_with_numbers_that_overflow_are_refused(key, value):
+    saved = config_to_dict(VQGAN_TRAIN_PRESETS["tiny"]) | {"data": "d", key: value}
+    with pytest.raises(ConfigError, match=f"saved config: {key} holds"):
+        config_from_dict(VQGANTrainConfig, saved)
