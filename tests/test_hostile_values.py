@@ -80,3 +80,51 @@ def test_saved_configs_with_numbers_that_overflow_are_refused(key, value):
     saved = config_to_dict(VQGAN_TRAIN_PRESETS["tiny"]) | {"data": "d", key: value}
     with pytest.raises(ConfigError, match=f"saved config: {key} holds"):
         config_from_dict(VQGANTrainConfig, saved)
+
+
+def _huge_torch():
+    import torch
+    return torch.zeros(10**12, 64)   # 256 TB: the CPU allocator refuses it at once
+
+
+def _overflowing_torch():
+    import torch
+    return torch.zeros(10**18, 64)
+
+
+def _huge_numpy():
+    import numpy as np
+    return np.empty((10**12, 64))   # MemoryError
+
+
+def _overflowing_numpy():
+    import numpy as np
+    return np.empty((10**18, 64))   # ValueError: array is too big
+
+
+@pytest.mark.parametrize("allocate", [_huge_torch, _overflowing_torch, _huge_numpy, _overflowing_numpy])
+def test_an_allocation_that_cannot_succeed_is_one_line_and_exit_2(allocate, capsys):
+    from vqgpt.errors import exit_on_user_error
+
+    assert exit_on_user_error(allocate, "prog") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("prog: error: not enough memory for what was asked"), err
+
+
+def test_other_errors_still_raise():
+    from vqgpt.errors import exit_on_user_error
+
+    def broken():
+        raise RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        exit_on_user_error(broken, "prog")
+
+
+def test_shardify_with_a_size_no_machine_holds_stops_in_one_line(tmp_path, capsys):
+    import shardify
+    from vqgpt.errors import exit_on_user_error
+
+    cfg = parse_config(ShardifyConfig, {}, ["--builtin=shapes", str(tmp_path / "out"), f"--size={10**9}",
+                                            "--builtin-count=2", "--workers=1", "--progress=false"])
+    assert exit_on_user_error(lambda: shardify.main(cfg), "shardify") == 2
+    assert capsys.readouterr().err.strip().startswith("shardify: error: not enough memory")
