@@ -128,3 +128,45 @@ def test_shardify_with_a_size_no_machine_holds_stops_in_one_line(tmp_path, capsy
                                             "--builtin-count=2", "--workers=1", "--progress=false"])
     assert exit_on_user_error(lambda: shardify.main(cfg), "shardify") == 2
     assert capsys.readouterr().err.strip().startswith("shardify: error: not enough memory")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    import torch
+
+    from models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(codebook_size=16, n_classes=2, tokens_per_image=6, n_layer=1, n_head=2, n_embd=32)).eval()
+
+
+# each drew from NaN probabilities (torch.multinomial raised): 1/temperature overflowed fp32, a top_p below fp32's
+# smallest number dropped every id, cfg_scale times a logit difference overflowed fp32
+@pytest.mark.parametrize("options, same_as", [
+    (dict(temperature=1e-45), dict(temperature=0)),
+    (dict(temperature=1e-300), dict(temperature=0)),
+    (dict(top_p=1e-300), dict(temperature=0)),
+    (dict(top_p=1e-46, top_k=3), dict(temperature=0)),
+    (dict(cfg_scale=1e300), dict(cfg_scale=1e300, temperature=0)),
+    (dict(cfg_scale=3e38, temperature=1e-45, top_p=1e-300), dict(cfg_scale=3e38, temperature=0)),
+])
+def test_extreme_sampling_values_draw_the_limit_they_tend_to(tiny_gpt, options, same_as):
+    import torch
+
+    from vqgpt.sampling import sample_tokens
+
+    labels = torch.tensor([0, 1, 0, 1])
+    drawn = sample_tokens(tiny_gpt, 4, labels=labels, generator=torch.Generator().manual_seed(0), **options)
+    assert torch.equal(drawn, sample_tokens(tiny_gpt, 4, labels=labels, **same_as))   # greedy is their limit
+
+
+def test_filtered_logits_never_hold_nan_or_positive_inf():
+    import torch
+
+    from vqgpt.sampling import filter_logits
+
+    logits = torch.tensor([[3e38, -3e38, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    for temperature in (1e-300, 1e-45, 1.0, 3e38):
+        filtered = filter_logits(logits, temperature, top_k=3, top_p=1e-300, num_valid=3)
+        assert not filtered.isnan().any() and (filtered <= 0).all() and filtered.isfinite().any(dim=-1).all()
+        assert (filtered.softmax(-1).sum(-1) - 1).abs().max() < 1e-6
