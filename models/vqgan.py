@@ -15,6 +15,12 @@ QUANTIZERS = ("vq", "l2")
 VQ_LOSSES = ("vqvae", "taming")
 
 
+def most_disc_layers(image_size: int) -> int:
+    """The most layers of a PatchGAN on this image side: it halves the image once per layer, then two 4x4
+    convolutions each take a pixel off, and at least one logit must be left."""
+    return max(0, (image_size // 3).bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class VQGANConfig:
     image_size: int = 64
@@ -57,11 +63,9 @@ class VQGANConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.beta < 0:
             raise ValueError(f"beta must not be negative, got {self.beta}")
-        # the PatchGAN halves the image disc_layers times, then two 4x4 convolutions each take a pixel off
-        if self.disc_layers < 0 or self.image_size >> self.disc_layers < 3:
-            fits = max(0, (self.image_size // 3).bit_length() - 1)
+        if not 0 <= self.disc_layers <= most_disc_layers(self.image_size):
             raise ValueError(f"disc_layers {self.disc_layers}: a {self.image_size} px image fits a PatchGAN of 0 to "
-                             f"{fits} layers")
+                             f"{most_disc_layers(self.image_size)} layers")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.vq_loss not in VQ_LOSSES:

@@ -170,3 +170,95 @@ def test_filtered_logits_never_hold_nan_or_positive_inf():
         filtered = filter_logits(logits, temperature, top_k=3, top_p=1e-300, num_valid=3)
         assert not filtered.isnan().any() and (filtered <= 0).all() and filtered.isfinite().any(dim=-1).all()
         assert (filtered.softmax(-1).sum(-1) - 1).abs().max() < 1e-6
+
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parent / "fixtures"
+
+
+def _set(container: str, key, value):
+    def mutate(checkpoint: dict):
+        checkpoint[container][key] = value() if callable(value) else value
+    return mutate
+
+
+def _zeros(*shape):
+    return lambda: __import__("torch").zeros(*shape)
+
+
+# each was a traceback (AttributeError, ValueError, IndexError, ZeroDivisionError) where the importer read a shape
+@pytest.mark.parametrize("source, mutate, message", [
+    ("llamagen", _set("model", "quantize.embedding.weight", _zeros(64)), "needs 2 non-zero sizes"),
+    ("llamagen", _set("model", "quantize.embedding.weight", _zeros(64, 8, 1)), "needs 2 non-zero sizes"),
+    ("llamagen", _set("model", "quantize.embedding.weight", "x"), "'quantize.embedding.weight' holds str, not a tensor"),
+    ("llamagen", _set("model", "quant_conv.weight", _zeros(8)), "needs 4 non-zero sizes"),
+    ("llamagen", _set("model", "encoder.conv_in.weight", _zeros(0, 3, 3, 3)), "needs 4 non-zero sizes"),
+    ("llamagen", _set("model", "encoder.conv_blocks.x.res.0.conv1.weight", _zeros(1)), "unexpected key"),
+    ("llamagen", _set("model", 5, _zeros(1)), "holds the key 5, not a name"),
+    ("llamagen", _set("discriminator", "main.0.weight", "x"), "[discriminator] 'main.0.weight' holds str"),
+    ("llamagen", _set("discriminator", "main.0.weight", _zeros(())), "needs 4 non-zero sizes"),
+    ("llamagen", _set("discriminator", "main.2.weight", "x"), "'main.2.weight' holds str"),
+    ("taming", _set("state_dict", "loss.discriminator.main.0.weight", "x"), "holds str, not a tensor"),
+    ("taming", _set("state_dict", "loss.discriminator.main.2.weight", [1]), "holds list, not a tensor"),
+    ("taming", _set("state_dict", "loss.perceptual_loss.net.slice1.0", _zeros(1)), "does not fit torchvision's VGG16"),
+    ("taming", _set("state_dict", "loss.perceptual_loss.net.slice1.0.weight", "x"), "holds str, not a tensor"),
+    ("taming", _set("state_dict", 3, _zeros(1)), "holds the key 3, not a name"),
+])
+def test_malformed_checkpoints_are_refused_in_one_line(source, mutate, message, tmp_path, capsys):
+    import torch
+
+    import import_vqgan
+    from vqgpt.errors import exit_on_user_error
+    from vqgpt.safe_pickle import load_foreign_checkpoint
+
+    if source == "llamagen":
+        checkpoint = load_foreign_checkpoint(FIXTURES / "llamagen_vq.pt")
+        checkpoint.pop("args")   # an argparse.Namespace stand-in: not for saving again
+        argv = ["--from=llamagen", "--image-size=16"]
+    else:
+        checkpoint = {"state_dict": load_foreign_checkpoint(FIXTURES / "taming_last.ckpt")["state_dict"]}
+        argv = ["--from=taming", f"--config={FIXTURES / 'taming_model.yaml'}"]
+    mutate(checkpoint)
+    torch.save(checkpoint, tmp_path / "source.pt")
+    cfg = parse_config(ImportConfig, IMPORT_PRESETS, [*argv, f"--ckpt={tmp_path / 'source.pt'}", f"--out={tmp_path / 'run'}"])
+    assert exit_on_user_error(lambda: import_vqgan.main(cfg), "import_vqgan") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--from=llamagen", "--image-size=-256"], "--image-size must be positive"),   # was imported as a -256 px VQGAN
+    (["--from=llamagen", "--image-size=0"], "--image-size must be positive"),
+    (["--from=taming", "--config=c.yaml", "--image-size=64"], "--image-size applies with --from llamagen only"),
+    (["--from=taming", "--config=c.yaml", "--l2-norm=false"], "--l2-norm applies with --from llamagen only"),
+    (["--from=llamagen", "--config=c.yaml"], "--config applies with --from taming only"),
+])
+def test_import_settings_that_make_no_sense_or_go_unused_are_refused(argv, message, capsys):
+    assert message in refused(ImportConfig, IMPORT_PRESETS, [*argv, "--ckpt=c", "--out=o"], capsys)
+
+
+# taming's model.yaml is read as a saved config is (types, ranges), then checked as a network: each was a
+# traceback, and dropout 1 an import that zeroes every activation
+@pytest.mark.parametrize("key, value, message", [
+    ("ch", 10**30, "beyond the 64-bit integer range"),
+    ("ch", True, "ch holds bool"),
+    ("ch_mult", [1, "a"], "ch_mult holds tuple"),
+    ("dropout", float("inf"), "not a finite number"),
+    ("dropout", 1.0, "dropout must be in [0, 1)"),
+    ("ch", 48, "GroupNorm"),
+    ("resolution", -16, "image_size -16 must be a positive multiple"),
+])
+def test_taming_yaml_values_that_make_no_network_are_refused(key, value, message, tmp_path, capsys):
+    import yaml
+
+    import import_vqgan
+    from vqgpt.errors import exit_on_user_error
+
+    data = yaml.safe_load((FIXTURES / "taming_model.yaml").read_text())
+    data["model"]["params"]["ddconfig"][key] = value
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(data))
+    cfg = ImportConfig(from_="taming", ckpt=str(FIXTURES / "taming_last.ckpt"), config=str(tmp_path / "model.yaml"),
+                       out=str(tmp_path / "run"))
+    assert exit_on_user_error(lambda: import_vqgan.main(cfg), "import_vqgan") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.yaml" in err and message in err, err

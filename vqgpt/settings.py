@@ -256,6 +256,9 @@ QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
 @dataclasses.dataclass(frozen=True)
 class ImportConfig:
     """import_vqgan.py: a published VQ tokenizer -> a VQGAN run folder of this project."""
+    # taming's model.yaml gives the architecture; LlamaGen's checkpoint holds no config
+    applies_only_with: ClassVar[dict[str, tuple[str, object]]] = {
+        "config": ("from_", "taming"), "image_size": ("from_", "llamagen"), "l2_norm": ("from_", "llamagen")}
     from_: str = setting("the source: taming (taming-transformers VQGAN) or llamagen (LlamaGen VQ-8 / VQ-16)", "",
                          required=True, choices=("taming", "llamagen"))
     ckpt: str = setting("the published checkpoint: taming's last.ckpt or LlamaGen's vq_ds16_c2i.pt", "", required=True)
@@ -267,6 +270,8 @@ class ImportConfig:
     def __post_init__(self):
         if self.from_ == "taming" and not self.config:
             raise ValueError("--from taming needs --config: taming's model.yaml")
+        if self.image_size < 1:
+            raise ValueError(f"--image-size must be positive, got {self.image_size}")
 
 
 IMPORT_PRESETS: dict[str, ImportConfig] = {}
