@@ -262,3 +262,51 @@ def test_taming_yaml_values_that_make_no_network_are_refused(key, value, message
     assert exit_on_user_error(lambda: import_vqgan.main(cfg), "import_vqgan") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.yaml" in err and message in err, err
+
+
+# settings the run would record in config.json and silently not use (a missing file there went unnoticed)
+@pytest.mark.parametrize("cls, presets, argv, message", [
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--lpips-weights=/nowhere/vgg.pth", "--lpips-random-backbone"],
+     "--lpips-weights applies with --perceptual-weight above 0 and --lpips-random-backbone false only"),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--lpips-weights=/nowhere/vgg.pth", "--perceptual-weight=0"],
+     "--lpips-weights applies with --perceptual-weight above 0"),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--lpips-random-backbone", "--perceptual-weight=0"],
+     "--lpips-random-backbone applies with --perceptual-weight above 0 only"),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--inception-weights=/nowhere/inception.pth"],
+     "--inception-weights applies with --eval-fid true only"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, "--inception-weights=/nowhere/inception.pth"],
+     "--inception-weights applies with --eval-fid true only"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, "--vqgan=/nowhere/vqgan.pt", "--sample-count=0"],
+     "--vqgan applies with --sample-count above 0 or --eval-fid true only"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, "--sample-temperature=0.5", "--sample-count=0"],
+     "--sample-temperature applies with --sample-count above 0"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, "--eval-fid-samples=100"], "--eval-fid-samples applies with --eval-fid"),
+])
+def test_settings_this_run_would_not_use_are_refused(cls, presets, argv, message, capsys):
+    assert message in refused(cls, presets, argv, capsys)
+
+
+@pytest.mark.parametrize("cls, presets, argv", [
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--lpips-weights=w.pth"]),
+    (VQGANTrainConfig, VQGAN_TRAIN_PRESETS, [*VQGAN_BASE, "--lpips-random-backbone", "--eval-fid", "--inception-weights=i"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, "--vqgan=v.pt", "--sample-count=0", "--eval-fid"]),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, "--vqgan=v.pt", "--sample-top-k=5"]),
+])
+def test_the_same_settings_are_taken_where_they_apply(cls, presets, argv):
+    parse_config(cls, presets, argv)
+
+
+from tests.test_hardening import chain  # noqa: E402,F401  a random VQGAN -> tokens -> GPT chain, 6 classes
+
+
+def test_sample_complete_refuses_cfg_on_images_without_labels(chain, tmp_path):
+    import sample
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", per_class=1)   # a plain image folder: no labels
+    base = ["--gpt", str(chain / "gpt"), "--out", str(tmp_path / "out"), "--n", "2", "--device", "cpu",
+            "--complete", str(folder), "--keep-rows", "2"]
+    with pytest.raises(ConfigError, match="--cfg guides each completion .* holds no labels"):
+        sample.main(parse_config(SampleConfig, SAMPLE_PRESETS, [*base, "--cfg", "3"]))
+    assert not (tmp_path / "out").exists()
+    assert sample.main(parse_config(SampleConfig, SAMPLE_PRESETS, base)) == 0

@@ -171,7 +171,13 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
             parser.exit(2, f"{parser.prog}: error: {flag_name(name)} follows from {flag_name(source)}; give one\n")
     # a flag whose setting this run does not use would be recorded in config.json and silently ignored
     for name, (other, value) in getattr(cls, "applies_only_with", {}).items():
-        if name in args and getattr(cfg, other) != value:
+        if name not in args:
+            continue
+        if callable(value):   # (what the run needs, in words; whether this run has it)
+            if not value(cfg):
+                parser.exit(2, f"{parser.prog}: error: {flag_name(name)} applies with {other} only; this run does "
+                               "not use it\n")
+        elif getattr(cfg, other) != value:
             parser.exit(2, f"{parser.prog}: error: {flag_name(name)} applies with {flag_name(other)} "
                            f"{str(value).lower()} only; this run has {str(getattr(cfg, other)).lower()}\n")
     defaults = field_defaults(cls)
