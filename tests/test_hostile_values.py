@@ -310,3 +310,14 @@ def test_sample_complete_refuses_cfg_on_images_without_labels(chain, tmp_path):
         sample.main(parse_config(SampleConfig, SAMPLE_PRESETS, [*base, "--cfg", "3"]))
     assert not (tmp_path / "out").exists()
     assert sample.main(parse_config(SampleConfig, SAMPLE_PRESETS, base)) == 0
+
+
+def test_sample_n_no_machine_holds_stops_in_one_line(chain, tmp_path, capsys):
+    import sample
+    from vqgpt.errors import exit_on_user_error
+
+    cfg = parse_config(SampleConfig, SAMPLE_PRESETS, ["--gpt", str(chain / "gpt"), "--out", str(tmp_path / "out"),
+                                                      "--n", str(10**12), "--device", "cpu"])
+    assert exit_on_user_error(lambda: sample.main(cfg), "sample") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sample: error: not enough memory"), err
