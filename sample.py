@@ -72,13 +72,17 @@ def sample(cfg: SampleConfig, device: torch.device) -> int:
         raise ConfigError(f"--keep-rows {cfg.keep_rows} exceeds the {grid_rows} token rows of an image")
     gpt_model = optimize_for_inference(gpt.model, compile=cfg.compile)
     vqgan_model = optimize_for_inference(vqgan.model, compile=cfg.compile, channels_last=cfg.channels_last)
+    if cfg.complete:   # read and checked before anything is written
+        originals, labels = load_image_batch(cfg.complete, cfg.num_samples, vqgan.config.image_size)
+        if labels is not None and config.n_classes:
+            check_same_classes(cfg.complete, gpt.token_manifest.get("classes", []))
+        elif cfg.cfg != 1:   # sample_tokens guides only labelled rows: the scale was ignored
+            missing = f"{cfg.complete} holds no labels" if config.n_classes else "this GPT has no classes"
+            raise ConfigError(f"--cfg guides each completion towards its image's class, but {missing}; leave it at 1")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     options = sampling_options(cfg, device)
     if cfg.complete:
-        originals, labels = load_image_batch(cfg.complete, cfg.num_samples, vqgan.config.image_size)
-        if labels is not None and config.n_classes:
-            check_same_classes(cfg.complete, gpt.token_manifest.get("classes", []))
         images = to_unit_range(torch.from_numpy(originals).to(device))
         with torch.no_grad():
             tokens = vqgan_model.encode_to_indices(images)

@@ -15,6 +15,12 @@ QUANTIZERS = ("vq", "l2")
 VQ_LOSSES = ("vqvae", "taming")
 
 
+def most_disc_layers(image_size: int) -> int:
+    """The most layers of a PatchGAN on this image side: it halves the image once per layer, then two 4x4
+    convolutions each take a pixel off, and at least one logit must be left."""
+    return max(0, (image_size // 3).bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class VQGANConfig:
     image_size: int = 64
@@ -40,15 +46,30 @@ class VQGANConfig:
     pooled_input: bool = False
 
     def __post_init__(self):
+        # every value a network cannot be built from (or would build wrong) is refused here, in one line
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult must be one or more positive multipliers, got {self.ch_mult}")
+        if min(self.ch, self.z_channels, self.codebook_size, self.codebook_dim, self.num_res_blocks, self.disc_ndf) < 1:
+            raise ValueError("ch, z_channels, codebook_size, codebook_dim, num_res_blocks and disc_ndf must be positive")
         factor = self.downsample_factor
-        if self.image_size % factor:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of {factor} (2**(len(ch_mult)-1))")
+        if self.image_size < factor or self.image_size % factor:
+            raise ValueError(f"image_size {self.image_size} must be a positive multiple of {factor} "
+                             "(2**(len(ch_mult)-1))")
+        widths = sorted({self.ch, *(self.ch * multiplier for multiplier in self.ch_mult)})
+        if any(width > 32 and width % 32 for width in widths):   # group_norm: min(32, channels) groups
+            raise ValueError(f"ch {self.ch} x ch_mult {self.ch_mult} gives levels of {widths} channels; GroupNorm "
+                             "splits each into 32 groups: every width must be at most 32 or a multiple of 32")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.beta < 0:
+            raise ValueError(f"beta must not be negative, got {self.beta}")
+        if not 0 <= self.disc_layers <= most_disc_layers(self.image_size):
+            raise ValueError(f"disc_layers {self.disc_layers}: a {self.image_size} px image fits a PatchGAN of 0 to "
+                             f"{most_disc_layers(self.image_size)} layers")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.vq_loss not in VQ_LOSSES:
             raise ValueError(f"vq_loss must be one of {VQ_LOSSES}, got {self.vq_loss!r}")
-        if min(self.ch, self.z_channels, self.codebook_size, self.codebook_dim, self.num_res_blocks) < 1:
-            raise ValueError("ch, z_channels, codebook_size, codebook_dim and num_res_blocks must be positive")
         if self.dead_code_steps < 0:
             raise ValueError(f"dead_code_steps must not be negative, got {self.dead_code_steps}")
         grids = [self.image_size >> level for level in range(len(self.ch_mult))]

@@ -251,10 +251,10 @@ def test_init_from_refuses_a_conflicting_architecture_flag(taming_run, shards16,
     import train_resnet_vqgan
 
     cfg = parse_config(VQGANTrainConfig, {}, vqgan_flags(shards16, tmp_path / "ft", f"--init-from={taming_run}",
-                                                         "--ch=48"))
+                                                         "--ch=64"))
     assert exit_on_user_error(lambda: train_resnet_vqgan.main(cfg), "train_resnet_vqgan") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--ch 48 (the source has 32)" in err
+    assert len(err.splitlines()) == 1 and "--ch 64 (the source has 32)" in err
     assert not (tmp_path / "ft").exists()
 
 

@@ -30,15 +30,46 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+# every number a setting holds ends up in an int64 or fp32 tensor, a seed or a size: beyond these it overflows
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def number_problem(value) -> str | None:
+    """Why an int or float setting cannot be used (NaN, inf, beyond fp32 or int64), or None: the one range check."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        return "beyond the 64-bit integer range"
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        return "not a finite number" if not math.isfinite(value) else "beyond the float32 range (3.4e38)"
+    return None
+
+
+def _number_parser(number_type: type):
+    def parse(text: str):
+        value = number_type(text)   # a ValueError: argparse says "invalid int value: 'x'"
+        problem = number_problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text} is {problem}")
+        return value
+    parse.__name__ = number_type.__name__
+    return parse
+
+
 def _tuple_parser(item_type: type):
+    parse_item = _number_parser(item_type) if item_type in (int, float) else item_type
+
     def parse(text: str) -> tuple:
         text = text.strip().strip("()[]")
         if not text:
             return ()
         try:
-            return tuple(item_type(part) for part in text.split(",") if part.strip())
+            return tuple(parse_item(part) for part in text.split(",") if part.strip())
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"expected comma-separated {item_type.__name__}s, got {text!r}") from err
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
     return parse
 
 
@@ -57,8 +88,10 @@ def _field_parser(annotation: Any):
         return parse_optional, metavar
     if annotation is bool:
         return _parse_bool, "BOOL"
-    if annotation in (int, float, str):
-        return annotation, annotation.__name__.upper()
+    if annotation in (int, float):
+        return _number_parser(annotation), annotation.__name__.upper()
+    if annotation is str:
+        return annotation, "STR"
     raise TypeError(f"unsupported config field type {annotation!r}")
 
 
@@ -138,7 +171,13 @@ def parse_config(cls: type[C], presets: dict[str, C], argv: Sequence[str] | None
             parser.exit(2, f"{parser.prog}: error: {flag_name(name)} follows from {flag_name(source)}; give one\n")
     # a flag whose setting this run does not use would be recorded in config.json and silently ignored
     for name, (other, value) in getattr(cls, "applies_only_with", {}).items():
-        if name in args and getattr(cfg, other) != value:
+        if name not in args:
+            continue
+        if callable(value):   # (what the run needs, in words; whether this run has it)
+            if not value(cfg):
+                parser.exit(2, f"{parser.prog}: error: {flag_name(name)} applies with {other} only; this run does "
+                               "not use it\n")
+        elif getattr(cfg, other) != value:
             parser.exit(2, f"{parser.prog}: error: {flag_name(name)} applies with {flag_name(other)} "
                            f"{str(value).lower()} only; this run has {str(getattr(cfg, other)).lower()}\n")
     defaults = field_defaults(cls)
@@ -216,6 +255,9 @@ def config_from_dict(cls: type[C], data: dict) -> C:
         if not _fits(value, hints[key]):   # a crafted or hand-edited file: one line, not a traceback later
             raise ConfigError(f"saved config: {key} holds {type(value).__name__} {str(value)[:40]!r}, "
                               f"expected {getattr(hints[key], '__name__', hints[key])}")
+        problem = next(filter(None, map(number_problem, value if isinstance(value, tuple) else (value,))), None)
+        if problem:
+            raise ConfigError(f"saved config: {key} holds {str(value)[:40]}, {problem}")
         values[key] = value
     try:
         return cls(**values)
@@ -263,12 +305,14 @@ def check_precision(precision: str) -> None:
 
 
 def check_finite(cfg: Any) -> None:
-    """NaN passes every `<` check: refuse NaN and inf in any float setting (`--lr nan`, `--beta inf`)."""
+    """NaN passes every `<` check: refuse NaN, inf and what overflows fp32 or int64 in any number setting of a config
+    built in code (`--lr nan`, `--beta inf`; the parser and config_from_dict refuse them already)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         values = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise ValueError(f"{flag_name(f.name)} must be a finite number, got {value}")
+        problem = next(filter(None, map(number_problem, values)), None)
+        if problem:
+            raise ValueError(f"{flag_name(f.name)} must be a finite number within range, got {value} ({problem})")
 
 
 def check_not_negative(cfg: Any, names: tuple[str, ...]) -> None:

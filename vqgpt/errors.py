@@ -44,11 +44,32 @@ def first_line(err: BaseException, limit: int = 200) -> str:
 USER_ERRORS = (UserError, OSError)
 
 
+# how numpy and torch (CPU allocator, CUDA caching allocator, size arithmetic) say that an array cannot be had
+ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "Storage size calculation overflowed",
+                       "array is too big")
+
+
+def allocation_failure(err: BaseException) -> str | None:
+    """What could not be allocated, when `err` is an allocation too large for this machine (a size or count
+    asked for that no bound known at parse time refuses, `sample.py --n 10**12`); None for any other error."""
+    text = first_line(err, 400)
+    if not isinstance(err, MemoryError) and not any(phrase in text for phrase in ALLOCATION_FAILURES):
+        return None
+    return text.split("DefaultCPUAllocator: ")[-1][:200]   # torch's CPU message opens with an assertion
+
+
 def exit_on_user_error(main: Callable[[], int | None], program: str) -> int:
-    """Run `main`; a known user error prints `program: error: ...` once and returns 2."""
+    """Run `main`; a known user error, or an allocation that cannot succeed, prints `program: error: ...` once
+    and returns 2."""
     try:
         return main() or 0
     except USER_ERRORS as err:
-        if os.environ.get("RANK", "0") == "0":   # torchrun's other ranks hit the same error: one line, not N
-            print(f"{program}: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        message = str(err)
+    except (MemoryError, RuntimeError, ValueError) as err:
+        what = allocation_failure(err)
+        if what is None:
+            raise
+        message = f"not enough memory for what was asked ({what}); ask for fewer or smaller (--batch-size, --n, sizes)"
+    if os.environ.get("RANK", "0") == "0":   # torchrun's other ranks hit the same error: one line, not N
+        print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+    return 2

@@ -8,6 +8,7 @@ mis-shaped one stops the import, and every source tensor left over is reported a
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +17,9 @@ import torch.nn as nn
 
 from models.discriminator import NLayerDiscriminator
 from models.layers import AttnBlock
-from models.vqgan import VQGAN, VQGANConfig
+from models.vqgan import VQGAN, VQGANConfig, most_disc_layers
 from vqgpt.checkpoint import CheckpointError, save_checkpoint
-from vqgpt.config import ConfigError, config_to_dict
+from vqgpt.config import ConfigError, config_from_dict, config_to_dict
 from vqgpt.export import ensure_fresh_folder
 from vqgpt.files import atomic_path, atomic_write_json, sha256_file
 from vqgpt.safe_pickle import load_foreign_checkpoint
@@ -100,6 +101,28 @@ def tensor_plan(model: VQGAN, layout: Layout) -> dict[str, list[str]]:
     return plan
 
 
+def check_tensors(state: dict, path: Path, prefix: str = "") -> dict:
+    """A state dict as a source must hold one: names to tensors (a crafted or damaged file: one line, not a
+    traceback wherever a shape is read)."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: {prefix}holds the key {key!r}, not a name: not a state dict of a model")
+        if not torch.is_tensor(value):
+            raise CheckpointError(f"{path}: {prefix}{key!r} holds {type(value).__name__}, not a tensor: not a "
+                                  "state dict of a model")
+    return state
+
+
+def _dims(source: dict, key: str, ndim: int, path: Path, why: str) -> tuple[int, ...]:
+    """The shape of a tensor whose sizes give an architecture: ndim sizes, none of them 0."""
+    if key not in source:
+        raise CheckpointError(f"{path}: missing key {key}: {why}")
+    shape = tuple(source[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointError(f"{path}: key {key} has shape {shape}; {why} needs {ndim} non-zero sizes")
+    return shape
+
+
 def _take(source: dict, key: str, shape: tuple, path: Path, origin: str) -> torch.Tensor:
     if key not in source:
         raise CheckpointError(f"{path}: missing key {key} (needed by the model {origin} describes)")
@@ -136,9 +159,7 @@ def discriminator_from(source: dict, prefix: str, path: Path) -> tuple[dict, int
     state = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
     if not state:
         return None
-    if "main.0.weight" not in state:
-        raise CheckpointError(f"{path}: {prefix}* is not a PatchGAN discriminator (no {prefix}main.0.weight)")
-    ndf = state["main.0.weight"].shape[0]
+    ndf = _dims(state, "main.0.weight", 4, path, f"{prefix or '[discriminator] '}as a PatchGAN discriminator")[0]
     n_layers = sum(1 for k in state if k.endswith("running_mean"))
     discriminator = NLayerDiscriminator(3, ndf, n_layers)
     expected = discriminator.state_dict()
@@ -161,9 +182,9 @@ def _model_state(checkpoint, path: Path, names: tuple[str, ...], marker: str = "
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
     for name in names:
         if isinstance(checkpoint.get(name), dict):
-            return checkpoint[name], name
+            return check_tensors(checkpoint[name], path, f"[{name}] "), name
     if marker in checkpoint:
-        return checkpoint, ""
+        return check_tensors(checkpoint, path), ""
     raise CheckpointError(f"{path}: no model weights (none of the keys {', '.join(names)})")
 
 
@@ -224,17 +245,19 @@ def import_taming(ckpt_path: str | Path, yaml_path: str | Path) -> ImportedVQGAN
     if "quantize.embed.weight" in source:
         raise CheckpointError(f"{path}: a GumbelQuantize checkpoint; only VectorQuantizer VQGANs are supported")
     disc = discriminator_from(source, "loss.discriminator.", path)
-    ndf, n_layers = (disc[1], disc[2]) if disc else (64, 3)
-    try:
-        config = VQGANConfig(
-            image_size=ddconfig["resolution"], ch=ddconfig["ch"], ch_mult=tuple(ddconfig["ch_mult"]),
-            num_res_blocks=ddconfig["num_res_blocks"], attn_resolutions=tuple(ddconfig["attn_resolutions"]),
+    try:   # checked as a saved config is (types, ranges), then as a network
+        resolution = ddconfig["resolution"]
+        # without a PatchGAN the fine-tune starts one: taming's 3 layers where the image fits them
+        ndf, n_layers = (disc[1], disc[2]) if disc else (64, min(3, most_disc_layers(resolution)))
+        config = config_from_dict(VQGANConfig, dict(
+            image_size=resolution, ch=ddconfig["ch"], ch_mult=ddconfig["ch_mult"],
+            num_res_blocks=ddconfig["num_res_blocks"], attn_resolutions=ddconfig["attn_resolutions"],
             z_channels=ddconfig["z_channels"], dropout=float(ddconfig.get("dropout", 0.0)),
             codebook_size=params["n_embed"], codebook_dim=params["embed_dim"], quantizer="vq", beta=0.25,
             vq_loss="taming", quant_conv_to_codebook=params["embed_dim"] != ddconfig["z_channels"],
-            disc_layers=n_layers, disc_ndf=ndf)
+            disc_layers=n_layers, disc_ndf=ndf))
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"--config {yaml_path}: {err}") from None
+        raise ConfigError(f"--config {yaml_path}: {str(err).removeprefix('saved config: ')}") from None
     state, used = map_vqgan(config, source, TAMING, path, f"--config {yaml_path}")
     lpips_vgg, lpips_used = _taming_lpips(source, path)
     used |= lpips_used
@@ -261,9 +284,9 @@ def _taming_lpips(source: dict, path: Path) -> tuple[dict | None, set[str]]:
         expected = torchvision.models.vgg16().features.state_dict()
     features = {}
     for key in keys:
-        _, index, kind = key[len(prefix):].split(".")   # sliceK, N, weight|bias
-        name = f"{index}.{kind}"
-        if name not in expected or expected[name].shape != source[key].shape:
+        parts = key[len(prefix):].split(".")   # sliceK, N, weight|bias
+        name = ".".join(parts[1:])
+        if len(parts) != 3 or name not in expected or expected[name].shape != source[key].shape:
             raise CheckpointError(f"{path}: {key} does not fit torchvision's VGG16 features.{name}")
         features[f"features.{name}"] = source[key].float()
     if len(features) != len(expected):
@@ -274,26 +297,26 @@ def _taming_lpips(source: dict, path: Path) -> tuple[dict | None, set[str]]:
 def infer_llamagen_config(source: dict, path: Path, image_size: int, l2_norm: bool,
                           disc: tuple | None) -> VQGANConfig:
     """LlamaGen's VQModel architecture, read from the tensor shapes (its checkpoints hold no config)."""
-    for key in ("quantize.embedding.weight", "quant_conv.weight", "encoder.conv_in.weight"):
-        if key not in source:
-            raise CheckpointError(f"{path}: missing key {key}: not a LlamaGen VQ model")
-    codebook_size, codebook_dim = source["quantize.embedding.weight"].shape
-    z_channels = source["quant_conv.weight"].shape[1]
-    ch = source["encoder.conv_in.weight"].shape[0]
-    levels = 1 + max(int(k.split(".")[2]) for k in source if k.startswith("encoder.conv_blocks."))
+    why = "a LlamaGen VQ model"
+    codebook_size, codebook_dim = _dims(source, "quantize.embedding.weight", 2, path, why)
+    z_channels = _dims(source, "quant_conv.weight", 4, path, why)[1]
+    ch = _dims(source, "encoder.conv_in.weight", 4, path, why)[0]
+    # a key whose level is not a number is left to _leftovers, which refuses it by name
+    levels = 1 + max((int(match[1]) for match in map(re.compile(r"encoder\.conv_blocks\.(\d+)\.").match, source)
+                      if match), default=-1)
+    if not levels:
+        raise CheckpointError(f"{path}: no encoder.conv_blocks.*: not {why}")
     num_res_blocks = sum(1 for k in source if k.startswith("encoder.conv_blocks.0.res.") and k.endswith(".conv1.weight"))
     ch_mult = []
     for level in range(levels):
-        key = f"encoder.conv_blocks.{level}.res.0.conv1.weight"
-        if key not in source:
-            raise CheckpointError(f"{path}: missing key {key}")
-        ch_mult.append(source[key].shape[0] // ch)
+        ch_mult.append(_dims(source, f"encoder.conv_blocks.{level}.res.0.conv1.weight", 4, path, why)[0] // ch)
     try:   # LlamaGen attends at the lowest resolution, whatever the image size
         return VQGANConfig(image_size=image_size, ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
                            attn_resolutions=(image_size // 2 ** (levels - 1),), z_channels=z_channels,
                            codebook_size=codebook_size, codebook_dim=codebook_dim, quantizer="l2" if l2_norm else "vq",
                            beta=0.25, vq_loss="vqvae", quant_conv_to_codebook=codebook_dim != z_channels,
-                           disc_layers=disc[2] if disc else 3, disc_ndf=disc[1] if disc else 64)
+                           disc_layers=disc[2] if disc else min(3, most_disc_layers(image_size)),
+                           disc_ndf=disc[1] if disc else 64)
     except ValueError as err:
         raise ConfigError(f"{path}: {err}") from None
 
@@ -304,6 +327,8 @@ def import_llamagen(ckpt_path: str | Path, image_size: int = 256, l2_norm: bool 
     checkpoint = load_foreign_checkpoint(path)
     source, container = _model_state(checkpoint, path, ("ema", "model", "state_dict"))
     disc_source = checkpoint.get("discriminator") if isinstance(checkpoint.get("discriminator"), dict) else {}
+    if disc_source and "main.0.weight" in disc_source:   # a PatchGAN to map (another discriminator is ignored)
+        check_tensors(disc_source, path, "[discriminator] ")
     disc = None
     if disc_source and "main.0.weight" in disc_source:
         disc = discriminator_from(disc_source, "", path)

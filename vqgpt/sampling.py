@@ -19,14 +19,17 @@ def filter_logits(logits: torch.Tensor, temperature: float | None = 1.0, top_k: 
     num_valid: ids >= num_valid are masked (for the GPT: everything above the codebook).
     top_k: keep the k largest. top_p: keep the smallest set of most likely ids whose probability
     adds up to at least top_p; the most likely id is always kept. temperature 0 or None: no scaling.
+    The largest allowed logit comes back as 0 and every other below it, so softmax never meets inf.
     """
-    logits = logits.float()
+    logits = logits.double()   # until scaled: 1 / temperature (1e-45) and a guided logit can overflow fp32
     vocab = logits.shape[-1]
     if num_valid is not None and num_valid < vocab:
         invalid = torch.arange(vocab, device=logits.device) >= num_valid
         logits = logits.masked_fill(invalid, float("-inf"))
+    logits = logits - logits.amax(dim=-1, keepdim=True)   # the most likely at 0 / temperature = 0, never inf - inf
     if temperature:
         logits = logits / temperature
+    logits = logits.float()
     if top_k is not None and top_k < vocab:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -35,6 +38,7 @@ def filter_logits(logits: torch.Tensor, temperature: float | None = 1.0, top_k: 
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs   # 0 for the most likely id
         drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False   # a top_p below fp32's smallest number compares as 0: keep the most likely
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -117,8 +121,8 @@ def sample_tokens(model: GPT, n: int, *, labels: torch.Tensor | None = None, pre
 
     def next_tokens(last_logits: torch.Tensor, position: int) -> torch.Tensor:   # (rows, vocab) -> (n,)
         logits = last_logits.float()
-        if guided:   # before masking: -inf - -inf would be nan
-            conditional, unconditional = logits.chunk(2)
+        if guided:   # before masking: -inf - -inf would be nan; in fp64: a large scale overflows fp32
+            conditional, unconditional = logits.double().chunk(2)
             scale = guidance_scale(cfg_scale, position, config.tokens_per_image, cfg_schedule, cfg_interval)
             logits = conditional if scale == 1.0 else unconditional + scale * (conditional - unconditional)
         if greedy:

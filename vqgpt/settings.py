@@ -23,6 +23,8 @@ class TrainConfig:
     not_offered: ClassVar[tuple[str, ...]] = ()   # fields the stage sets itself: no flag for them
     # pairs of flags refused together (parse_config): the first follows from the second
     follows_from: ClassVar[dict[str, str]] = {"grad_accum": "global_batch_size"}
+    # a flag refused unless another setting has this value, or unless (what it needs, a test) holds (parse_config)
+    applies_only_with: ClassVar[dict[str, tuple]] = {"inception_weights": ("eval_fid", True)}
     out: str = setting("run folder: checkpoints, metrics.jsonl, figures", "runs/run")
     resume: str = setting("auto (latest checkpoint in --out, if any), none (fresh; refuses a used --out), or a checkpoint path", "auto")
     max_steps: int = setting("optimizer steps in total", 10000)
@@ -97,9 +99,12 @@ class TrainConfig:
 class VQGANTrainConfig(TrainConfig, VQGANConfig):
     """Stage 1: the VQGAN, its discriminator, losses and schedule."""
     not_offered: ClassVar[tuple[str, ...]] = ("weight_decay",)   # the VQGAN trains with Adam without weight decay
-    # a flag refused unless another setting has this value (parse_config)
-    applies_only_with: ClassVar[dict[str, tuple[str, object]]] = {"muon_lr_scale": ("optimizer", "muon"),
-                                                                   "permuted_share": ("permute_channels", True)}
+    applies_only_with: ClassVar[dict[str, tuple]] = {
+        **TrainConfig.applies_only_with, "muon_lr_scale": ("optimizer", "muon"),
+        "permuted_share": ("permute_channels", True),
+        "lpips_weights": ("--perceptual-weight above 0 and --lpips-random-backbone false",
+                          lambda cfg: cfg.perceptual_weight > 0 and not cfg.lpips_random_backbone),
+        "lpips_random_backbone": ("--perceptual-weight above 0", lambda cfg: cfg.perceptual_weight > 0)}
     data: str = setting("image shard folder made by shardify.py", "", required=True)
     verify: bool = setting("read every image shard whole before step one and check its sha256 against the manifest "
                            "(a large set takes minutes; without it only the manifest and the .npy headers are checked)",
@@ -146,7 +151,7 @@ class VQGANTrainConfig(TrainConfig, VQGANConfig):
             raise ValueError("--l1-weight, --l2-weight and --perceptual-weight are all 0: nothing would teach the "
                              "VQGAN to reconstruct")
         check_not_negative(self, ("l1_weight", "l2_weight", "chroma_weight", "perceptual_weight", "disc_weight",
-                                   "disc_weight_max", "disc_lr", "disc_start", "beta", "muon_lr_scale"))
+                                   "disc_weight_max", "disc_lr", "disc_start", "muon_lr_scale"))
 
 
 def _vqgan_preset(name: str, **settings) -> VQGANTrainConfig:
@@ -292,6 +297,9 @@ QUANTIZE_PRESETS: dict[str, QuantizeConfig] = {}
 @dataclasses.dataclass(frozen=True)
 class ImportConfig:
     """import_vqgan.py: a published VQ tokenizer -> a VQGAN run folder of this project."""
+    # taming's model.yaml gives the architecture; LlamaGen's checkpoint holds no config
+    applies_only_with: ClassVar[dict[str, tuple]] = {
+        "config": ("from_", "taming"), "image_size": ("from_", "llamagen"), "l2_norm": ("from_", "llamagen")}
     from_: str = setting("the source: taming (taming-transformers VQGAN) or llamagen (LlamaGen VQ-8 / VQ-16)", "",
                          required=True, choices=("taming", "llamagen"))
     ckpt: str = setting("the published checkpoint: taming's last.ckpt or LlamaGen's vq_ds16_c2i.pt", "", required=True)
@@ -303,6 +311,8 @@ class ImportConfig:
     def __post_init__(self):
         if self.from_ == "taming" and not self.config:
             raise ValueError("--from taming needs --config: taming's model.yaml")
+        if self.image_size < 1:
+            raise ValueError(f"--image-size must be positive, got {self.image_size}")
 
 
 IMPORT_PRESETS: dict[str, ImportConfig] = {}
@@ -346,6 +356,10 @@ class GPTTrainConfig(TrainConfig, GPTConfig):
     --codebook-size says otherwise), grid length and classes from their manifest."""
     min_codebook_size: ClassVar[int] = 0
     not_offered: ClassVar[tuple[str, ...]] = ("n_classes", "tokens_per_image")   # from the token manifest
+    applies_only_with: ClassVar[dict[str, tuple]] = {
+        **TrainConfig.applies_only_with, "eval_fid_samples": ("eval_fid", True),
+        **dict.fromkeys(("vqgan", "sample_temperature", "sample_top_k"), (
+            "--sample-count above 0 or --eval-fid true", lambda cfg: cfg.sample_count > 0 or cfg.eval_fid))}
     codebook_size: int = setting("codes in the vocabulary (0: the token manifest's codebook size)", 0)
     tokens: str = setting("token shard folder made by image_quantizer.py", "", required=True)
     vqgan: str = setting("VQGAN checkpoint for sample grids (default: the one the token manifest names; sha256 checked)", "")
