@@ -373,3 +373,12 @@ def test_an_export_with_other_weights_or_a_malformed_source_is_refused(tmp_path)
         (out / "config.json").write_text(json.dumps({**info, "source": source}))
         with pytest.raises(CheckpointError, match="source"):
             load_gpt(out)
+
+
+def test_a_patchgan_too_deep_for_the_image_size_is_left_out_and_said():
+    from vqgpt.importers import import_llamagen
+
+    imported = import_llamagen(LLAMAGEN_CKPT, image_size=8)   # its 2-layer PatchGAN needs 12 px for one logit
+    assert imported.discriminator is None and imported.config.disc_layers <= 1
+    assert "no logit at 8 px" in imported.ignored["[discriminator]"]
+    assert import_llamagen(LLAMAGEN_CKPT, image_size=16).discriminator is not None

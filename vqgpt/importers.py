@@ -329,17 +329,19 @@ def import_llamagen(ckpt_path: str | Path, image_size: int = 256, l2_norm: bool 
     disc_source = checkpoint.get("discriminator") if isinstance(checkpoint.get("discriminator"), dict) else {}
     if disc_source and "main.0.weight" in disc_source:   # a PatchGAN to map (another discriminator is ignored)
         check_tensors(disc_source, path, "[discriminator] ")
-    disc = None
+    disc, disc_note = None, "a StyleGAN discriminator: the fine-tune starts a fresh PatchGAN"
     if disc_source and "main.0.weight" in disc_source:
         disc = discriminator_from(disc_source, "", path)
+        if disc[2] > most_disc_layers(image_size):   # its patches are larger than the image: no logit left
+            disc, disc_note = None, (f"a {disc[2]}-layer PatchGAN leaves no logit at {image_size} px: the fine-tune "
+                                     f"starts a fresh one that fits")
     config = infer_llamagen_config(source, path, image_size, l2_norm, disc)
     state, used = map_vqgan(config, source, LLAMAGEN, path, "the tensor shapes")
     ignored = _leftovers(source, used, path, {"quantize.codebook_used": "LlamaGen's usage statistics"})
     for key in checkpoint:
         if key == container or (key == "discriminator" and disc):
             continue
-        ignored[f"[{key}]"] = ("a StyleGAN discriminator: the fine-tune starts a fresh PatchGAN"
-                               if key == "discriminator" else "training bookkeeping")
+        ignored[f"[{key}]"] = disc_note if key == "discriminator" else "training bookkeeping"
     return ImportedVQGAN(config, state, disc[0] if disc else None, None, ignored,
                          {"format": "llamagen", "checkpoint": str(path.resolve()), "weights": container or "top level",
                           "sha256": sha256_file(path)})
