@@ -97,7 +97,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (0.9, cfg.beta2), device.type)
     scaler = grad_scaler(device, dtype)   # fp16 only
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
-                         device=device, prefetch=cfg.prefetch)
+                         device=device, prefetch=cfg.prefetch, grad_accum=cfg.grad_accum)
     run.track({"gpt": model}, optimizer=optimizer, scaler=scaler, loader=loader)
     step = 0
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams (label dropout) from here on

@@ -101,7 +101,7 @@ def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | 
     scaler_g, scaler_d = grad_scaler(device, dtype), grad_scaler(device, dtype)   # fp16: one per optimizer
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                          flip=cfg.flip, permute_channels=cfg.permute_channels, permuted_share=cfg.permuted_share,
-                         device=device, prefetch=cfg.prefetch)
+                         device=device, prefetch=cfg.prefetch, grad_accum=cfg.grad_accum)
     run.track({"vqgan": vqgan, "discriminator": discriminator}, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g,
               scaler_d=scaler_d, loader=loader)
     step = 0

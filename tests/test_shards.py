@@ -230,6 +230,8 @@ def test_too_small_for_one_global_batch(tmp_path):
     split = ShardSplit(token_folder(tmp_path), "train")
     with pytest.raises(ShardError, match="fewer than one global batch"):
         ShardLoader(split, 7, world_size=2)
+    with pytest.raises(ShardError, match=r"global batch \(2 x 2 ranks x 1000 micro-steps\)"):   # not a hang
+        ShardLoader(split, 2, world_size=2, grad_accum=1000)
 
 
 def stored_images(root, count=16, stored=12, size=8):

@@ -218,6 +218,9 @@ def test_the_global_batch_splits_into_the_fewest_micro_steps(total, ranks, most,
     assert (cfg.batch_size, cfg.grad_accum) == expected and cfg.batch_size * cfg.grad_accum * ranks == total
     with pytest.raises(RunError, match="does not split over 3 ranks"):
         split_global_batch(VQGANTrainConfig(data="d", global_batch_size=8), 3)
+    prime = 1_000_000_000_039   # the divisor search takes its square root's trials, not 10**12
+    cfg = split_global_batch(VQGANTrainConfig(data="d", global_batch_size=prime, batch_size=4), 1)
+    assert (cfg.batch_size, cfg.grad_accum) == (1, prime)
 
 
 def test_a_global_batch_is_kept_on_another_world_size(shapes_shards, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +78,12 @@ def split_global_batch(cfg, world_size: int):
         raise RunError(f"--global-batch-size {total} does not split over {world_size} ranks; give a multiple of "
                        f"{world_size}")
     per_rank = total // world_size
-    accum = -(-per_rank // cfg.batch_size)
-    while per_rank % accum:
-        accum += 1
+    fewest = -(-per_rank // cfg.batch_size)
+    # the smallest divisor of per_rank from `fewest` on, by its pairs up to the square root (a prime per_rank of
+    # 10**12 would otherwise take 10**12 trials)
+    divisors = {d for small in range(1, math.isqrt(per_rank) + 1) if per_rank % small == 0
+                for d in (small, per_rank // small)}
+    accum = min(d for d in divisors if d >= fewest)
     return dataclasses.replace(cfg, batch_size=per_rank // accum, grad_accum=accum)
 
 

@@ -459,10 +459,12 @@ class ShardLoader:
 
     def __init__(self, split: ShardSplit, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, flip: bool = False, permute_channels: bool = False,
-                 permuted_share: float = ALL_ORDERS_ALIKE, device: torch.device | str = "cpu", prefetch: int = 4):
-        if batch_size * world_size > len(split):
+                 permuted_share: float = ALL_ORDERS_ALIKE, device: torch.device | str = "cpu", prefetch: int = 4,
+                 grad_accum: int = 1):
+        if batch_size * world_size * grad_accum > len(split):   # (accumulation: one optimizer step's samples)
             raise ShardError(f"{split.root}: split {split.split!r} has {len(split)} samples, fewer than one "
-                             f"global batch ({batch_size} x {world_size} ranks)")
+                             f"global batch ({batch_size} x {world_size} ranks"
+                             + (f" x {grad_accum} micro-steps)" if grad_accum > 1 else ")"))
         self.split = split
         self.batch_size = batch_size
         self.rank = rank
