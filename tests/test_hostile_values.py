@@ -69,6 +69,7 @@ def test_every_vqgan_preset_still_builds():
     (EvaluateConfig, EVALUATE_PRESETS, ["--gpt=g", "--ref=r", "--cfg=1e300"], "beyond the float32 range"),
     (ImportConfig, IMPORT_PRESETS, ["--from=llamagen", "--ckpt=c", "--out=o", f"--image-size={2**64}"], "64-bit"),
     (ShardifyConfig, {}, ["s", "d", f"--seed={2**63}"], "beyond the 64-bit integer range"),
+    (GPTTrainConfig, GPT_TRAIN_PRESETS, [*GPT_BASE, f"--max-steps={10**8}"], "eight digits of step_XXXXXXXX.pt"),
 ])
 def test_numbers_that_overflow_are_refused_by_the_parser(cls, presets, argv, message, capsys):
     line = refused(cls, presets, argv, capsys)

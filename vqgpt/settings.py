@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from models.gpt import GPT_PRESETS, GPTConfig
 from models.vqgan import VQGAN_PRESETS, VQGANConfig
+from vqgpt.checkpoint import MAX_STEP
 from vqgpt.config import (PRECISIONS, PROGRESS_HELP, PROGRESS_MODES, check_finite, check_not_negative,
                           check_precision, setting)
 from vqgpt.ema import WEIGHT_CHOICES, WEIGHTS_HELP
@@ -79,6 +80,9 @@ class TrainConfig:
                      "global_batch_size", "keep_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.max_steps > MAX_STEP:
+            raise ValueError(f"--max-steps must be at most {MAX_STEP} (the eight digits of step_XXXXXXXX.pt), "
+                             f"got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.weight_ema_decay < 1:
