@@ -164,3 +164,62 @@ def test_sample_refuses_bad_options_in_one_line(flags, message, tmp_path):
     result = run_script("sample.py", f"--gpt={tmp_path}", f"--out={tmp_path / 'out'}", *flags, check=False)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# no dropout of any kind: both ways of running draw nothing, so they see the same numbers; a global batch of 16
+# is 8 a rank in 2 micro-steps of 4 on two ranks (grad accumulation under FSDP too) and 4 x 4 in one process
+FSDP_FLAGS = ("--sample-count=0", "--dropout=0", "--label-dropout=0", "--global-batch-size=16", "--batch-size=4",
+              "--ckpt-every=5")
+
+
+def logged_losses(run, after: int = 0) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train" and r["step"] > after]
+
+
+def assert_losses_close(a, b, count) -> None:
+    assert [step for step, _ in a] == [step for step, _ in b] and len(a) == count
+    assert np.allclose([loss for _, loss in a], [loss for _, loss in b], rtol=0, atol=1e-5), (a, b)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(shapes_tokens, tmp_path_factory):
+    """10 steps under DDP, under --fsdp (both on two ranks) and in one process, each checkpointed at step 5."""
+    root = tmp_path_factory.mktemp("gpt_fsdp")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "ddp", 10, *FSDP_FLAGS), nproc=2)
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "fsdp", 10, *FSDP_FLAGS, "--fsdp"), nproc=2)
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "one", 10, *FSDP_FLAGS))
+    return root
+
+
+def test_fsdp_trains_like_ddp_and_saves_the_same_full_checkpoint(fsdp_runs):
+    ddp, fsdp = fsdp_runs / "ddp", fsdp_runs / "fsdp"
+    assert_losses_close(logged_losses(ddp), logged_losses(fsdp), 10)
+    a, b = (load(latest_checkpoint(run)) for run in (ddp, fsdp))
+    assert b["config"]["fsdp"] and b["world_size"] == 2 and len(b["rank_checksums"]) == 1
+    assert a["gpt"].keys() == b["gpt"].keys()   # the tied head too, as state_dict() has it
+    for key in a["gpt"]:
+        assert torch.allclose(a["gpt"][key], b["gpt"][key], atol=1e-5), key
+    for group_a, group_b in zip(a["optimizer"]["param_groups"], b["optimizer"]["param_groups"]):
+        assert group_a["params"] == group_b["params"]   # the same ids for the same parameters
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for index, state in a["optimizer"]["state"].items():
+        assert state.keys() == b["optimizer"]["state"][index].keys()
+        for name, value in state.items():
+            assert torch.allclose(value, b["optimizer"]["state"][index][name], atol=1e-5), (index, name)
+
+
+def test_fsdp_checkpoint_resumes_in_one_process_and_ddp_checkpoint_under_fsdp(fsdp_runs, shapes_tokens):
+    root = fsdp_runs
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "fsdp_then_one", 10, *FSDP_FLAGS,
+                                          f"--resume={root / 'fsdp' / 'step_00000005.pt'}"))
+    assert_losses_close(logged_losses(root / "fsdp_then_one"), logged_losses(root / "one", after=5), 5)
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "ddp_then_fsdp", 10, *FSDP_FLAGS, "--fsdp",
+                                          f"--resume={root / 'ddp' / 'step_00000005.pt'}"), nproc=2)
+    assert_losses_close(logged_losses(root / "ddp_then_fsdp"), logged_losses(root / "ddp", after=5), 5)
+
+
+@pytest.mark.parametrize("flag", ["--compile", "--ema-decay=0.9"])
+def test_fsdp_refuses_what_it_was_not_tested_with_in_one_line(flag, shapes_tokens, tmp_path):
+    result = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "run", 2, "--fsdp", flag), check=False)
+    assert result.returncode == 2 and "--fsdp does not combine with" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

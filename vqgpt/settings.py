@@ -357,9 +357,15 @@ class GPTTrainConfig(TrainConfig, GPTConfig):
                              "folder: fresh optimizer, step 0, the architecture of the source; its codebook, classes and "
                              "grid must be the tokens'", "")
     eval_fid_samples: int = setting("class-balanced samples scored by --eval-fid against the train images", 1000)
+    fsdp: bool = setting("under torchrun, shard the GPT's parameters, gradients and optimizer state over the ranks "
+                         "(FSDP2) instead of replicating them (DDP), for models whose optimizer state does not fit "
+                         "one GPU; checkpoints stay full, any world size resumes them with or without it", False)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.fsdp and (self.compile or self.weight_ema_decay):   # neither was tested sharded
+            raise ValueError(f"--fsdp does not combine with {'--compile' if self.compile else '--ema-decay'} yet; "
+                             f"drop it ({'--compile false' if self.compile else '--ema-decay 0'})")
         if self.eval_fid_samples < 2:   # a covariance needs two samples
             raise ValueError(f"--eval-fid-samples must be at least 2, got {self.eval_fid_samples}")
         if self.sample_count < 0 or self.sample_top_k < 0 or self.sample_temperature <= 0:
