@@ -196,6 +196,8 @@ def test_fsdp_trains_like_ddp_and_saves_the_same_full_checkpoint(fsdp_runs):
     assert_losses_close(logged_losses(ddp), logged_losses(fsdp), 10)
     a, b = (load(latest_checkpoint(run)) for run in (ddp, fsdp))
     assert b["config"]["fsdp"] and b["world_size"] == 2 and len(b["rank_checksums"]) == 1
+    evals = [[r["val_loss"] for r in read_metrics(run) if r["kind"] == "eval"] for run in (ddp, fsdp)]
+    assert len(evals[1]) == 1 and abs(evals[0][0] - evals[1][0]) < 1e-5   # on the plain copy gathered to rank 0
     assert a["gpt"].keys() == b["gpt"].keys()   # the tied head too, as state_dict() has it
     for key in a["gpt"]:
         assert torch.allclose(a["gpt"][key], b["gpt"][key], atol=1e-5), key
@@ -223,3 +225,47 @@ def test_fsdp_refuses_what_it_was_not_tested_with_in_one_line(flag, shapes_token
     result = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "run", 2, "--fsdp", flag), check=False)
     assert result.returncode == 2 and "--fsdp does not combine with" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+SHARDED_SAVE = """
+import dataclasses
+import sys
+import torch
+from vqgpt import distributed
+from vqgpt.errors import RunError
+from vqgpt.fsdp import FullStateModel
+from vqgpt.training import TrainingRun
+
+dist = distributed.setup("cpu")
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    out: str = sys.argv[1]
+    keep_last: int = 2
+    keep_every: int = 0
+
+
+cfg = Settings()
+run = TrainingRun(cfg, dist, "gpt", ())
+run.track({"gpt": FullStateModel(torch.nn.Linear(2, 2))})
+for step, value in ((1, 1.0), (2, float("nan"))):
+    gathered = {"gpt": {"w": torch.tensor([value, 2.0])}} if dist.is_main else {}   # what rank 0 alone holds
+    try:
+        run.save(step, gathered, {})
+        print(f"rank {dist.rank} saved {step}")
+    except RunError as err:
+        print(f"rank {dist.rank} refused {step}: {err}")
+distributed.cleanup()
+"""
+
+
+def test_sharded_save_checks_the_gathered_state_and_every_rank_takes_rank_0s_verdict(tmp_path):
+    script = tmp_path / "sharded_save.py"
+    script.write_text(SHARDED_SAVE)
+    (tmp_path / "run").mkdir()
+    result = run_script(str(script), str(tmp_path / "run"), nproc=2, timeout=120)
+    for rank in (0, 1):
+        assert f"rank {rank} saved 1" in result.stdout and f"rank {rank} refused 2: weights became non-finite" in result.stdout
+    state = load(tmp_path / "run" / "step_00000001.pt")
+    assert len(state["rank_checksums"]) == 1 and torch.equal(state["gpt"]["w"], torch.tensor([1.0, 2.0]))
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000001.pt"
