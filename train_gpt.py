@@ -112,9 +112,10 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams (label dropout) from here on
     if resume is not None:
         step = run.restore(resume)
-    ema = WeightEMA.start(model, cfg.weight_ema_decay, resume, ema_key("gpt"))
-    if ema is not None:
-        run.networks[ema_key("gpt")] = ema.model   # in every checkpoint; checked equal on every rank like the GPT
+    make_average = functools.partial(fsdp.sharded_copy, model, lambda: GPT(model.config)) if sharded else None
+    ema = WeightEMA.start(model, cfg.weight_ema_decay, resume, ema_key("gpt"), make_average)
+    if ema is not None:   # in every checkpoint; checked like the GPT
+        run.networks[ema_key("gpt")] = fsdp.FullStateModel(ema.model) if sharded else ema.model
     eval_model = model if ema is None else ema.model
     wrapped: torch.nn.Module = model
     if dist.is_distributed and not sharded:
@@ -174,7 +175,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
                 fid_reference = reference_statistics(fid_ref, "train", inception, cfg.eval_batch_size, rank=dist.rank,
                                                      world_size=dist.world_size)
             if sharded:   # every rank takes part in gathering rank 0's plain copy
-                eval_model = fsdp.gathered_copy(model, lambda: GPT(model.config))
+                eval_model = fsdp.gathered_copy(model if ema is None else ema.model, lambda: GPT(model.config))
             if dist.is_main:
                 metrics = {}
                 if val_split is not None:

@@ -82,6 +82,20 @@ class FullStateOptimizer:
         set_optimizer_state_dict(self.model, self.optimizer, named, options=FROM_FULL)
 
 
+@torch.no_grad()
+def sharded_copy(model: torch.nn.Module, make: callable) -> torch.nn.Module:
+    """Another `make()`, sharded like the sharded `model` and holding its weights, shard for shard (the weight EMA's
+    average)."""
+    with torch.random.fork_rng(devices=[]):   # building it draws an init: leave the training streams alone
+        copy = make().to(next(iter(model.parameters())).device)
+    shard_gpt(copy)
+    for mine, theirs in zip(copy.parameters(), model.parameters()):
+        mine.to_local().copy_(theirs.to_local())
+    for mine, theirs in zip(copy.buffers(), model.buffers()):
+        mine.copy_(theirs)
+    return copy
+
+
 def gathered_copy(model: torch.nn.Module, make: callable) -> torch.nn.Module | None:
     """A plain, unsharded copy of a sharded model on rank 0 (None on the others; every rank must call): what
     the rank-0 evals run, since a sharded model runs only with every rank taking part."""
