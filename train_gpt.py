@@ -5,6 +5,8 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py --tokens data/imgs-tokens --out runs/gpt --preset seed
     torchrun --nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --nproc_per_node=8 \
         train_gpt.py --tokens data/imgs-tokens --out runs/gpt --preset seed        # (node_rank=1 on the other)
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --tokens data/imgs-tokens --out runs/gpt-xl \
+        --preset llamagen-XL --fsdp        # parameters, gradients and optimizer state sharded over the GPUs
 
 Rerunning the same command continues from the latest checkpoint (--resume auto). SIGTERM or
 Ctrl-C writes a checkpoint and exits 0. Each eval writes the val loss and a sample grid decoded

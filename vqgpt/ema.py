@@ -13,10 +13,9 @@ import copy
 from typing import Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from vqgpt.errors import CheckpointError, first_line
-from vqgpt.fsdp import FullStateModel, is_sharded
+from vqgpt.fsdp import FullStateModel, is_sharded, local_shards
 
 WEIGHT_CHOICES = ("ema", "raw")
 WEIGHTS_HELP = "ema: the weight EMA when the checkpoint holds one (else the trained weights); raw: the trained weights"
@@ -60,11 +59,6 @@ class WeightEMA:
     @torch.no_grad()
     def update(self) -> None:
         averaged, trained = zip(*self._pairs)
-        torch._foreach_lerp_(local(averaged), local(trained), 1.0 - self.decay)
+        torch._foreach_lerp_(local_shards(averaged), local_shards(trained), 1.0 - self.decay)
         for mine, theirs in self._buffers:
             mine.copy_(theirs)
-
-
-def local(tensors) -> list[torch.Tensor]:
-    """This rank's shards of sharded (FSDP) parameters, plain tensors as they are: averaged shard by shard."""
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]

@@ -7,19 +7,24 @@ gathered to rank 0, so any world size, with or without --fsdp, resumes any check
 """
 from __future__ import annotations
 
-import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
+import sys
 
-GATHER_TO_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)   # full on rank 0, {} on the others
-FROM_FULL = StateDictOptions(full_state_dict=True)   # every rank passes the full state and keeps its shard
+import torch
+
+# torch.distributed's FSDP and state-dict modules are imported where used: loading them costs every script ~1 s
+
+
+def state_dict_options(gather_to_main: bool):
+    """Full state dicts: gathered to rank 0 (on the CPU; {} on the others), or given whole to every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=gather_to_main)
 
 
 def shard_gpt(model: torch.nn.Module) -> torch.nn.Module:
     """Shard every block, then the rest; build the optimizer after this (the parameters are replaced)."""
+    from torch.distributed.fsdp import fully_shard
+
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
@@ -27,12 +32,23 @@ def shard_gpt(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")   # not loaded: nothing was sharded
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    return tensor_module is not None and isinstance(tensor, tensor_module.DTensor)
 
 
 def replicated_value(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor of a (replicated) DTensor result such as clip_grad_norm_'s total norm."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def local_shards(tensors) -> list[torch.Tensor]:
+    """This rank's shards of sharded parameters (the same storage), plain tensors as they are."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]
 
 
 class FullStateModel:
@@ -43,10 +59,14 @@ class FullStateModel:
         self.module = model
 
     def state_dict(self) -> dict:
-        return get_model_state_dict(self.module, options=GATHER_TO_MAIN)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.module, options=state_dict_options(gather_to_main=True))
 
     def load_state_dict(self, state: dict) -> None:
-        set_model_state_dict(self.module, state, options=FROM_FULL)
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.module, state, options=state_dict_options(gather_to_main=False))
 
 
 class FullStateOptimizer:
@@ -64,7 +84,9 @@ class FullStateOptimizer:
         return self.optimizer.param_groups
 
     def state_dict(self) -> dict:
-        named = get_optimizer_state_dict(self.model, self.optimizer, options=GATHER_TO_MAIN)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        named = get_optimizer_state_dict(self.model, self.optimizer, options=state_dict_options(gather_to_main=True))
         if not named:
             return {}
         ids = {name: index for index, name in enumerate(self.names)}
@@ -73,13 +95,15 @@ class FullStateOptimizer:
                                  for group in named["param_groups"]]}
 
     def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
         groups = state["param_groups"]
         if [len(group["params"]) for group in groups] != [len(group["params"]) for group in self.param_groups]:
             raise ValueError("its parameter groups do not match this model's")
         named = {"state": {self.names[index]: value for index, value in state["state"].items()},
                  "param_groups": [{**group, "params": [self.names[index] for index in group["params"]]}
                                   for group in groups]}
-        set_optimizer_state_dict(self.model, self.optimizer, named, options=FROM_FULL)
+        set_optimizer_state_dict(self.model, self.optimizer, named, options=state_dict_options(gather_to_main=False))
 
 
 @torch.no_grad()
@@ -89,8 +113,8 @@ def sharded_copy(model: torch.nn.Module, make: callable) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):   # building it draws an init: leave the training streams alone
         copy = make().to(next(iter(model.parameters())).device)
     shard_gpt(copy)
-    for mine, theirs in zip(copy.parameters(), model.parameters()):
-        mine.to_local().copy_(theirs.to_local())
+    for mine, theirs in zip(local_shards(copy.parameters()), local_shards(model.parameters())):
+        mine.copy_(theirs)
     for mine, theirs in zip(copy.buffers(), model.buffers()):
         mine.copy_(theirs)
     return copy
@@ -99,7 +123,7 @@ def sharded_copy(model: torch.nn.Module, make: callable) -> torch.nn.Module:
 def gathered_copy(model: torch.nn.Module, make: callable) -> torch.nn.Module | None:
     """A plain, unsharded copy of a sharded model on rank 0 (None on the others; every rank must call): what
     the rank-0 evals run, since a sharded model runs only with every rank taking part."""
-    state = get_model_state_dict(model, options=GATHER_TO_MAIN)
+    state = FullStateModel(model).state_dict()
     if not state:
         return None
     with torch.random.fork_rng(devices=[]):   # building it draws an init: leave the training streams alone
