@@ -197,6 +197,8 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
                 if metrics:
                     log.log(step, "eval", metrics)
                     log.print(f"step {step} eval {summary_line(metrics)}")
+            if sharded:
+                eval_model = None   # the full copy is not kept through training
             distributed.barrier()
     return run.finish(loader, log)
 

@@ -9,7 +9,6 @@ loaders prefer it (`--weights raw` picks the trained weights).
 from __future__ import annotations
 
 import copy
-
 from typing import Callable
 
 import torch
