@@ -279,3 +279,19 @@ def test_sharded_save_checks_the_gathered_state_and_every_rank_takes_rank_0s_ver
     state = load(tmp_path / "run" / "step_00000001.pt")
     assert len(state["rank_checksums"]) == 1 and torch.equal(state["gpt"]["w"], torch.tensor([1.0, 2.0]))
     assert latest_checkpoint(tmp_path / "run").name == "step_00000001.pt"
+
+
+def test_fsdp_trains_the_llama_block_under_bf16_and_evals_repeatedly_on_gathered_copies(shapes_tokens, tmp_path):
+    from models.gpt import GPT, GPTConfig
+    from vqgpt.config import subconfig
+    from vqgpt.settings import GPTTrainConfig
+
+    flags = ("--fsdp", "--arch=llama", "--precision=bf16", "--eval-every=2", "--batch-size=4", "--ema-decay=0.5")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path, 3, *flags), nproc=2)
+    evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 3] and all(0 < r["val_loss"] < 10 for r in evals)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["samples_00000002.png", "samples_00000003.png"]
+    state = load(latest_checkpoint(tmp_path))
+    plain = GPT(subconfig(GPTConfig, GPTTrainConfig(**{k: v for k, v in state["config"].items()
+                                                        if k in GPTTrainConfig.__dataclass_fields__})))
+    assert state["gpt"].keys() == state["gpt_ema"].keys() == plain.state_dict().keys()   # untied head, no rotations
