@@ -5,6 +5,8 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py --tokens data/imgs-tokens --out runs/gpt --preset seed
     torchrun --nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --nproc_per_node=8 \
         train_gpt.py --tokens data/imgs-tokens --out runs/gpt --preset seed        # (node_rank=1 on the other)
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --tokens data/imgs-tokens --out runs/gpt-xl \
+        --preset llamagen-XL --fsdp        # parameters, gradients and optimizer state sharded over the GPUs
 
 Rerunning the same command continues from the latest checkpoint (--resume auto). SIGTERM or
 Ctrl-C writes a checkpoint and exits 0. Each eval writes the val loss and a sample grid decoded
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from models.gpt import GPT, GPTConfig
-from vqgpt import distributed
+from vqgpt import distributed, fsdp
 from vqgpt.config import parse_config, subconfig
 from vqgpt.ema import WeightEMA, ema_key
 from vqgpt.settings import GPT_TRAIN_PRESETS, GPTTrainConfig
@@ -94,23 +96,31 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
 
     seed_everything(cfg.seed)   # identical init on every rank
     model = GPT(subconfig(GPTConfig, cfg)).to(device)
+    if resume is None and init is not None:   # a fine-tune: the source's weights, fresh optimizer, step 0
+        model.load_state_dict(init.gpt)
+    sharded = cfg.fsdp and dist.is_distributed   # one process has nothing to shard over
+    if sharded:
+        fsdp.shard_gpt(model)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (0.9, cfg.beta2), device.type)
     scaler = grad_scaler(device, dtype)   # fp16 only
     loader = ShardLoader(train_split, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                          device=device, prefetch=cfg.prefetch, grad_accum=cfg.grad_accum)
-    run.track({"gpt": model}, optimizer=optimizer, scaler=scaler, loader=loader)
+    if sharded:   # checkpoints hold the full states, gathered to rank 0
+        run.track({"gpt": fsdp.FullStateModel(model)}, optimizer=fsdp.FullStateOptimizer(model, optimizer),
+                  scaler=scaler, loader=loader)
+    else:
+        run.track({"gpt": model}, optimizer=optimizer, scaler=scaler, loader=loader)
     step = 0
     seed_everything(cfg.seed + 7919 * dist.rank)   # per-rank streams (label dropout) from here on
     if resume is not None:
         step = run.restore(resume)
-    elif init is not None:   # a fine-tune: the source's weights, fresh optimizer, step 0
-        model.load_state_dict(init.gpt)
-    ema = WeightEMA.start(model, cfg.weight_ema_decay, resume, ema_key("gpt"))
-    if ema is not None:
-        run.networks[ema_key("gpt")] = ema.model   # in every checkpoint; checked equal on every rank like the GPT
+    make_average = functools.partial(fsdp.sharded_copy, model, lambda: GPT(model.config)) if sharded else None
+    ema = WeightEMA.start(model, cfg.weight_ema_decay, resume, ema_key("gpt"), make_average)
+    if ema is not None:   # in every checkpoint; checked like the GPT
+        run.networks[ema_key("gpt")] = fsdp.FullStateModel(ema.model) if sharded else ema.model
     eval_model = model if ema is None else ema.model
     wrapped: torch.nn.Module = model
-    if dist.is_distributed:
+    if dist.is_distributed and not sharded:
         wrapped = distributed.wrap_ddp(model, device)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
@@ -123,7 +133,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
     tokens_per_step = cfg.batch_size * dist.world_size * cfg.grad_accum * cfg.tokens_per_image
     log.print(f"gpt {model.num_params() / 1e6:.2f}M parameters, {cfg.tokens_per_image} tokens per image, "
               f"codebook {cfg.codebook_size}, {cfg.n_classes} classes, {dist.world_size} rank(s) on {device.type}, "
-              f"{str(dtype).replace('torch.', '')}, {tokens_per_step} tokens per step"
+              f"{str(dtype).replace('torch.', '')}, {tokens_per_step} tokens per step" + (", FSDP" if sharded else "")
               + (f"; resumed from {resume['path']} at step {step}" if resume else ""))
     run.install_signal_handlers()
 
@@ -143,7 +153,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
             tokens_seen += tokens.numel() * dist.world_size
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         scaler.unscale_(optimizer)   # a no-op unless fp16; an fp16 overflow makes the step non-finite: skipped
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = fsdp.replicated_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         stop, skip = run.end_of_step_consensus(bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm)), step)
         if not skip:
             scaler.step(optimizer)
@@ -166,6 +176,8 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
             if inception is not None and fid_reference is None:   # every rank extracts a share; rank 0 gets the result
                 fid_reference = reference_statistics(fid_ref, "train", inception, cfg.eval_batch_size, rank=dist.rank,
                                                      world_size=dist.world_size)
+            if sharded:   # every rank takes part in gathering rank 0's plain copy
+                eval_model = fsdp.gathered_copy(model if ema is None else ema.model, lambda: GPT(model.config))
             if dist.is_main:
                 metrics = {}
                 if val_split is not None:
@@ -185,6 +197,8 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
                 if metrics:
                     log.log(step, "eval", metrics)
                     log.print(f"step {step} eval {summary_line(metrics)}")
+            if sharded:
+                eval_model = None   # the full copy is not kept through training
             distributed.barrier()
     return run.finish(loader, log)
 

@@ -164,3 +164,134 @@ def test_sample_refuses_bad_options_in_one_line(flags, message, tmp_path):
     result = run_script("sample.py", f"--gpt={tmp_path}", f"--out={tmp_path / 'out'}", *flags, check=False)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# no dropout of any kind: both ways of running draw nothing, so they see the same numbers; a global batch of 16
+# is 8 a rank in 2 micro-steps of 4 on two ranks (grad accumulation under FSDP too) and 4 x 4 in one process
+FSDP_FLAGS = ("--sample-count=0", "--dropout=0", "--label-dropout=0", "--global-batch-size=16", "--batch-size=4",
+              "--ckpt-every=5", "--ema-decay=0.5")
+
+
+def logged_losses(run, after: int = 0) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train" and r["step"] > after]
+
+
+def assert_losses_close(a, b, count) -> None:
+    assert [step for step, _ in a] == [step for step, _ in b] and len(a) == count
+    assert np.allclose([loss for _, loss in a], [loss for _, loss in b], rtol=0, atol=1e-5), (a, b)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(shapes_tokens, tmp_path_factory):
+    """10 steps under DDP, under --fsdp (both on two ranks) and in one process, each checkpointed at step 5, with a
+    weight EMA."""
+    root = tmp_path_factory.mktemp("gpt_fsdp")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "ddp", 10, *FSDP_FLAGS), nproc=2)
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "fsdp", 10, *FSDP_FLAGS, "--fsdp"), nproc=2)
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "one", 10, *FSDP_FLAGS))
+    return root
+
+
+def test_fsdp_trains_like_ddp_and_saves_the_same_full_checkpoint(fsdp_runs):
+    ddp, fsdp = fsdp_runs / "ddp", fsdp_runs / "fsdp"
+    assert_losses_close(logged_losses(ddp), logged_losses(fsdp), 10)
+    a, b = (load(latest_checkpoint(run)) for run in (ddp, fsdp))
+    assert b["config"]["fsdp"] and b["world_size"] == 2 and len(b["rank_checksums"]) == 1
+    evals = [[r["val_loss"] for r in read_metrics(run) if r["kind"] == "eval"] for run in (ddp, fsdp)]
+    assert len(evals[1]) == 1 and abs(evals[0][0] - evals[1][0]) < 1e-5   # the EMA's, gathered to rank 0
+    assert_close_states(a, b)
+    for group_a, group_b in zip(a["optimizer"]["param_groups"], b["optimizer"]["param_groups"]):
+        assert group_a["params"] == group_b["params"]   # the same ids for the same parameters
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for index, state in a["optimizer"]["state"].items():
+        assert state.keys() == b["optimizer"]["state"][index].keys()
+        for name, value in state.items():
+            assert torch.allclose(value, b["optimizer"]["state"][index][name], atol=1e-5), (index, name)
+
+
+def assert_close_states(a: dict, b: dict) -> None:
+    """The same networks (the trained weights and their EMA) within 1e-5, key for key."""
+    for network in ("gpt", "gpt_ema"):
+        assert a[network].keys() == b[network].keys()   # the tied head too, as state_dict() has it
+        for key in a[network]:
+            assert torch.allclose(a[network][key], b[network][key], atol=1e-5), (network, key)
+    assert any(not torch.equal(b["gpt_ema"][key], b["gpt"][key]) for key in b["gpt"])   # an average
+
+
+def test_fsdp_checkpoint_resumes_in_one_process_and_ddp_checkpoint_under_fsdp(fsdp_runs, shapes_tokens):
+    root = fsdp_runs
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "fsdp_then_one", 10, *FSDP_FLAGS,
+                                          f"--resume={root / 'fsdp' / 'step_00000005.pt'}"))
+    assert_losses_close(logged_losses(root / "fsdp_then_one"), logged_losses(root / "one", after=5), 5)
+    assert_close_states(load(latest_checkpoint(root / "fsdp_then_one")), load(latest_checkpoint(root / "one")))
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, root / "ddp_then_fsdp", 10, *FSDP_FLAGS, "--fsdp",
+                                          f"--resume={root / 'ddp' / 'step_00000005.pt'}"), nproc=2)
+    assert_losses_close(logged_losses(root / "ddp_then_fsdp"), logged_losses(root / "ddp", after=5), 5)
+    assert_close_states(load(latest_checkpoint(root / "ddp_then_fsdp")), load(latest_checkpoint(root / "ddp")))
+
+
+def test_fsdp_refuses_compile_in_one_line(shapes_tokens, tmp_path):
+    result = run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path / "run", 2, "--fsdp", "--compile"),
+                        check=False)
+    assert result.returncode == 2 and "--fsdp does not combine with --compile" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+SHARDED_SAVE = """
+import dataclasses
+import sys
+import torch
+from vqgpt import distributed
+from vqgpt.errors import RunError
+from vqgpt.fsdp import FullStateModel
+from vqgpt.training import TrainingRun
+
+dist = distributed.setup("cpu")
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    out: str = sys.argv[1]
+    keep_last: int = 2
+    keep_every: int = 0
+
+
+cfg = Settings()
+run = TrainingRun(cfg, dist, "gpt", ())
+run.track({"gpt": FullStateModel(torch.nn.Linear(2, 2))})
+for step, value in ((1, 1.0), (2, float("nan"))):
+    gathered = {"gpt": {"w": torch.tensor([value, 2.0])}} if dist.is_main else {}   # what rank 0 alone holds
+    try:
+        run.save(step, gathered, {})
+        print(f"rank {dist.rank} saved {step}")
+    except RunError as err:
+        print(f"rank {dist.rank} refused {step}: {err}")
+distributed.cleanup()
+"""
+
+
+def test_sharded_save_checks_the_gathered_state_and_every_rank_takes_rank_0s_verdict(tmp_path):
+    script = tmp_path / "sharded_save.py"
+    script.write_text(SHARDED_SAVE)
+    (tmp_path / "run").mkdir()
+    result = run_script(str(script), str(tmp_path / "run"), nproc=2, timeout=120)
+    for rank in (0, 1):
+        assert f"rank {rank} saved 1" in result.stdout and f"rank {rank} refused 2: weights became non-finite" in result.stdout
+    state = load(tmp_path / "run" / "step_00000001.pt")
+    assert len(state["rank_checksums"]) == 1 and torch.equal(state["gpt"]["w"], torch.tensor([1.0, 2.0]))
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000001.pt"
+
+
+def test_fsdp_trains_the_llama_block_under_bf16_and_evals_repeatedly_on_gathered_copies(shapes_tokens, tmp_path):
+    from models.gpt import GPT, GPTConfig
+    from vqgpt.config import subconfig
+    from vqgpt.settings import GPTTrainConfig
+
+    flags = ("--fsdp", "--arch=llama", "--precision=bf16", "--eval-every=2", "--batch-size=4", "--ema-decay=0.5")
+    run_script("train_gpt.py", *gpt_args(shapes_tokens, tmp_path, 3, *flags), nproc=2)
+    evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 3] and all(0 < r["val_loss"] < 10 for r in evals)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["samples_00000002.png", "samples_00000003.png"]
+    state = load(latest_checkpoint(tmp_path))
+    plain = GPT(subconfig(GPTConfig, GPTTrainConfig(**{k: v for k, v in state["config"].items()
+                                                        if k in GPTTrainConfig.__dataclass_fields__})))
+    assert state["gpt"].keys() == state["gpt_ema"].keys() == plain.state_dict().keys()   # untied head, no rotations

@@ -156,5 +156,9 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def no_sync(module: torch.nn.Module, skip: bool):
-    """DDP's no_sync for accumulation micro-steps; a no-op for plain modules."""
+    """DDP's no_sync for accumulation micro-steps (FSDP2: no reduce-scatter until the last); a no-op for plain
+    modules."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(not skip)
+        return contextlib.nullcontext()
     return module.no_sync() if skip and hasattr(module, "no_sync") else contextlib.nullcontext()

@@ -375,9 +375,14 @@ class GPTTrainConfig(TrainConfig, GPTConfig):
                              "folder: fresh optimizer, step 0, the architecture of the source; its codebook, classes and "
                              "grid must be the tokens'", "")
     eval_fid_samples: int = setting("class-balanced samples scored by --eval-fid against the train images", 1000)
+    fsdp: bool = setting("under torchrun, shard the GPT's parameters, gradients and optimizer state over the ranks "
+                         "(FSDP2) instead of replicating them (DDP), for models whose optimizer state does not fit "
+                         "one GPU; checkpoints stay full, any world size resumes them with or without it", False)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.fsdp and self.compile:   # not tested sharded
+            raise ValueError("--fsdp does not combine with --compile yet; drop one of them")
         if self.eval_fid_samples < 2:   # a covariance needs two samples
             raise ValueError(f"--eval-fid-samples must be at least 2, got {self.eval_fid_samples}")
         if self.sample_count < 0 or self.sample_top_k < 0 or self.sample_temperature <= 0:

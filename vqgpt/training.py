@@ -23,6 +23,7 @@ from vqgpt.config import check_removed_settings, config_to_dict, field_defaults,
 from vqgpt.distributed import DistInfo
 from vqgpt.errors import RunError, UserError, first_line
 from vqgpt.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_file
+from vqgpt.fsdp import FullStateModel
 from vqgpt.runlog import METRICS_NAME, read_metrics, read_run_config
 from vqgpt.shards import ShardError
 
@@ -109,6 +110,11 @@ class TrainingRun:
         every rank before saving) and every other object with state_dict/load_state_dict (optimizers, loss
         scalers, the shard loader)."""
         self.networks, self.stateful = networks, stateful
+
+    @property
+    def gathered_to_main(self) -> bool:
+        """Sharded networks (--fsdp): their full state exists on rank 0 only, when gathered to save."""
+        return any(isinstance(network, FullStateModel) for network in self.networks.values())
 
     def load_resume_state(self) -> dict | None:
         """The checkpoint to continue from under `--resume` (auto | none | PATH), checked for compatibility.
@@ -265,13 +271,19 @@ class TrainingRun:
         return stop, skip
 
     def save(self, step: int, modules: dict[str, dict], extra: dict) -> Path | None:
-        """Checkpoint on rank 0 (with every rank's RNG), refusing non-finite weights; barrier after."""
-        if not ckpt.all_finite(modules):   # every rank holds the same weights, so all raise together
+        """Checkpoint on rank 0 (with every rank's RNG), refusing non-finite weights; barrier after.
+
+        Under DDP every rank checks its replica and all must agree (checksums). Under --fsdp no rank holds a
+        replica: `modules` is the full state gathered to rank 0 ({} elsewhere), rank 0 checks it and every rank
+        takes its verdict, and `rank_checksums` holds that full state's one checksum."""
+        if not all(distributed.all_gather_object(ckpt.all_finite(modules))):   # every rank raises together
             raise RunError(f"weights became non-finite at step {step}; no checkpoint written, "
                            f"the last good one in {self.run_dir} is kept")
         rng_states = distributed.all_gather_object(ckpt.capture_rng_state())
         checksums = distributed.all_gather_object(parameters_checksum(modules))
-        if len(set(checksums)) > 1:   # DDP keeps replicas equal; a difference means a real bug
+        if self.gathered_to_main:
+            checksums = checksums[:1]
+        elif len(set(checksums)) > 1:   # DDP keeps replicas equal; a difference means a real bug
             raise RunError(f"ranks hold different weights at step {step} (checksums {checksums}); not saving")
         path = None
         if self.dist.is_main:
@@ -317,7 +329,7 @@ class TrainingRun:
                                            "not a checkpoint of this project")
             try:
                 state = resume[name]
-                obj.load_state_dict(with_hyperparameters(state, obj) if isinstance(obj, torch.optim.Optimizer) else state)
+                obj.load_state_dict(with_hyperparameters(state, obj) if hasattr(obj, "param_groups") else state)
             except ShardError:   # the reader's own message (other data) is already one line
                 raise
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
