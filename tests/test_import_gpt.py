@@ -152,3 +152,21 @@ def test_ema_weights_are_preferred_and_leftovers_accounted_for(tmp_path, capsys)
     assert import_gpt_main("--from=llamagen", f"--ckpt={GPT_CKPT}", f"--out={tmp_path / 'h'}", "--n-head=5") == 2
     assert import_gpt_main("--from=llamagen", f"--ckpt={GPT_CKPT}", f"--out={tmp_path / 'h'}") == 2   # no --n-head
     assert "give --n-head" in capsys.readouterr().err
+
+
+def test_a_vqgan_with_an_ema_is_bound_with_the_weights_it_decodes_with(vq_run, tmp_path):
+    """load_vqgan takes a checkpoint's EMA by default: the binding must say so, or every decode is refused."""
+    from vqgpt.trained_models import load_bound_vqgan
+
+    ema_run = tmp_path / "vq-ema"
+    ema_run.mkdir()
+    state = load(latest_checkpoint(vq_run))
+    state["vqgan_ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["vqgan"].items()}
+    torch.save(state, ema_run / "step_00000000.pt")
+    (ema_run / "latest").write_text("step_00000000.pt")
+    out = tmp_path / "gpt"
+    assert import_gpt_main("--from=llamagen", f"--ckpt={GPT_CKPT}", f"--out={out}", f"--vqgan={ema_run}",
+                           "--n-head=4") == 0
+    manifest = load(latest_checkpoint(out))["token_manifest"]
+    assert manifest["vqgan_weights"] == "ema"
+    assert load_bound_vqgan(manifest).weights == "ema"   # the raw weights before the binding said which

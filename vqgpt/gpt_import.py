@@ -148,7 +148,8 @@ def import_llamagen_gpt(ckpt_path: str | Path, n_head: int = 0, grid_size: int =
                               f"{math.isqrt(config.tokens_per_image)}x{math.isqrt(config.tokens_per_image)}")
         manifest = {"kind": "tokens", "codebook_size": config.codebook_size, "latent_grid": grid,
                     "image_size": vqgan.config.image_size, "classes": [str(c) for c in range(config.n_classes)],
-                    "vqgan_checkpoint": str(Path(vqgan.path).resolve()), "vqgan_sha256": vqgan.sha256}
+                    "vqgan_checkpoint": str(Path(vqgan.path).resolve()), "vqgan_sha256": vqgan.sha256,
+                    "vqgan_weights": vqgan.weights}   # an EMA's when the checkpoint holds one: decoded with those
     return ImportedGPT(config, state, manifest, ignored,
                        {"format": "llamagen-gpt", "checkpoint": str(path.resolve()), "weights": container or "top level",
                         "sha256": sha256_file(path)})
