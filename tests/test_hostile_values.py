@@ -112,6 +112,22 @@ def test_an_allocation_that_cannot_succeed_is_one_line_and_exit_2(allocate, caps
     assert len(err.splitlines()) == 1 and err.startswith("prog: error: not enough memory for what was asked"), err
 
 
+def test_memory_that_runs_out_on_another_rank_is_said_by_that_rank(monkeypatch, capsys):
+    """Memory runs out per rank: rank 3 alone may fail, and it must say so (a user error is rank 0's to print)."""
+    from vqgpt.errors import UserError, exit_on_user_error
+
+    def out_of_memory():
+        raise MemoryError()
+
+    def user_error():
+        raise UserError("a bad flag")
+    monkeypatch.setenv("RANK", "3")
+    assert exit_on_user_error(out_of_memory, "prog") == 2
+    assert capsys.readouterr().err.startswith("prog: error: rank 3: not enough memory")
+    assert exit_on_user_error(user_error, "prog") == 2
+    assert capsys.readouterr().err == ""
+
+
 def test_other_errors_still_raise():
     from vqgpt.errors import exit_on_user_error
 

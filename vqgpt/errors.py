@@ -61,15 +61,19 @@ def allocation_failure(err: BaseException) -> str | None:
 def exit_on_user_error(main: Callable[[], int | None], program: str) -> int:
     """Run `main`; a known user error, or an allocation that cannot succeed, prints `program: error: ...` once
     and returns 2."""
+    rank = os.environ.get("RANK", "0")
     try:
         return main() or 0
     except USER_ERRORS as err:
-        message = str(err)
+        message, every_rank = str(err), False   # torchrun's other ranks hit the same error: one line, not N
     except (MemoryError, RuntimeError, ValueError) as err:
         what = allocation_failure(err)
         if what is None:
             raise
         message = f"not enough memory for what was asked ({what}); ask for fewer or smaller (--batch-size, --n, sizes)"
-    if os.environ.get("RANK", "0") == "0":   # torchrun's other ranks hit the same error: one line, not N
+        every_rank = True   # memory runs out per rank: the rank it ran out on must say so
+        if rank != "0":
+            message = f"rank {rank}: {message}"
+    if every_rank or rank == "0":
         print(f"{program}: error: {message}", file=sys.stderr, flush=True)
     return 2
