@@ -482,3 +482,14 @@ def test_a_stop_during_the_swap_lets_it_finish(tmp_path, monkeypatch):
     assert run_shardify(cli_args(src, dest, "--workers=1", "--overwrite", "--seed=5")) == 0
     shard_once(src, tmp_path / "clean", seed=5)
     assert folder_digest(dest) == folder_digest(tmp_path / "clean")
+
+
+def test_resize_adm_with_a_stored_margin_is_refused(capsys):
+    """A --size crop of an ADM crop made at the stored size is a zoom: not the ADM crop the manifest would claim."""
+    from vqgpt.config import parse_config
+    from vqgpt.settings import ShardifyConfig
+
+    with pytest.raises(SystemExit):
+        parse_config(ShardifyConfig, {}, ["s", "d", "--size=16", "--stored-size=20", "--resize=adm"])
+    assert "does not combine with --stored-size" in capsys.readouterr().err
+    assert parse_config(ShardifyConfig, {}, ["s", "d", "--size=16", "--stored-size=16", "--resize=adm"]).resize == "adm"

@@ -53,7 +53,7 @@ def guidance_scale(cfg_scale: float, position: int, length: int, schedule: str =
 
     constant: cfg_scale at every position. linear: 1 + (cfg_scale - 1) * position / (length - 1), rising from
     1 at the first token to cfg_scale at the last (MUSE's / LlamaGen's linear schedule).
-    interval K > 0: only the first K tokens are guided, the rest take scale 1 (LlamaGen's --cfg-interval).
+    interval K > 0: only the first K tokens are guided, the rest take scale 1 (LlamaGen's cfg_interval K is K + 2 here).
     """
     if interval and position >= interval:
         return 1.0

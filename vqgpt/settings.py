@@ -217,7 +217,7 @@ class ShardifyConfig:
     size: int = setting("output side in pixels (0: 256, or 32 with --builtin)", 0)
     stored_size: int = setting("store images at this side (at least --size), and the VQGAN trainer reads a random "
                                "--size crop of each (evaluation and quantizing the centre); LlamaGen crops from 1.1x, "
-                               "288 for 256 (0: --size)", 0)
+                               "281 for 256 (0: --size)", 0)
     shard_size: int = setting("images per shard file", 1000)
     val_fraction: float | None = setting("share of images for validation (none: 0.01 unless --val-count)", None)
     val_count: int | None = setting("exact number of validation images (instead of --val-fraction)", None)
@@ -252,6 +252,10 @@ class ShardifyConfig:
             raise ValueError(f"--val-count must not be negative, got {self.val_count}")
         if self.builtin and self.resize != "lanczos":
             raise ValueError("--resize applies to image files; --builtin draws its images at --size")
+        if self.resize == "adm" and self.stored_size not in (0, self.image_size):
+            # a --size crop of an ADM crop made at the stored size is a zoom, not ADM's crop at --size
+            raise ValueError("--resize adm makes ADM's crop at --size (for FID references); it does not combine "
+                             "with --stored-size")
 
     @property
     def source(self) -> str:
@@ -416,7 +420,8 @@ GPT_TRAIN_PRESETS = {
 
 CFG_SCHEDULE_HELP = ("how the guidance scale varies over the token grid: constant (--cfg at every token) or linear "
                      "(token i of L gets 1 + (cfg - 1) x i / (L - 1): 1 at the first token, --cfg at the last)")
-CFG_INTERVAL_HELP = "guide only the first K tokens of the grid, the rest with scale 1 (LlamaGen's cfg interval; 0: all)"
+CFG_INTERVAL_HELP = ("guide only the first K tokens of the grid, the rest with scale 1 (0: all). LlamaGen's cfg_interval "
+                     "counts otherwise: its K guides K + 2 tokens (and -1 all), so give its K + 2 here")
 
 
 @dataclasses.dataclass(frozen=True)
