@@ -169,13 +169,27 @@ def test_precision_and_recall_equal_a_numpy_reference():
     rng = np.random.default_rng(0)
     reference = rng.standard_normal((120, 16)).astype(np.float32)
     samples = (rng.standard_normal((90, 16)) * 0.7 + 0.3).astype(np.float32)
-    assert fid.precision_recall(reference, reference) == {"precision": 1.0, "recall": 1.0}
+    assert fid.precision_recall(reference, reference) == {"precision": 1.0, "recall": 1.0,
+                                                          "prc_reference_images": len(reference)}
     ours = fid.precision_recall(samples, reference)
     precision, recall = numpy_precision_recall(samples, reference)
     assert 0 < recall < precision < 1   # narrower samples: mostly inside the reference, covering less of it
     assert ours["precision"] == pytest.approx(precision, abs=1e-6) and ours["recall"] == pytest.approx(recall, abs=1e-6)
     shifted = fid.precision_recall(reference + 3.0, reference)
     assert shifted["precision"] < 0.5 and shifted["recall"] < 0.5
+
+
+def test_a_large_reference_is_subsampled_for_precision_and_recall(monkeypatch):
+    """The k-NN radii cost N_ref^2: a reference above the cap is scored on a seeded subsample of cap images."""
+    monkeypatch.setattr(fid, "PRC_MAX_REFERENCE", 50)
+    rng = np.random.default_rng(1)
+    reference = rng.standard_normal((200, 8)).astype(np.float32)
+    samples = rng.standard_normal((60, 8)).astype(np.float32)
+    ours = fid.precision_recall(samples, reference)
+    keep = np.sort(np.random.default_rng(0).choice(200, 50, replace=False))
+    precision, recall = numpy_precision_recall(samples, reference[keep])
+    assert ours["prc_reference_images"] == 50 and ours == fid.precision_recall(samples, reference)
+    assert ours["precision"] == pytest.approx(precision, abs=1e-6) and ours["recall"] == pytest.approx(recall, abs=1e-6)
 
 
 def test_malformed_npz_references_are_refused_in_one_line(image_sets, weights, tmp_path, capsys):

@@ -42,6 +42,9 @@ FEATURE_DIM = 2048
 SPATIAL_LAYER, SPATIAL_CHANNELS = "Mixed_6d.branch1x1", 7
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 PRC_NEIGHBOURHOOD = 3   # Kynkaanniemi et al. 2019 and ADM's evaluator
+# ADM's reference batches hold 10,000 images for precision / recall; the k-NN radii cost N_ref^2 distances, so a
+# larger reference (a train split) is subsampled to this many, the same ones every time
+PRC_MAX_REFERENCE = 10_000
 
 Images = np.ndarray | list   # uint8 (B, H, W, 3), or a list of (H, W, 3) arrays of different sizes
 
@@ -152,17 +155,22 @@ def precision_recall(samples: np.ndarray, reference: np.ndarray) -> dict[str, fl
 
     torch-fidelity's estimator on Inception pool features, as ADM's evaluator computes them:
     precision is the share of samples inside some reference image's k-NN ball, recall the reverse.
-    Each set needs more than k images; with fewer the two are left out.
+    Each set needs more than k images; with fewer the two are left out. A reference of more than
+    PRC_MAX_REFERENCE images is subsampled to that many (seeded), as ADM's 10,000-image batches are.
     """
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
     if min(len(samples), len(reference)) <= PRC_NEIGHBOURHOOD:
         return {}
+    if len(reference) > PRC_MAX_REFERENCE:
+        keep = np.sort(np.random.default_rng(0).choice(len(reference), PRC_MAX_REFERENCE, replace=False))
+        reference = reference[keep]
     result = prc_features_to_metric(torch.from_numpy(np.ascontiguousarray(samples)),
                                     torch.from_numpy(np.ascontiguousarray(reference)),
                                     prc_neighborhood=PRC_NEIGHBOURHOOD, prc_batch_size=10000, save_cpu_ram=True,
                                     verbose=False)
-    return {"precision": result[KEY_METRIC_PRECISION], "recall": result[KEY_METRIC_RECALL]}
+    return {"precision": result[KEY_METRIC_PRECISION], "recall": result[KEY_METRIC_RECALL],
+            "prc_reference_images": len(reference)}
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> dict[str, float]:
