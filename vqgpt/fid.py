@@ -333,7 +333,8 @@ def _read_cache(path: Path, split: ShardSplit, weights_sha256: str, with_feature
                     or str(cached["manifest_sha256"]) != sha256_file(split.root / MANIFEST_NAME)
                     or "mu_s" not in cached.files or (with_features and "pool" not in cached.files)):
                 return None
-            return {name: cached[name] for name in ("mu", "sigma", "mu_s", "sigma_s", "pool") if name in cached.files}
+            wanted = ("mu", "sigma", "mu_s", "sigma_s") + (("pool",) if with_features else ())   # pool: 8 KB an image
+            return {name: cached[name] for name in wanted if name in cached.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):   # torn, foreign or older
         return None   # (a cache without sFID's mu_s): recompute and overwrite
 
