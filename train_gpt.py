@@ -176,12 +176,18 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
             if inception is not None and fid_reference is None:   # every rank extracts a share; rank 0 gets the result
                 fid_reference = reference_statistics(fid_ref, "train", inception, cfg.eval_batch_size, rank=dist.rank,
                                                      world_size=dist.world_size)
-            if sharded:   # every rank takes part in gathering rank 0's plain copy
+            # with an EMA the trained weights' val loss is logged too: early on the average still holds the init
+            raw_model = model if ema is not None and val_split is not None else None
+            if sharded:   # every rank takes part in gathering rank 0's plain copies
                 eval_model = fsdp.gathered_copy(model if ema is None else ema.model, lambda: GPT(model.config))
+                if raw_model is not None:
+                    raw_model = fsdp.gathered_copy(model, lambda: GPT(model.config))
             if dist.is_main:
                 metrics = {}
                 if val_split is not None:
                     metrics["val_loss"] = validation_loss(eval_model, val_split, cfg.eval_batch_size, device, dtype)
+                if raw_model is not None:
+                    metrics["val_loss_raw"] = validation_loss(raw_model, val_split, cfg.eval_batch_size, device, dtype)
                 if inception is not None:
                     metrics.update(sample_fid(eval_model, vqgan.model, cfg.eval_fid_samples, fid_reference.stats, inception,
                                               seed=cfg.seed, batch_size=cfg.eval_batch_size, dtype=dtype,
@@ -198,7 +204,7 @@ def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource |
                     log.log(step, "eval", metrics)
                     log.print(f"step {step} eval {summary_line(metrics)}")
             if sharded:
-                eval_model = None   # the full copy is not kept through training
+                eval_model = raw_model = None   # the full copies are not kept through training
             distributed.barrier()
     return run.finish(loader, log)
 

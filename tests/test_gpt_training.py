@@ -197,8 +197,11 @@ def test_fsdp_trains_like_ddp_and_saves_the_same_full_checkpoint(fsdp_runs):
     assert_losses_close(logged_losses(ddp), logged_losses(fsdp), 10)
     a, b = (load(latest_checkpoint(run)) for run in (ddp, fsdp))
     assert b["config"]["fsdp"] and b["world_size"] == 2 and len(b["rank_checksums"]) == 1
-    evals = [[r["val_loss"] for r in read_metrics(run) if r["kind"] == "eval"] for run in (ddp, fsdp)]
-    assert len(evals[1]) == 1 and abs(evals[0][0] - evals[1][0]) < 1e-5   # the EMA's, gathered to rank 0
+    evals = [[r for r in read_metrics(run) if r["kind"] == "eval"] for run in (ddp, fsdp)]
+    assert len(evals[1]) == 1   # the EMA's and the trained weights' val loss, gathered to rank 0 under FSDP
+    for key in ("val_loss", "val_loss_raw"):
+        assert abs(evals[0][0][key] - evals[1][0][key]) < 1e-5, key
+    assert evals[1][0]["val_loss"] != evals[1][0]["val_loss_raw"]
     assert_close_states(a, b)
     for group_a, group_b in zip(a["optimizer"]["param_groups"], b["optimizer"]["param_groups"]):
         assert group_a["params"] == group_b["params"]   # the same ids for the same parameters
