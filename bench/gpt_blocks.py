@@ -1,6 +1,6 @@
 """The GPT block on real tokens: GPT-2's (the `tiny` preset) beside LlamaGen's at about the same parameter count.
 
-    python bench/gpt_blocks.py                       # clip art and photographs, seeds 0 and 1: about 25 minutes
+    python bench/gpt_blocks.py                       # clip art and photographs, seeds 0 and 1: 15-35 minutes
     python bench/gpt_blocks.py --sets photos --seeds 0 --steps 200 --out runs/gpt-blocks-try
 
 Each set's val and train images (train with their mirror images) are quantized once by that set's
@@ -11,8 +11,10 @@ steps, batch, schedule, AdamW and dropout (the `tiny` recipe, --steps cut to fit
 Runs go two at a time, each pinned to its own core with one thread, a set's gpt2 and llama runs of
 one seed side by side. Figures: the trainer's final eval (val loss in nats/token over the whole val
 split), training tokens/s (the mean of its logged rates past the first), MFU against the fp32
-GEMM peak of one thread measured in this run, and each llama/gpt2 ratio. A rerun reuses finished
-runs trained as it would train them now. Last line: one JSON object.
+GEMM peak of one thread measured in this run (before and after training), and each llama/gpt2
+ratio. A rerun reuses finished runs trained as it would train them now; their MFU is then against
+a peak measured later, on a shared machine another load: for figures, train every run in one
+call. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny", choices=sorted(GPT_TRAIN_PRESETS), help="the gpt2 side (default: tiny)")
     parser.add_argument("--llama-shape", default="3,4,112",
                         help="n_layer,n_head,n_embd of the llama side (default 3,4,112: within 3.5%% of tiny's count)")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every run (default: 400)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (default: 300)")
     parser.add_argument("--batch-size", type=int, default=0, help="sequences a step (0: the preset's, 32 for tiny)")
     parser.add_argument("--warmup-steps", type=int, default=-1, help="(-1: the preset's, 100 for tiny)")
     parser.add_argument("--quantize-batch-size", type=int, default=100)
