@@ -94,3 +94,37 @@ def test_bench_prints_its_figures_as_one_json_line(script, args, keys, check):
     for key in keys:
         assert key in figures and 0 < figures[key] < math.inf, key
     check(figures)
+
+
+def test_the_block_bench_trains_both_blocks_per_seed_and_reports_what_its_runs_logged(shapes_shards, tiny_vqgan_run,
+                                                                                       tmp_path):
+    """bench/gpt_blocks.py on the built-in shapes and a tiny VQGAN: per-seed figures, their means and ratios agree."""
+    data, vqgans = tmp_path / "data", tmp_path / "vqgans"
+    data.mkdir(), vqgans.mkdir()
+    (data / "clipart").symlink_to(shapes_shards)
+    (vqgans / "clipart-ours").symlink_to(tiny_vqgan_run)
+    out = tmp_path / "out"
+    args = ["--data-root", str(data), "--vqgan-root", str(vqgans), "--out", str(out), "--sets", "clipart",
+            "--seeds", "0", "1", "--steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--llama-shape", "2,2,32"]
+    f = json.loads(run_script("bench/gpt_blocks.py", *args).stdout.strip().splitlines()[-1])
+    assert (f["steps"], f["batch_size"], f["seeds"]) == (3, 4, [0, 1])
+    assert f["clipart_val_sequences"] == 100 and f["clipart_train_sequences"] == 2 * 700   # train + mirror images
+    assert f["clipart_uniform_loss"] == pytest.approx(math.log(256), abs=1e-4)          # the tiny VQGAN's codes
+    assert f["clipart_gpt2_parameters"] > f["clipart_llama_parameters"] > 0               # 4 x 128 vs 2 x 32
+    for arch in ("gpt2", "llama"):
+        for key in ("val_loss", "tokens_per_s", "mfu"):
+            per_seed = f[f"clipart_{arch}_{key}_per_seed"]
+            assert len(per_seed) == 2 and all(0 < v < math.inf for v in per_seed), (arch, key)
+            assert f[f"clipart_{arch}_{key}"] == pytest.approx(sum(per_seed) / 2, abs=2e-4)
+        # 3 steps from the init: near a uniform guess over the codes, neither learned nor diverged
+        assert all(abs(v - f["clipart_uniform_loss"]) < 1.0 for v in f[f"clipart_{arch}_val_loss_per_seed"])
+        assert all(m < 1 for m in f[f"clipart_{arch}_mfu_per_seed"])
+        assert f[f"clipart_{arch}_val_loss_per_seed"][0] != f[f"clipart_{arch}_val_loss_per_seed"][1]   # two seeds
+    for key in ("val_loss", "tokens_per_s", "mfu"):
+        ratio_of(f, f"clipart_{key}_llama_vs_gpt2", f"clipart_llama_{key}", f"clipart_gpt2_{key}")
+    gaps = [a - b for a, b in zip(f["clipart_llama_val_loss_per_seed"], f["clipart_gpt2_val_loss_per_seed"])]
+    assert f["clipart_val_loss_gap_per_seed"] == pytest.approx(gaps, abs=2e-4)
+    # a rerun trains nothing: it reuses the four finished runs and reports the same losses
+    again = run_script("bench/gpt_blocks.py", *args).stdout
+    assert "train_gpt.py" not in again
+    assert json.loads(again.strip().splitlines()[-1])["clipart_gpt2_val_loss"] == f["clipart_gpt2_val_loss"]
