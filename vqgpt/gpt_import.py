@@ -19,7 +19,7 @@ from vqgpt.checkpoint import CheckpointError, save_checkpoint
 from vqgpt.config import ConfigError, config_to_dict
 from vqgpt.export import ensure_fresh_folder
 from vqgpt.files import atomic_write_json, sha256_file
-from vqgpt.importers import _leftovers, _model_state, _take
+from vqgpt.importers import model_state, take_tensor, unused_keys
 from vqgpt.safe_pickle import StandIn, load_foreign_checkpoint
 
 # LlamaGen's GPT_models: the head count of each name (its checkpoints' args name the model)
@@ -115,7 +115,7 @@ def import_llamagen_gpt(ckpt_path: str | Path, n_head: int = 0, grid_size: int =
     (a LoadedVQGAN) when given: sample.py then decodes with it."""
     path = Path(ckpt_path)
     checkpoint = load_foreign_checkpoint(path)
-    source, container = _model_state(checkpoint, path, ("ema", "model", "module", "state_dict"),
+    source, container = model_state(checkpoint, path, ("ema", "model", "module", "state_dict"),
                                      marker="tok_embeddings.weight")
     args = _args_of(checkpoint) if container else {}
     if vqgan is not None and not grid_size and "image_size" not in args:
@@ -125,17 +125,17 @@ def import_llamagen_gpt(ckpt_path: str | Path, n_head: int = 0, grid_size: int =
     with torch.device("meta"):
         ours = GPT(config).state_dict()
     origin = "the tensor shapes"
-    table_rows = [_take(source, "tok_embeddings.weight", (config.codebook_size, config.n_embd), path, origin),
-                  _take(source, "cls_embedding.embedding_table.weight", (config.n_classes + 1, config.n_embd), path,
+    table_rows = [take_tensor(source, "tok_embeddings.weight", (config.codebook_size, config.n_embd), path, origin),
+                  take_tensor(source, "cls_embedding.embedding_table.weight", (config.n_classes + 1, config.n_embd), path,
                         origin)]
     state = {"token_embedding.weight": torch.cat(table_rows)}   # codes, classes, the null class = our start token
     used = {"tok_embeddings.weight", "cls_embedding.embedding_table.weight"}
     for key, theirs in llamagen_plan(config).items():
-        state[key] = _take(source, theirs, tuple(ours[key].shape), path, origin)
+        state[key] = take_tensor(source, theirs, tuple(ours[key].shape), path, origin)
         used.add(theirs)
     GPT(config).load_state_dict(state)   # strict: every key, every shape
     caches = {key for key in source if ".kv_cache." in key}   # buffers of a model saved after setup_caches()
-    ignored = _leftovers(source, used | caches, path, LLAMAGEN_IGNORED, model_prefixes=("",))
+    ignored = unused_keys(source, used | caches, path, LLAMAGEN_IGNORED, model_prefixes=("",))
     ignored.update({key: "sampling KV cache" for key in sorted(caches)})
     ignored.update({f"[{key}]": "training bookkeeping" for key in checkpoint if container and key != container})
 

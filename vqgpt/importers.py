@@ -123,7 +123,7 @@ def _dims(source: dict, key: str, ndim: int, path: Path, why: str) -> tuple[int,
     return shape
 
 
-def _take(source: dict, key: str, shape: tuple, path: Path, origin: str) -> torch.Tensor:
+def take_tensor(source: dict, key: str, shape: tuple, path: Path, origin: str) -> torch.Tensor:
     if key not in source:
         raise CheckpointError(f"{path}: missing key {key} (needed by the model {origin} describes)")
     value = source[key]
@@ -142,7 +142,7 @@ def map_vqgan(config: VQGANConfig, source: dict, layout: Layout, path: Path, ori
         shape = list(ours[key].shape)
         if len(source_keys) == 3:
             shape[0] //= 3
-        parts = [_take(source, k, shape, path, origin) for k in source_keys]
+        parts = [take_tensor(source, k, shape, path, origin) for k in source_keys]
         state[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
         used.update(source_keys)
     for key in FRESH_KEYS:
@@ -176,7 +176,7 @@ def discriminator_from(source: dict, prefix: str, path: Path) -> tuple[dict, int
     return state, ndf, n_layers
 
 
-def _model_state(checkpoint, path: Path, names: tuple[str, ...], marker: str = "encoder.conv_in.weight") -> tuple[dict, str]:
+def model_state(checkpoint, path: Path, names: tuple[str, ...], marker: str = "encoder.conv_in.weight") -> tuple[dict, str]:
     """The state dict under the first of `names` present, or the checkpoint itself when it holds `marker`."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
@@ -188,7 +188,7 @@ def _model_state(checkpoint, path: Path, names: tuple[str, ...], marker: str = "
     raise CheckpointError(f"{path}: no model weights (none of the keys {', '.join(names)})")
 
 
-def _leftovers(source: dict, used: set[str], path: Path, reasons: dict[str, str],
+def unused_keys(source: dict, used: set[str], path: Path, reasons: dict[str, str],
                model_prefixes: tuple[str, ...] = MODEL_PREFIXES, other: str = "not part of the VQGAN") -> dict[str, str]:
     """Source keys not used: allowed ones with their reason (`other` outside `model_prefixes`); unknown keys of the
     model itself stop the import, all of them listed."""
@@ -241,7 +241,7 @@ def import_taming(ckpt_path: str | Path, yaml_path: str | Path) -> ImportedVQGAN
     params = read_taming_yaml(yaml_path)
     ddconfig = params["ddconfig"]
     checkpoint = load_foreign_checkpoint(path)
-    source, container = _model_state(checkpoint, path, ("state_dict",))
+    source, container = model_state(checkpoint, path, ("state_dict",))
     if "quantize.embed.weight" in source:
         raise CheckpointError(f"{path}: a GumbelQuantize checkpoint; only VectorQuantizer VQGANs are supported")
     disc = discriminator_from(source, "loss.discriminator.", path)
@@ -263,7 +263,7 @@ def import_taming(ckpt_path: str | Path, yaml_path: str | Path) -> ImportedVQGAN
     used |= lpips_used
     if disc:
         used |= {"loss.discriminator." + k for k in disc[0]}
-    ignored = _leftovers(source, used, path, {
+    ignored = unused_keys(source, used, path, {
         "loss.perceptual_loss.lin": "LPIPS heads: the lpips package's own (the same published v0.1 VGG heads) are used",
         "loss.perceptual_loss.scaling_layer": "LPIPS input scaling constants, built into the lpips package"})
     ignored.update({f"[{key}]": "Lightning bookkeeping" for key in checkpoint if key != container})
@@ -301,7 +301,7 @@ def infer_llamagen_config(source: dict, path: Path, image_size: int, l2_norm: bo
     codebook_size, codebook_dim = _dims(source, "quantize.embedding.weight", 2, path, why)
     z_channels = _dims(source, "quant_conv.weight", 4, path, why)[1]
     ch = _dims(source, "encoder.conv_in.weight", 4, path, why)[0]
-    # a key whose level is not a number is left to _leftovers, which refuses it by name
+    # a key whose level is not a number is left to unused_keys, which refuses it by name
     levels = 1 + max((int(match[1]) for match in map(re.compile(r"encoder\.conv_blocks\.(\d+)\.").match, source)
                       if match), default=-1)
     if not levels:
@@ -325,7 +325,7 @@ def import_llamagen(ckpt_path: str | Path, image_size: int = 256, l2_norm: bool 
     """LlamaGen's VQ-8 / VQ-16 (`{"model": ...}`, or `{"ema": ...}`, with an optional PatchGAN `discriminator`)."""
     path = Path(ckpt_path)
     checkpoint = load_foreign_checkpoint(path)
-    source, container = _model_state(checkpoint, path, ("ema", "model", "state_dict"))
+    source, container = model_state(checkpoint, path, ("ema", "model", "state_dict"))
     disc_source = checkpoint.get("discriminator") if isinstance(checkpoint.get("discriminator"), dict) else {}
     if disc_source and "main.0.weight" in disc_source:   # a PatchGAN to map (another discriminator is ignored)
         check_tensors(disc_source, path, "[discriminator] ")
@@ -337,7 +337,7 @@ def import_llamagen(ckpt_path: str | Path, image_size: int = 256, l2_norm: bool 
                                      f"starts a fresh one that fits")
     config = infer_llamagen_config(source, path, image_size, l2_norm, disc)
     state, used = map_vqgan(config, source, LLAMAGEN, path, "the tensor shapes")
-    ignored = _leftovers(source, used, path, {"quantize.codebook_used": "LlamaGen's usage statistics"})
+    ignored = unused_keys(source, used, path, {"quantize.codebook_used": "LlamaGen's usage statistics"})
     for key in checkpoint:
         if key == container or (key == "discriminator" and disc):
             continue
