@@ -468,6 +468,13 @@ def test_trainers_log_fid_and_plot_it(weights, tmp_path, monkeypatch):
                *VQGAN_TEST_FLAGS, *fid_flags)
     evals = [r for r in read_metrics(tmp_path / "vqgan") if r["kind"] == "eval"]
     assert len(evals) == 1 and evals[0]["rfid"] > 0 and len(list(shards.glob("fid_stats_val_*.npz"))) == 1
+    other = tmp_path / "other"   # --fid-ref: the reference is another set's val split, its statistics cached there
+    write_shards(builtin_source("shapes", 36), other, size=32, shard_size=100, val_count=6, seed=1, workers=1,
+                 progress=False)
+    run_script("train_resnet_vqgan.py", f"--data={shards}", f"--out={tmp_path / 'vqgan-ref'}", "--max-steps=2",
+               *VQGAN_TEST_FLAGS, *fid_flags, f"--fid-ref={other}")
+    against_other = [r for r in read_metrics(tmp_path / "vqgan-ref") if r["kind"] == "eval"]
+    assert len(list(other.glob("fid_stats_val_*.npz"))) == 1 and against_other[0]["rfid"] != evals[0]["rfid"]
 
     tokens = tmp_path / "tokens"
     run_script("image_quantizer.py", f"--vqgan={tmp_path / 'vqgan'}", f"--data={shards}", f"--out={tokens}",
