@@ -170,3 +170,16 @@ def test_a_vqgan_with_an_ema_is_bound_with_the_weights_it_decodes_with(vq_run, t
     manifest = load(latest_checkpoint(out))["token_manifest"]
     assert manifest["vqgan_weights"] == "ema"
     assert load_bound_vqgan(manifest).weights == "ema"   # the raw weights before the binding said which
+
+
+def test_sample_py_save_tokens_reproduces_llamagens_greedy_grids(gpt_run, tmp_path):
+    """The whole path a user takes: the imported run, sample.py greedy with --save-tokens, LlamaGen's grids."""
+    import numpy as np
+
+    ref = load_file(REFERENCE)
+    for name, scale in (("greedy_cfg1", 1), ("greedy_cfg4", 4)):
+        for row, label in enumerate(ref["labels"].tolist()):
+            out = tmp_path / f"{name}-{label}"
+            run_script("sample.py", f"--gpt={gpt_run}", "--n=1", f"--class={label}", f"--cfg={scale}",
+                       "--temperature=0", "--save-tokens", f"--out={out}")
+            assert np.load(out / "tokens.npy").tolist() == [ref[name][row].tolist()], (name, label)
