@@ -66,10 +66,16 @@ def run_stage(title: str, command: list[str], done: bool) -> None:
 
 def finished_run(run_dir: Path, max_steps: int | None) -> bool:
     """A run is finished when its latest checkpoint reached its configured step count."""
-    config_path = run_dir / "config.json"
-    if not (run_dir / "latest").is_file() or not config_path.is_file():
+    from vqgpt.errors import RunError
+    from vqgpt.runlog import read_run_config
+
+    try:
+        config = read_run_config(run_dir) if (run_dir / "latest").is_file() else None
+    except RunError:   # damaged: the stage runs, and its trainer refuses the folder in one line
         return False
-    target = max_steps or json.loads(config_path.read_text())["config"]["max_steps"]
+    target = max_steps or (config or {}).get("config", {}).get("max_steps")
+    if not isinstance(target, int):
+        return False
     return (run_dir / "latest").read_text().strip() == f"step_{target:08d}.pt"
 
 

@@ -26,3 +26,18 @@ def test_demo_chain_small_budget_and_skip_on_rerun(tmp_path):
         assert (tmp_path / "demo" / path).is_file(), path
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") >= 6, again.stdout
+
+
+def test_a_damaged_run_config_makes_the_stage_run_again_not_a_traceback(tmp_path):
+    """demo.py decides which stages are finished from config.json: a list there (or a step that is no number)
+    means "not finished", and the trainer then refuses the folder in its own one line."""
+    import demo
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text("step_00000004.pt")
+    (run / "config.json").write_text(json.dumps({"stage": "gpt", "config": {"max_steps": 4}}))
+    assert demo.finished_run(run, None)
+    for damaged in ("[1, 2]", '{"config": {"max_steps": "four"}}', "{not json"):
+        (run / "config.json").write_text(damaged)
+        assert not demo.finished_run(run, None), damaged
