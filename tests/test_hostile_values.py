@@ -145,6 +145,7 @@ def test_shardify_with_a_size_no_machine_holds_stops_in_one_line(tmp_path, capsy
                                             "--builtin-count=2", "--workers=1", "--progress=false"])
     assert exit_on_user_error(lambda: shardify.main(cfg), "shardify") == 2
     assert capsys.readouterr().err.strip().startswith("shardify: error: not enough memory")
+    assert not (tmp_path / "out").exists()   # nothing finished: the DEST it made goes too
 
 
 @pytest.fixture(scope="module")

@@ -493,3 +493,15 @@ def test_resize_adm_with_a_stored_margin_is_refused(capsys):
         parse_config(ShardifyConfig, {}, ["s", "d", "--size=16", "--stored-size=20", "--resize=adm"])
     assert "does not combine with --stored-size" in capsys.readouterr().err
     assert parse_config(ShardifyConfig, {}, ["s", "d", "--size=16", "--stored-size=16", "--resize=adm"]).resize == "adm"
+
+
+def test_a_failed_run_removes_the_dest_it_made_and_nothing_else(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.png").write_bytes(b"not an image")
+    assert run_shardify([str(src), str(tmp_path / "new"), "--size", "16"]) == 2   # every file skipped: a verdict
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    assert run_shardify([str(src), str(tmp_path / "mine"), "--size", "16"]) == 2
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

@@ -306,6 +306,7 @@ def write_shards(source: Source, dest: str | os.PathLike, *, size: int, stored_s
         raise DataPrepError(f"resize {resize!r} is not one of {RESIZE_METHODS}")
     n_val = resolve_val_count(len(source), val_fraction, val_count)
     replaced = check_destination(dest, overwrite, source)
+    made_dest = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     stored_size = stored_size or size
     staging = _staging_for(dest, _run_identity(source, stored_size, shard_size, n_val, seed, resize))
@@ -314,16 +315,31 @@ def write_shards(source: Source, dest: str | os.PathLike, *, size: int, stored_s
                               workers or available_cores(), progress, stored_size)
     except DataPrepError:
         shutil.rmtree(staging, ignore_errors=True)   # a verdict on the input: nothing worth resuming
+        _remove_if_made_empty(dest, made_dest)
         raise
     except BrokenProcessPool:
         raise DataPrepError("a decoding process died (killed by the system: out of memory?); the finished shards "
                             "are kept: rerun the same command, with fewer --workers if memory is short") from None
+    except BaseException:   # a stop or an error: finished shards stay for the rerun; a staging without any goes
+        if not (staging / RECEIPTS_NAME).is_dir() or not any((staging / RECEIPTS_NAME).iterdir()):
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_if_made_empty(dest, made_dest)
+        raise
     try:
         with _stops_deferred():
             _swap_in(staging, dest, replaced)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _remove_if_made_empty(dest: Path, made_dest: bool) -> None:
+    """A DEST this run created and left empty goes: a failed run leaves the file system as it found it."""
+    if made_dest:
+        try:
+            dest.rmdir()
+        except OSError:   # not empty (or gone): leave it
+            pass
 
 
 @contextlib.contextmanager
