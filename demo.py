@@ -69,11 +69,15 @@ def finished_run(run_dir: Path, max_steps: int | None) -> bool:
     from vqgpt.errors import RunError
     from vqgpt.runlog import read_run_config
 
+    if not (run_dir / "latest").is_file():
+        return False
     try:
-        config = read_run_config(run_dir) if (run_dir / "latest").is_file() else None
+        config = read_run_config(run_dir)
     except RunError:   # damaged: the stage runs, and its trainer refuses the folder in one line
         return False
-    target = max_steps or (config or {}).get("config", {}).get("max_steps")
+    if config is None:
+        return False
+    target = max_steps or config.get("config", {}).get("max_steps")
     if not isinstance(target, int):
         return False
     return (run_dir / "latest").read_text().strip() == f"step_{target:08d}.pt"

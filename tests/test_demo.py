@@ -35,6 +35,7 @@ def test_a_damaged_run_config_makes_the_stage_run_again_not_a_traceback(tmp_path
 
     run = tmp_path / "run"
     run.mkdir()
+    assert not demo.finished_run(run, 4)   # nothing yet: not finished, whatever the step asked for
     (run / "latest").write_text("step_00000004.pt")
     (run / "config.json").write_text(json.dumps({"stage": "gpt", "config": {"max_steps": 4}}))
     assert demo.finished_run(run, None)
