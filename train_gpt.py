@@ -31,10 +31,10 @@ from vqgpt.settings import GPT_TRAIN_PRESETS, GPTTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import check_reference_path, load_inception, reference_statistics, sample_fid, token_source_shards
 from vqgpt.finetune import (GPT_TRAINING_FIELDS, GPTInitSource, adopt_gpt_architecture, check_fits_tokens,
-                            load_gpt_init_source)
+                            launch_trainer, load_gpt_init_source)
 from vqgpt.gpt_training import gpt_loss, sample_grid, validation_loss
 from vqgpt.images import save_png
-from vqgpt.runlog import RunLog, require_wandb
+from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
 from vqgpt.trained_models import load_bound_vqgan
@@ -67,11 +67,7 @@ def fit_to_tokens(cfg: GPTTrainConfig) -> tuple[GPTTrainConfig, ShardSplit, Shar
 
 
 def main(cfg: GPTTrainConfig) -> int:
-    require_wandb(cfg.wandb)
-    init = load_gpt_init_source(cfg.init_from) if cfg.init_from else None   # tensors memory-mapped until loaded
-    if init is not None:
-        cfg = adopt_gpt_architecture(cfg, init)
-    return distributed.launch(functools.partial(train, init=init), cfg)
+    return launch_trainer(train, cfg, load_gpt_init_source, adopt_gpt_architecture)
 
 
 def train(cfg: GPTTrainConfig, dist: distributed.DistInfo, init: GPTInitSource | None = None) -> int:

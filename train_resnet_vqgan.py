@@ -13,7 +13,6 @@ every setting.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import sys
 import time
@@ -30,10 +29,10 @@ from vqgpt.ema import WeightEMA, ema_key
 from vqgpt.settings import VQGAN_TRAIN_PRESETS, VQGANTrainConfig
 from vqgpt.errors import RunError, exit_on_user_error
 from vqgpt.fid import check_reference_path, load_inception, reference_statistics
-from vqgpt.finetune import InitSource, adopt_architecture, load_init_source
+from vqgpt.finetune import InitSource, adopt_architecture, launch_trainer, load_init_source
 from vqgpt.images import image_grid, save_png, to_unit_range
 from vqgpt.optim import adam, vqgan_optimizer
-from vqgpt.runlog import RunLog, require_wandb
+from vqgpt.runlog import RunLog
 from vqgpt.schedule import set_lr, warmup_cosine
 from vqgpt.shards import ShardLoader, ShardSplit
 from vqgpt.training import (TrainingRun, configure_backends, grad_scaler, resolve_precision,
@@ -63,11 +62,7 @@ def load_splits(cfg: VQGANTrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
 
 
 def main(cfg: VQGANTrainConfig) -> int:
-    require_wandb(cfg.wandb)
-    init = load_init_source(cfg.init_from) if cfg.init_from else None   # tensors memory-mapped until loaded
-    if init is not None:
-        cfg = adopt_architecture(cfg, init)
-    return distributed.launch(functools.partial(train, init=init), cfg)
+    return launch_trainer(train, cfg, load_init_source, adopt_architecture)
 
 
 def train(cfg: VQGANTrainConfig, dist: distributed.DistInfo, init: InitSource | None = None) -> int:

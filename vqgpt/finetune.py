@@ -8,14 +8,17 @@ change the architecture.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.gpt import GPTConfig
 from models.vqgan import VQGANConfig
+from vqgpt import distributed
 from vqgpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from vqgpt.config import ConfigError, flag_name, given_settings, subconfig_from_dict
 from vqgpt.export import is_exported, load_exported
+from vqgpt.runlog import require_wandb
 
 # VQGANConfig fields a fine-tune may change: they shape no tensor
 TRAINING_FIELDS = ("beta", "vq_loss", "dead_code_steps", "dropout")
@@ -105,3 +108,13 @@ def _adopt(cfg, source_config, source_path: Path, config_cls: type, free: tuple[
 
 def _shown(value) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+def launch_trainer(train, cfg, load_source, adopt) -> int:
+    """A trainer's main: --wandb checked, the --init-from source read (tensors memory-mapped until loaded) and its
+    architecture adopted, all before any process group; then `train(cfg, dist, init=source)` under torchrun's ranks."""
+    require_wandb(cfg.wandb)
+    init = load_source(cfg.init_from) if cfg.init_from else None
+    if init is not None:
+        cfg = adopt(cfg, init)
+    return distributed.launch(functools.partial(train, init=init), cfg)

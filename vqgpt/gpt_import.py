@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from models.gpt import GPT, GPTConfig
-from vqgpt.checkpoint import CheckpointError, save_checkpoint
+from vqgpt.checkpoint import CheckpointError
 from vqgpt.config import ConfigError, config_to_dict
-from vqgpt.export import ensure_fresh_folder
-from vqgpt.files import atomic_write_json, sha256_file
-from vqgpt.importers import model_state, take_tensor, unused_keys
+from vqgpt.files import sha256_file
+from vqgpt.importers import model_state, take_tensor, unused_keys, write_imported_folder
 from vqgpt.safe_pickle import StandIn, load_foreign_checkpoint
 
 # LlamaGen's GPT_models: the head count of each name (its checkpoints' args name the model)
@@ -157,12 +156,5 @@ def import_llamagen_gpt(ckpt_path: str | Path, n_head: int = 0, grid_size: int =
 
 def write_imported_gpt(imported: ImportedGPT, out: str | Path) -> Path:
     """A GPT run folder every tool takes: step_00000000.pt, latest, config.json."""
-    out = ensure_fresh_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = config_to_dict(imported.config)
-    save_checkpoint(out, 0, {"stage": "gpt", "step": 0, "config": config, "gpt": imported.gpt,
-                             "token_manifest": imported.token_manifest, "imported_from": imported.source}, keep_last=1)
-    atomic_write_json(out / "config.json", {"stage": "gpt", "config": config, "imported_from": imported.source,
-                                            "token_manifest": imported.token_manifest,
-                                            "ignored_keys": imported.ignored})
-    return out
+    return write_imported_folder(out, "gpt", config_to_dict(imported.config), {"gpt": imported.gpt}, imported.source,
+                                 imported.ignored, recorded={"token_manifest": imported.token_manifest})

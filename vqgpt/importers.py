@@ -347,21 +347,30 @@ def import_llamagen(ckpt_path: str | Path, image_size: int = 256, l2_norm: bool 
                           "sha256": sha256_file(path)})
 
 
-def write_imported_run(imported: ImportedVQGAN, out: str | Path) -> Path:
-    """A run folder every tool takes: step_00000000.pt, latest, config.json (and the LPIPS VGG16 when present)."""
+def write_imported_folder(out: str | Path, stage: str, config: dict, networks: dict, source: dict,
+                          ignored: dict[str, str], recorded: dict | None = None, files: dict | None = None) -> Path:
+    """A run folder every tool takes, at step 0: `files` (torch-saved), step_00000000.pt with `networks`, latest,
+    and config.json; `recorded` goes into both the checkpoint and config.json."""
     out = ensure_fresh_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = config_to_dict(imported.config)
-    if imported.lpips_vgg is not None:
-        with atomic_path(out / LPIPS_VGG_NAME) as tmp:
-            torch.save(imported.lpips_vgg, tmp)
-    state = {"stage": "vqgan", "step": 0, "config": config, "vqgan": imported.vqgan, "imported_from": imported.source}
-    if imported.discriminator is not None:
-        state["discriminator"] = imported.discriminator
-    save_checkpoint(out, 0, state, keep_last=1)
-    atomic_write_json(out / "config.json", {"stage": "vqgan", "config": config, "imported_from": imported.source,
-                                            "ignored_keys": imported.ignored})
+    for name, obj in (files or {}).items():
+        with atomic_path(out / name) as tmp:
+            torch.save(obj, tmp)
+    save_checkpoint(out, 0, {"stage": stage, "step": 0, "config": config, **networks, **(recorded or {}),
+                             "imported_from": source}, keep_last=1)
+    atomic_write_json(out / "config.json", {"stage": stage, "config": config, "imported_from": source,
+                                            **(recorded or {}), "ignored_keys": ignored})
     return out
+
+
+def write_imported_run(imported: ImportedVQGAN, out: str | Path) -> Path:
+    """A VQGAN run folder (and the LPIPS VGG16 beside it when the source had one)."""
+    networks = {"vqgan": imported.vqgan}
+    if imported.discriminator is not None:
+        networks["discriminator"] = imported.discriminator
+    return write_imported_folder(out, "vqgan", config_to_dict(imported.config), networks, imported.source,
+                                 imported.ignored, files={} if imported.lpips_vgg is None
+                                 else {LPIPS_VGG_NAME: imported.lpips_vgg})
 
 
 def summarize_ignored(ignored: dict[str, str]) -> list[str]:

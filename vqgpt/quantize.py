@@ -65,14 +65,15 @@ def plan_jobs(splits: dict[str, ShardSplit], flip: bool, crops: int = 0) -> list
 
 
 def crop_corners(split: ShardSplit, shard_index: int, crop: int) -> np.ndarray | None:
-    """(top, left) of each image's crop in one shard: the centre (crop 0), or the crop-th random set's corner, drawn
-    for the whole split from `crop` alone so every rank and every rerun draws the same. None: nothing to crop."""
+    """(top, left) of each image's crop in one shard: the centre (crop 0), or the crop-th random set's corners, drawn
+    from (crop, shard) alone so every rank and every rerun draws the same, and a shard draws only its own images'.
+    None: nothing to crop."""
     if not split.crop_room:
         return None
-    begin, end = split.offsets[shard_index], split.offsets[shard_index + 1]
+    count = int(split.offsets[shard_index + 1] - split.offsets[shard_index])
     if crop == 0:
-        return split.centre_corners(int(end - begin))
-    return np.random.default_rng(crop).integers(0, split.crop_room + 1, (len(split), 2))[begin:end]
+        return split.centre_corners(count)
+    return np.random.default_rng([crop, shard_index]).integers(0, split.crop_room + 1, (count, 2))
 
 
 def binding(vqgan: LoadedVQGAN, data: Path) -> dict:
